@@ -1,0 +1,604 @@
+"""The durable document store: SQLite in WAL mode, the source of truth.
+
+Tables: ``collections`` (options, the embedding model that owns them, counters),
+``documents`` (id, text, metadata JSON, content hash, timestamps), ``chunks`` (text, position,
+character span, float32 embedding) and ``chunks_fts`` (FTS5 over chunk text, kept in step by
+triggers, for BM25). Every upsert is one transaction; the index is updated from what it wrote.
+
+Writes go through one writer connection (callers serialise them on one thread); reads use one
+connection per thread. WAL lets readers run while a writer holds its transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CollectionRow",
+    "DocumentRow",
+    "DocumentStore",
+    "DocumentWrite",
+    "Filter",
+    "FilterError",
+    "Hit",
+    "StagedWrite",
+    "content_hash",
+]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS collections (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    embedding_model TEXT NOT NULL,
+    dimension INTEGER NOT NULL,
+    index_factory TEXT NOT NULL,
+    chunk_tokens INTEGER NOT NULL,
+    chunk_overlap INTEGER NOT NULL,
+    documents INTEGER NOT NULL DEFAULT 0,
+    chunks INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    pk INTEGER PRIMARY KEY,
+    collection_id INTEGER NOT NULL REFERENCES collections(id),
+    id TEXT NOT NULL,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    chunks INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (collection_id, id)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    collection_id INTEGER NOT NULL,
+    doc_pk INTEGER NOT NULL REFERENCES documents(pk),
+    position INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    "end" INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    embedding BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_pk);
+CREATE INDEX IF NOT EXISTS chunks_by_collection ON chunks(collection_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+    text, content='chunks', content_rowid='id', tokenize='porter unicode61'
+);
+CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+"""
+
+_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_WORD = re.compile(r"\w+", re.UNICODE)
+_SQL_VARS = 900
+
+
+class FilterError(ValueError):
+    """A metadata filter is malformed; ``param`` names the offending part."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Metadata filter: ``{"key": value}`` (equality) or ``{"key": {"$in": [v, ...]}}``.
+
+    Keys are metadata field names; values are strings, numbers or booleans. Conditions AND.
+    """
+
+    sql: str
+    params: tuple[Any, ...]
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any] | None, param: str = "filter") -> Filter | None:
+        if not raw:
+            return None
+        if not isinstance(raw, dict):
+            raise FilterError("filter must be an object of metadata conditions", param)
+        clauses: list[str] = []
+        params: list[Any] = []
+        for key, cond in raw.items():
+            where = f"{param}.{key}"
+            if not _KEY.match(key):
+                raise FilterError(
+                    f"filter key {key!r} is not a valid metadata field name "
+                    "(letters, digits, '_', '.', '-')",
+                    where,
+                )
+            expr = f"json_extract(d.metadata, '$.\"{key}\"')"
+            if isinstance(cond, dict):
+                if set(cond) != {"$in"}:
+                    raise FilterError(
+                        f"filter on {key!r}: only {{'$in': [...]}} is supported as an operator",
+                        where,
+                    )
+                values = cond["$in"]
+                if not isinstance(values, list) or not values or len(values) > 256:
+                    raise FilterError(
+                        f"filter on {key!r}: $in needs a list of 1-256 values", where + ".$in"
+                    )
+                for v in values:
+                    cls._check_scalar(v, key, where + ".$in")
+                clauses.append(f"{expr} IN ({','.join('?' * len(values))})")
+                params.extend(values)
+            else:
+                cls._check_scalar(cond, key, where)
+                clauses.append(f"{expr} = ?")
+                params.append(cond)
+        return cls(" AND ".join(clauses), tuple(params))
+
+    @staticmethod
+    def _check_scalar(value: Any, key: str, where: str) -> None:
+        if not isinstance(value, str | int | float | bool) or value is None:
+            raise FilterError(
+                f"filter on {key!r}: values must be strings, numbers or booleans", where
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionRow:
+    id: int
+    name: str
+    embedding_model: str
+    dimension: int
+    index_factory: str
+    chunk_tokens: int
+    chunk_overlap: int
+    documents: int
+    chunks: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRow:
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    content_hash: str
+    chunks: int
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    chunk_id: int
+    document_id: str
+    text: str
+    metadata: dict[str, Any]
+    position: int
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class DocumentWrite:
+    """One document of an upsert. ``chunks`` is None when only metadata changes."""
+
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    content_hash: str
+    chunks: list[tuple[int, int, int, str]] | None  # (position, start, end, text)
+    vectors: np.ndarray | None = None
+
+
+@dataclass(slots=True)
+class StagedWrite:
+    """An open write transaction; ``commit`` makes it durable, ``rollback`` discards it."""
+
+    conn: sqlite3.Connection
+    lock: threading.Lock
+    removed: list[int] = field(default_factory=list)
+    added_ids: list[int] = field(default_factory=list)
+    added_vectors: list[np.ndarray] = field(default_factory=list)
+    statuses: dict[str, str] = field(default_factory=dict)
+    chunk_counts: dict[str, int] = field(default_factory=dict)
+    done: bool = False
+
+    def commit(self) -> None:
+        try:
+            self.conn.execute("COMMIT")
+        finally:
+            self.done = True
+            self.lock.release()
+
+    def rollback(self) -> None:
+        if self.done:
+            return
+        try:
+            self.conn.execute("ROLLBACK")
+        finally:
+            self.done = True
+            self.lock.release()
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return np.concatenate(self.added_vectors) if self.added_vectors else np.zeros((0, 0))
+
+
+class DocumentStore:
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._writer = self._connect()
+        version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise RuntimeError(
+                f"{self.path} has schema version {version}; this service reads {SCHEMA_VERSION}"
+            )
+        self._writer.executescript(_SCHEMA)
+        self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    @property
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        with self._write_lock:
+            self._writer.close()
+
+    # ---- collections -------------------------------------------------------------------
+    _COLLECTION_COLS = (
+        "id, name, embedding_model, dimension, index_factory, chunk_tokens, "
+        "chunk_overlap, documents, chunks, created_at"
+    )
+
+    def get_collection(self, name: str) -> CollectionRow | None:
+        row = self._reader.execute(
+            f"SELECT {self._COLLECTION_COLS} FROM collections WHERE name = ?", (name,)
+        ).fetchone()
+        return CollectionRow(*row) if row else None
+
+    def list_collections(self) -> list[CollectionRow]:
+        rows = self._reader.execute(
+            f"SELECT {self._COLLECTION_COLS} FROM collections ORDER BY name"
+        ).fetchall()
+        return [CollectionRow(*r) for r in rows]
+
+    def create_collection(
+        self,
+        name: str,
+        *,
+        embedding_model: str,
+        dimension: int,
+        index_factory: str,
+        chunk_tokens: int,
+        chunk_overlap: int,
+        conn: sqlite3.Connection | None = None,
+    ) -> CollectionRow | None:
+        """Insert a collection; None when the name is taken."""
+        sql = (
+            "INSERT INTO collections (name, embedding_model, dimension, index_factory, "
+            "chunk_tokens, chunk_overlap, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO NOTHING"
+        )
+        args = (
+            name,
+            embedding_model,
+            dimension,
+            index_factory,
+            chunk_tokens,
+            chunk_overlap,
+            time.time(),
+        )
+        if conn is not None:
+            cur = conn.execute(sql, args)
+        else:
+            with self._write_lock:
+                cur = self._writer.execute(sql, args)
+        if cur.rowcount == 0:
+            return None
+        return CollectionRow(
+            int(cur.lastrowid or 0),
+            name,
+            embedding_model,
+            dimension,
+            index_factory,
+            chunk_tokens,
+            chunk_overlap,
+            0,
+            0,
+            args[-1],
+        )
+
+    def delete_collection(self, collection_id: int) -> None:
+        with self._write_lock:
+            w = self._writer
+            w.execute("BEGIN IMMEDIATE")
+            try:
+                w.execute("DELETE FROM chunks WHERE collection_id = ?", (collection_id,))
+                w.execute("DELETE FROM documents WHERE collection_id = ?", (collection_id,))
+                w.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
+                w.execute("COMMIT")
+            except BaseException:
+                w.execute("ROLLBACK")
+                raise
+
+    # ---- documents ---------------------------------------------------------------------
+    def existing(self, collection_id: int, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``{id: (content_hash, canonical metadata json)}`` for the ids that exist."""
+        out: dict[str, tuple[str, str]] = {}
+        for part in _batches(list(ids)):
+            rows = self._reader.execute(
+                f"SELECT id, content_hash, metadata FROM documents WHERE collection_id = ? "
+                f"AND id IN ({','.join('?' * len(part))})",
+                (collection_id, *part),
+            ).fetchall()
+            out.update({r[0]: (r[1], r[2]) for r in rows})
+        return out
+
+    def get_document(self, collection_id: int, doc_id: str) -> DocumentRow | None:
+        row = self._reader.execute(
+            "SELECT id, text, metadata, content_hash, chunks, created_at, updated_at "
+            "FROM documents WHERE collection_id = ? AND id = ?",
+            (collection_id, doc_id),
+        ).fetchone()
+        if row is None:
+            return None
+        return DocumentRow(row[0], row[1], json.loads(row[2]), *row[3:])
+
+    def list_documents(
+        self, collection_id: int, *, limit: int, after: str | None
+    ) -> tuple[list[DocumentRow], bool]:
+        rows = self._reader.execute(
+            "SELECT id, '', metadata, content_hash, chunks, created_at, updated_at "
+            "FROM documents WHERE collection_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (collection_id, after or "", limit + 1),
+        ).fetchall()
+        docs = [DocumentRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows[:limit]]
+        return docs, len(rows) > limit
+
+    def stage_upsert(
+        self,
+        collection: CollectionRow | None,
+        create: dict[str, Any] | None,
+        docs: Sequence[DocumentWrite],
+    ) -> tuple[StagedWrite, CollectionRow]:
+        """Run an upsert inside an open transaction; the caller commits or rolls back.
+
+        ``create`` (collection options) makes the collection in the same transaction when it
+        does not exist yet. Statuses are decided against the state inside the transaction.
+        """
+        self._write_lock.acquire()
+        w = self._writer
+        staged = StagedWrite(w, self._write_lock)
+        try:
+            w.execute("BEGIN IMMEDIATE")
+            if collection is None:
+                assert create is not None
+                made = self.create_collection(conn=w, **create)
+                collection = made or self._collection_in(w, create["name"])
+            now = time.time()
+            doc_delta = chunk_delta = 0
+            for doc in docs:
+                meta_json = canonical_json(doc.metadata)
+                old = w.execute(
+                    "SELECT pk, content_hash, metadata, chunks FROM documents "
+                    "WHERE collection_id = ? AND id = ?",
+                    (collection.id, doc.id),
+                ).fetchone()
+                if old is not None and old[1] == doc.content_hash and old[2] == meta_json:
+                    staged.statuses[doc.id] = "unchanged"
+                    staged.chunk_counts[doc.id] = old[3]
+                    continue
+                if old is not None and doc.chunks is None and old[1] != doc.content_hash:
+                    raise RuntimeError(f"document {doc.id!r} changed concurrently; retry")
+                if old is not None and (doc.chunks is None or old[1] == doc.content_hash):
+                    # Same text: only metadata changes; chunks and vectors stay.
+                    w.execute(
+                        "UPDATE documents SET metadata = ?, updated_at = ? WHERE pk = ?",
+                        (meta_json, now, old[0]),
+                    )
+                    staged.statuses[doc.id] = "updated"
+                    staged.chunk_counts[doc.id] = old[3]
+                    continue
+                assert doc.chunks is not None and doc.vectors is not None
+                if old is not None:
+                    removed = [
+                        r[0] for r in w.execute("SELECT id FROM chunks WHERE doc_pk = ?", (old[0],))
+                    ]
+                    w.execute("DELETE FROM chunks WHERE doc_pk = ?", (old[0],))
+                    staged.removed.extend(removed)
+                    chunk_delta -= len(removed)
+                    w.execute(
+                        "UPDATE documents SET text = ?, metadata = ?, content_hash = ?, "
+                        "chunks = ?, updated_at = ? WHERE pk = ?",
+                        (doc.text, meta_json, doc.content_hash, len(doc.chunks), now, old[0]),
+                    )
+                    pk = old[0]
+                    staged.statuses[doc.id] = "updated"
+                else:
+                    cur = w.execute(
+                        "INSERT INTO documents (collection_id, id, text, metadata, content_hash, "
+                        "chunks, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            collection.id,
+                            doc.id,
+                            doc.text,
+                            meta_json,
+                            doc.content_hash,
+                            len(doc.chunks),
+                            now,
+                            now,
+                        ),
+                    )
+                    pk = cur.lastrowid
+                    doc_delta += 1
+                    staged.statuses[doc.id] = "created"
+                vectors = np.ascontiguousarray(doc.vectors, dtype=np.float32)
+                for (position, start, end, text), vec in zip(doc.chunks, vectors, strict=True):
+                    cur = w.execute(
+                        'INSERT INTO chunks (collection_id, doc_pk, position, start, "end", '
+                        "text, embedding) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (collection.id, pk, position, start, end, text, vec.tobytes()),
+                    )
+                    staged.added_ids.append(int(cur.lastrowid or 0))
+                staged.added_vectors.append(vectors)
+                staged.chunk_counts[doc.id] = len(doc.chunks)
+                chunk_delta += len(doc.chunks)
+            w.execute(
+                "UPDATE collections SET documents = documents + ?, chunks = chunks + ? "
+                "WHERE id = ?",
+                (doc_delta, chunk_delta, collection.id),
+            )
+            return staged, collection
+        except BaseException:
+            staged.rollback()
+            raise
+
+    def _collection_in(self, conn: sqlite3.Connection, name: str) -> CollectionRow:
+        row = conn.execute(
+            f"SELECT {self._COLLECTION_COLS} FROM collections WHERE name = ?", (name,)
+        ).fetchone()
+        return CollectionRow(*row)
+
+    def stage_delete(self, collection_id: int, doc_id: str) -> StagedWrite | None:
+        """Delete a document in an open transaction; None (nothing held) if it is absent."""
+        self._write_lock.acquire()
+        w = self._writer
+        staged = StagedWrite(w, self._write_lock)
+        try:
+            w.execute("BEGIN IMMEDIATE")
+            row = w.execute(
+                "SELECT pk FROM documents WHERE collection_id = ? AND id = ?",
+                (collection_id, doc_id),
+            ).fetchone()
+            if row is None:
+                staged.rollback()
+                return None
+            staged.removed = [
+                r[0] for r in w.execute("SELECT id FROM chunks WHERE doc_pk = ?", (row[0],))
+            ]
+            w.execute("DELETE FROM chunks WHERE doc_pk = ?", (row[0],))
+            w.execute("DELETE FROM documents WHERE pk = ?", (row[0],))
+            w.execute(
+                "UPDATE collections SET documents = documents - 1, chunks = chunks - ? "
+                "WHERE id = ?",
+                (len(staged.removed), collection_id),
+            )
+            return staged
+        except BaseException:
+            staged.rollback()
+            raise
+
+    # ---- chunks, for search and index recovery -------------------------------------------
+    def chunk_ids(self, collection_id: int) -> np.ndarray:
+        rows = self._reader.execute(
+            "SELECT id FROM chunks WHERE collection_id = ? ORDER BY id", (collection_id,)
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def embeddings(
+        self, ids: Sequence[int], dimension: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) in batches for the given chunk ids."""
+        for part in _batches(list(ids)):
+            rows = self._reader.execute(
+                f"SELECT id, embedding FROM chunks WHERE id IN ({','.join('?' * len(part))})",
+                part,
+            ).fetchall()
+            if rows:
+                got = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+                yield got, vecs.reshape(len(rows), dimension)
+
+    def filtered_chunk_ids(self, collection_id: int, flt: Filter) -> np.ndarray:
+        rows = self._reader.execute(
+            "SELECT c.id FROM chunks c JOIN documents d ON d.pk = c.doc_pk "
+            f"WHERE c.collection_id = ? AND {flt.sql}",
+            (collection_id, *flt.params),
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def bm25(
+        self, collection_id: int, query: str, limit: int, flt: Filter | None = None
+    ) -> list[tuple[int, float]]:
+        """Chunk ids ranked by BM25 (FTS5) for the words of ``query``; best first."""
+        words = _WORD.findall(query.lower())[:64]
+        if not words:
+            return []
+        match = " OR ".join('"' + w.replace('"', '""') + '"' for w in dict.fromkeys(words))
+        where, params = "", ()
+        if flt is not None:
+            where, params = f" AND {flt.sql}", flt.params
+        rows = self._reader.execute(
+            "SELECT c.id, -bm25(chunks_fts) AS score FROM chunks_fts "
+            "JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.pk = c.doc_pk "
+            f"WHERE chunks_fts MATCH ? AND c.collection_id = ?{where} "
+            "ORDER BY bm25(chunks_fts) LIMIT ?",
+            (match, collection_id, *params, limit),
+        ).fetchall()
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    def hydrate(self, ids: Sequence[int]) -> dict[int, Hit]:
+        out: dict[int, Hit] = {}
+        for part in _batches(list(ids)):
+            rows = self._reader.execute(
+                'SELECT c.id, d.id, c.text, d.metadata, c.position, c.start, c."end" '
+                "FROM chunks c JOIN documents d ON d.pk = c.doc_pk "
+                f"WHERE c.id IN ({','.join('?' * len(part))})",
+                part,
+            ).fetchall()
+            for r in rows:
+                out[r[0]] = Hit(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6])
+        return out
+
+
+def _batches(items: list[Any], size: int = _SQL_VARS) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

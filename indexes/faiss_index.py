@@ -1,0 +1,303 @@
+"""FAISS vector index: one per collection, ids = chunk row ids (``IndexIDMap2``).
+
+* ``Flat`` (default): exact inner product on normalised vectors (= cosine similarity).
+* any other ``index_factory`` string, e.g. ``HNSW32`` or ``IVF256,Flat``, for large
+  collections. Indexes that cannot delete (HNSW) keep tombstones, skipped at search time and
+  dropped on the next rebuild; indexes that need training (IVF, PQ) hold vectors in an exact
+  index until there are enough to train on, then switch.
+* moved to the GPU when faiss reports one (flat indexes; others stay on CPU).
+
+Not thread-safe: the caller serialises writers against readers (see ``rag_service.knowledge``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexes.protocol import IndexMeta, IndexMismatchError
+
+__all__ = ["FaissIndex", "validate_factory"]
+
+log = logging.getLogger(__name__)
+
+_TRAIN_POINTS_PER_LIST = 39
+
+
+def validate_factory(factory: str, dimension: int) -> None:
+    """Raise ValueError with a readable message if FAISS cannot build ``factory``."""
+    if not re.fullmatch(r"[A-Za-z0-9_,.x=+-]{1,64}", factory):
+        raise ValueError("index must be a FAISS index_factory string such as 'Flat' or 'HNSW32'")
+    if "IDMap" in factory:
+        raise ValueError("index must not contain IDMap: ids are managed by the service")
+    try:
+        faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise ValueError(f"FAISS cannot build index {factory!r}: {first}") from exc
+
+
+def _gpu_count() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+class FaissIndex:
+    """A :class:`~indexes.protocol.VectorIndex` backed by FAISS."""
+
+    def __init__(
+        self,
+        meta: IndexMeta,
+        *,
+        ef_search: int = 64,
+        nprobe: int = 16,
+        use_gpu: bool | None = None,
+        _index: Any = None,
+    ) -> None:
+        self.meta = meta
+        self.ef_search = ef_search
+        self.nprobe = nprobe
+        self._tombstones: set[int] = set()
+        self._gpu = (_gpu_count() > 0) if use_gpu is None else use_gpu
+        self._gpu_res: Any = None
+        self._main: Any = _index if _index is not None else self._new_main()
+        # Exact staging index for factories that need training before they accept vectors.
+        self._staging: Any = None
+        if not self._main.is_trained:
+            self._staging = faiss.IndexIDMap2(faiss.IndexFlatIP(meta.dimension))
+        self._maybe_to_gpu()
+
+    # ---- construction ----------------------------------------------------------------
+    def _new_main(self) -> Any:
+        base = faiss.index_factory(
+            self.meta.dimension, self.meta.factory, faiss.METRIC_INNER_PRODUCT
+        )
+        return faiss.IndexIDMap2(base)
+
+    @property
+    def _inner(self) -> Any:
+        return faiss.downcast_index(self._main.index)
+
+    @property
+    def supports_remove(self) -> bool:
+        return not isinstance(self._inner, faiss.IndexHNSW)
+
+    @property
+    def train_threshold(self) -> int:
+        nlist = getattr(self._inner, "nlist", 0) or 256
+        return max(_TRAIN_POINTS_PER_LIST * int(nlist), 1000)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu_res is not None
+
+    def _maybe_to_gpu(self) -> None:
+        if not self._gpu or not isinstance(self._inner, faiss.IndexFlat):
+            return
+        try:
+            self._gpu_res = faiss.StandardGpuResources()
+            gpu_inner = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._inner)
+            ids = faiss.vector_to_array(self._main.id_map).copy()
+            main = faiss.IndexIDMap2(gpu_inner)
+            if len(ids):
+                # Re-attach the id map of the CPU index to the GPU copy.
+                faiss.copy_array_to_vector(ids, main.id_map)
+                main.ntotal = len(ids)
+                main.construct_rev_map()
+            self._main = main
+        except (AttributeError, RuntimeError) as exc:  # faiss-cpu, or GPU out of memory
+            log.warning("FAISS GPU unavailable, staying on CPU: %s", exc)
+            self._gpu_res = None
+
+    # ---- protocol --------------------------------------------------------------------
+    def __len__(self) -> int:
+        staged = self._staging.ntotal if self._staging is not None else 0
+        return int(self._main.ntotal) + int(staged) - len(self._tombstones)
+
+    def ids(self) -> np.ndarray:
+        parts = [faiss.vector_to_array(self._main.id_map)]
+        if self._staging is not None:
+            parts.append(faiss.vector_to_array(self._staging.id_map))
+        ids = np.concatenate(parts).astype(np.int64)
+        if self._tombstones:
+            ids = ids[~np.isin(ids, np.fromiter(self._tombstones, dtype=np.int64))]
+        return ids
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(ids), self.meta.dimension):
+            raise ValueError(f"vectors must have shape ({len(ids)}, {self.meta.dimension})")
+        if self._tombstones:
+            revived = self._tombstones.intersection(ids.tolist())
+            if revived:  # cannot happen with row ids, but never resurrect stale vectors
+                raise ValueError(f"ids {sorted(revived)[:5]} are tombstoned; rebuild first")
+        if self._staging is not None:
+            self._staging.add_with_ids(vectors, ids)
+            if self._staging.ntotal >= self.train_threshold:
+                self._train_from_staging()
+            return
+        self._main.add_with_ids(vectors, ids)
+
+    def _train_from_staging(self) -> None:
+        staged_ids = faiss.vector_to_array(self._staging.id_map).astype(np.int64)
+        vectors = self._staging.index.reconstruct_n(0, self._staging.ntotal)
+        log.info("training %s on %d vectors", self.meta.factory, len(vectors))
+        self._inner.train(vectors)
+        self._main.add_with_ids(vectors, staged_ids)
+        self._staging = None
+
+    def remove(self, ids: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if self._staging is not None:
+            self._staging.remove_ids(faiss.IDSelectorBatch(ids))
+        if self.supports_remove:
+            self._main.remove_ids(faiss.IDSelectorBatch(ids))
+        else:
+            present = np.isin(ids, faiss.vector_to_array(self._main.id_map))
+            self._tombstones.update(ids[present].tolist())
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._tombstones)
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self._staging is not None:
+            return self._search_one(self._staging, queries, k, allowed, exact=True)
+        return self._search_one(self._main, queries, k, allowed, exact=False)
+
+    def _params(self, selector: Any, exact: bool) -> Any:
+        inner = self._inner
+        if not exact and isinstance(inner, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, 16))
+        if not exact and isinstance(inner, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)
+        return faiss.SearchParameters(sel=selector)
+
+    def _search_one(
+        self, index: Any, queries: np.ndarray, k: int, allowed: np.ndarray | None, *, exact: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        nq = len(queries)
+        empty = (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64))
+        if index.ntotal == 0 or k <= 0:
+            return empty
+        selector: Any = None
+        keep: list[Any] = []  # selectors must outlive the search call
+        if allowed is not None:
+            allowed = np.asarray(allowed, dtype=np.int64)
+            if self._tombstones:
+                allowed = allowed[~np.isin(allowed, np.fromiter(self._tombstones, np.int64))]
+            if len(allowed) == 0:
+                return empty
+            selector = faiss.IDSelectorBatch(allowed)
+            keep.append(selector)
+        elif self._tombstones:
+            batch = faiss.IDSelectorBatch(np.fromiter(self._tombstones, np.int64))
+            selector = faiss.IDSelectorNot(batch)
+            keep += [batch, selector]
+        kk = min(k, int(index.ntotal))
+        if self.on_gpu and index is self._main:
+            scores, ids = self._gpu_search(queries, kk, allowed)
+        elif selector is None:
+            if isinstance(self._inner, faiss.IndexHNSW) and not exact:
+                self._inner.hnsw.efSearch = max(self.ef_search, kk)
+            if isinstance(self._inner, faiss.IndexIVF) and not exact:
+                self._inner.nprobe = self.nprobe
+            scores, ids = index.search(queries, kk)
+        else:
+            scores, ids = index.search(queries, kk, params=self._params(selector, exact))
+        if kk < k:
+            scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+        scores = np.where(ids < 0, -np.inf, scores)
+        return scores, ids
+
+    def _gpu_search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """GPU flat search; filters by over-fetching until k allowed ids are found."""
+        if allowed is None:
+            return self._main.search(queries, k)
+        allowed_set = np.asarray(allowed, np.int64)
+        fetch = min(max(4 * k, 64), int(self._main.ntotal))
+        while True:
+            scores, ids = self._main.search(queries, fetch)
+            mask = np.isin(ids, allowed_set)
+            enough = (mask.sum(axis=1) >= min(k, len(allowed_set))).all()
+            if enough or fetch >= self._main.ntotal:
+                out_s = np.full((len(queries), k), -np.inf, np.float32)
+                out_i = np.full((len(queries), k), -1, np.int64)
+                for q in range(len(queries)):
+                    sel_ids, sel_s = ids[q][mask[q]][:k], scores[q][mask[q]][:k]
+                    out_i[q, : len(sel_ids)] = sel_ids
+                    out_s[q, : len(sel_s)] = sel_s
+                return out_s, out_i
+            fetch = min(fetch * 4, int(self._main.ntotal))
+
+    # ---- persistence -----------------------------------------------------------------
+    def _cpu_main(self) -> Any:
+        if not self.on_gpu:
+            return self._main
+        cpu = faiss.IndexIDMap2(faiss.index_gpu_to_cpu(self._inner))
+        ids = faiss.vector_to_array(self._main.id_map)
+        faiss.copy_array_to_vector(ids, cpu.id_map)
+        cpu.ntotal = len(ids)
+        return cpu
+
+    def serialize(self) -> bytes:
+        """Index bytes (staging included); call under the caller's read lock."""
+        index = self._staging if self._staging is not None else self._cpu_main()
+        return bytes(faiss.serialize_index(index))
+
+    def save(self, path: Path) -> None:
+        write_snapshot(path, self.serialize(), self.meta, staged=self._staging is not None)
+
+    @classmethod
+    def load(cls, path: Path, meta: IndexMeta, **kwargs: Any) -> FaissIndex:
+        """Load a snapshot; :class:`IndexMismatchError` if it was made by something else."""
+        meta_path = path.with_suffix(".json")
+        try:
+            stored = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise IndexMismatchError(
+                f"index metadata {meta_path} is missing or unreadable"
+            ) from exc
+        meta.check(stored.get("meta", {}), str(path))
+        raw = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+        if stored.get("staged"):
+            index = cls(meta, **kwargs)
+            index._staging = raw
+            return index
+        return cls(meta, _index=raw, **kwargs)
+
+
+def write_snapshot(path: Path, data: bytes, meta: IndexMeta, *, staged: bool) -> None:
+    """Write index bytes and their metadata atomically (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, payload in (
+        (path, data),
+        (
+            path.with_suffix(".json"),
+            json.dumps({"meta": meta.to_dict(), "staged": staged}).encode(),
+        ),
+    ):
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)

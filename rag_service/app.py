@@ -1,0 +1,163 @@
+"""The app factory: ``create_app(settings, *, embedder=None, store=None)``.
+
+Nothing heavy happens at import or in the factory. The lifespan starts loading in the
+background (embedding model, document store, index restore), so /health answers at once and
+/ready turns 200 when everything is loaded; requests that need the knowledge base get 503
+until then. Injected dependencies (tests share one embedder) are used as given and not closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Router
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from indexes.docstore import DocumentStore
+from rag_service.batching import MicroBatcher
+from rag_service.controllers.collections import CollectionController
+from rag_service.controllers.documents import DocumentController
+from rag_service.controllers.embeddings import EmbeddingsController
+from rag_service.controllers.health import health, metrics, ready
+from rag_service.dependencies import provide_settings, require_api_key
+from rag_service.embedding import Embedder
+from rag_service.errors import exception_handlers
+from rag_service.knowledge import KnowledgeBase
+from rag_service.metrics import Metrics
+from rag_service.registry import Registry
+from rag_service.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def _metrics_middleware(app: ASGIApp) -> ASGIApp:
+    """Record latency per route template and status for every HTTP request."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            m: Metrics = scope["litestar_app"].state["metrics"]
+            route = scope.get("path_template") or "unmatched"  # type: ignore[typeddict-item]
+            m.http_latency.labels(scope["method"], route, str(status)).observe(
+                time.perf_counter() - started
+            )
+
+    return middleware
+
+
+async def _load(
+    app: Litestar,
+    settings: Settings,
+    embedder: Embedder | None,
+    store: DocumentStore | None,
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    state = app.state
+    try:
+        if embedder is None:
+            embedder = await asyncio.to_thread(
+                Embedder, settings.embedding_model_path, device=settings.device
+            )
+        if store is None:
+            store = await asyncio.to_thread(
+                DocumentStore,
+                settings.data_dir / "rag.sqlite3",
+                synchronous=settings.sqlite_synchronous,
+            )
+            stack.callback(store.close)
+        metrics_: Metrics = state["metrics"]
+        batcher = MicroBatcher(
+            embedder.encode,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_s=settings.batch_wait_ms / 1000,
+            max_queue=settings.queue_size,
+            observer=metrics_,
+        )
+        await batcher.start()
+        stack.push_async_callback(batcher.stop)
+        registry = Registry(
+            settings,
+            store,
+            embedding_model=embedder.name,
+            dimension=embedder.dimension,
+            metrics=metrics_,
+        )
+        await asyncio.to_thread(registry.restore_all)
+        registry.start_snapshots()
+        stack.push_async_callback(registry.stop_snapshots)
+        kb = KnowledgeBase(settings, store, embedder, batcher, registry, metrics_)
+        stack.callback(kb.close)
+        state["kb"] = kb
+        log.info("ready: %d collections", len(registry.names()))
+    except Exception as exc:
+        log.exception("startup failed")
+        state["startup_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    embedder: Embedder | None = None,
+    store: DocumentStore | None = None,
+) -> Litestar:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if not settings.is_loopback and settings.api_key is None:
+            log.warning(
+                "serving on %s without RAG_API_KEY: anyone who can reach it can read "
+                "and change the knowledge base",
+                settings.host,
+            )
+        async with contextlib.AsyncExitStack() as stack:
+            loader = asyncio.create_task(_load(app, settings, embedder, store, stack))
+            try:
+                yield
+            finally:
+                app.state.pop("kb", None)
+                loader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loader
+
+    v1 = Router(
+        path="/v1",
+        route_handlers=[CollectionController, DocumentController, EmbeddingsController],
+        guards=[require_api_key],
+    )
+    state: dict[str, Any] = {"settings": settings, "metrics": Metrics()}
+    return Litestar(
+        route_handlers=[health, ready, metrics, v1],
+        lifespan=[lifespan],
+        state=State(state),
+        dependencies={"settings": Provide(provide_settings, sync_to_thread=False)},
+        exception_handlers=exception_handlers(),
+        middleware=[_metrics_middleware],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+    )

@@ -1,0 +1,51 @@
+"""/v1/collections: list, create, delete."""
+
+from __future__ import annotations
+
+from litestar import Controller, delete, get, post
+from litestar.di import Provide
+from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+
+from indexes.docstore import CollectionRow
+from rag_service.dependencies import provide_kb
+from rag_service.knowledge import KnowledgeBase
+from rag_service.schemas import CollectionCreate, CollectionInfo, CollectionList
+
+__all__ = ["CollectionController", "collection_info"]
+
+
+def collection_info(row: CollectionRow) -> CollectionInfo:
+    return CollectionInfo(
+        name=row.name,
+        documents=row.documents,
+        chunks=row.chunks,
+        embedding_model=row.embedding_model,
+        dimension=row.dimension,
+        index=row.index_factory,
+        chunk_tokens=row.chunk_tokens,
+        chunk_overlap=row.chunk_overlap,
+        created_at=int(row.created_at),
+    )
+
+
+class CollectionController(Controller):
+    path = "/collections"
+    dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
+
+    @get("/", sync_to_thread=True)
+    def list_collections(self, kb: KnowledgeBase) -> CollectionList:
+        return CollectionList(data=[collection_info(r) for r in kb.list_collections()])
+
+    @post("/", status_code=HTTP_201_CREATED)
+    async def create_collection(self, data: CollectionCreate, kb: KnowledgeBase) -> CollectionInfo:
+        row = await kb.create_collection(
+            data.name,
+            index=data.index,
+            chunk_tokens=data.chunk_tokens,
+            chunk_overlap=data.chunk_overlap,
+        )
+        return collection_info(row)
+
+    @delete("/{name:str}", status_code=HTTP_204_NO_CONTENT)
+    async def delete_collection(self, name: str, kb: KnowledgeBase) -> None:
+        await kb.delete_collection(name)

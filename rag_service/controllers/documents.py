@@ -1,0 +1,107 @@
+"""/v1/collections/{name}/documents and /search."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, delete, get, post
+from litestar.di import Provide
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
+
+from indexes.docstore import DocumentRow
+from rag_service.dependencies import provide_kb
+from rag_service.knowledge import KnowledgeBase
+from rag_service.schemas import (
+    DocumentList,
+    DocumentOut,
+    DocumentStatus,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
+    UpsertRequest,
+    UpsertResponse,
+)
+
+__all__ = ["DocumentController"]
+
+
+def _document_out(doc: DocumentRow, *, with_text: bool) -> DocumentOut:
+    return DocumentOut(
+        id=doc.id,
+        metadata=doc.metadata,
+        chunks=doc.chunks,
+        updated_at=int(doc.updated_at),
+        created_at=int(doc.created_at),
+        text=doc.text if with_text else None,
+    )
+
+
+class DocumentController(Controller):
+    path = "/collections/{name:str}"
+    dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
+
+    @post("/documents", status_code=HTTP_200_OK)
+    async def upsert(
+        self, name: str, data: UpsertRequest, kb: KnowledgeBase, debug: bool = False
+    ) -> UpsertResponse:
+        outcome = await kb.upsert(name, data.documents)
+        return UpsertResponse(
+            documents=[
+                DocumentStatus(id=i, chunks=c, status=s)  # type: ignore[arg-type]
+                for i, c, s in outcome.statuses
+            ],
+            collection=outcome.collection,
+            timings_ms=outcome.timings_ms if debug else None,
+        )
+
+    @get("/documents", sync_to_thread=True)
+    def list_documents(
+        self,
+        name: str,
+        kb: KnowledgeBase,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        after: Annotated[str | None, Parameter(max_length=512)] = None,
+    ) -> DocumentList:
+        docs, has_more = kb.list_documents(name, limit=limit, after=after)
+        return DocumentList(
+            data=[_document_out(d, with_text=False) for d in docs],
+            has_more=has_more,
+            first_id=docs[0].id if docs else None,
+            last_id=docs[-1].id if docs else None,
+        )
+
+    @get("/documents/{doc_id:path}", sync_to_thread=True)
+    def get_document(self, name: str, doc_id: str, kb: KnowledgeBase) -> DocumentOut:
+        return _document_out(kb.get_document(name, doc_id.lstrip("/")), with_text=True)
+
+    @delete("/documents/{doc_id:path}", status_code=HTTP_204_NO_CONTENT)
+    async def delete_document(self, name: str, doc_id: str, kb: KnowledgeBase) -> None:
+        await kb.delete_document(name, doc_id.lstrip("/"))
+
+    @post("/search", status_code=HTTP_200_OK)
+    async def search(self, name: str, data: SearchRequest, kb: KnowledgeBase) -> SearchResponse:
+        hits, timings = await kb.search(
+            name,
+            data.query,
+            top_k=data.top_k,
+            filter=data.filter,
+            min_score=data.min_score,
+            mode=data.mode,
+        )
+        return SearchResponse(
+            results=[
+                SearchResult(
+                    document_id=h.hit.document_id,
+                    chunk_id=h.hit.chunk_id,
+                    text=h.hit.text,
+                    score=round(h.score, 6),
+                    metadata=h.hit.metadata,
+                    position=h.hit.position,
+                    start=h.hit.start,
+                    end=h.hit.end,
+                )
+                for h in hits
+            ],
+            timings_ms=timings if data.debug else None,
+        )

@@ -1,0 +1,56 @@
+"""POST /v1/embeddings, in the OpenAI shape."""
+
+from __future__ import annotations
+
+import base64
+
+from litestar import Controller, post
+from litestar.di import Provide
+from litestar.status_codes import HTTP_200_OK
+
+from rag_service.dependencies import provide_kb
+from rag_service.errors import InvalidRequest, ModelNotFound
+from rag_service.knowledge import KnowledgeBase
+from rag_service.schemas import EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, Usage
+
+__all__ = ["EmbeddingsController"]
+
+
+class EmbeddingsController(Controller):
+    path = "/embeddings"
+    dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
+
+    @post("/", status_code=HTTP_200_OK)
+    async def create(self, data: EmbeddingsRequest, kb: KnowledgeBase) -> EmbeddingsResponse:
+        name = kb.embedder.name
+        if data.model and data.model not in (name, name.rsplit("/", 1)[-1]):
+            raise ModelNotFound(
+                f"model {data.model!r} is not served here; use {name!r}", param="model"
+            )
+        if data.dimensions is not None and data.dimensions != kb.embedder.dimension:
+            raise InvalidRequest(
+                f"{name} makes {kb.embedder.dimension}-dimensional vectors", param="dimensions"
+            )
+        texts = [data.input] if isinstance(data.input, str) else data.input
+        limit = kb.settings.max_query_chars
+        for i, text in enumerate(texts):
+            where = "input" if isinstance(data.input, str) else f"input[{i}]"
+            if not text.strip():
+                raise InvalidRequest("input must not be empty", param=where)
+            if len(text) > limit:
+                raise InvalidRequest(f"input is longer than {limit} characters", param=where)
+        vectors, tokens = await kb.embed_queries(texts)
+        items = [
+            EmbeddingData(
+                index=i,
+                embedding=(
+                    base64.b64encode(v.astype("<f4").tobytes()).decode()
+                    if data.encoding_format == "base64"
+                    else v.tolist()
+                ),
+            )
+            for i, v in enumerate(vectors)
+        ]
+        return EmbeddingsResponse(
+            data=items, model=name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens)
+        )

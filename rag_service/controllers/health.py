@@ -1,0 +1,44 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Response, get
+from litestar.datastructures import State
+
+from rag_service.errors import error_body
+
+__all__ = ["health", "metrics", "ready"]
+
+
+@get("/health", sync_to_thread=False)
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/ready", sync_to_thread=False)
+def ready(state: State) -> Response[Any]:
+    kb = state.get("kb")
+    if kb is None:
+        error = state.get("startup_error")
+        message = f"startup failed: {error}" if error else "loading models and indexes"
+        return Response(
+            error_body(message, "service_unavailable", None, "not_ready"),
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+    return Response(
+        {
+            "status": "ready",
+            "embedding_model": kb.embedder.name,
+            "device": kb.embedder.device,
+            **kb.registry.describe(),
+        }
+    )
+
+
+@get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
+def metrics(state: State) -> bytes:
+    data: bytes = state["metrics"].render()
+    return data

@@ -1,0 +1,202 @@
+"""The service's error tree, and its one mapping to HTTP and the OpenAI error body.
+
+::
+
+    RagError                      500 server_error
+    ├── InvalidRequest            400 invalid_request_error   (param names the field)
+    │   └── IndexConfigError      400 bad index option for a collection
+    ├── Unauthorized              401 authentication_error
+    ├── NotFound                  404 not_found_error
+    │   ├── CollectionNotFound
+    │   ├── DocumentNotFound
+    │   └── ModelNotFound
+    ├── Conflict                  409 conflict_error
+    │   ├── CollectionExists
+    │   └── EmbeddingMismatch     collection or index made by another embedding model
+    ├── Overloaded                503 overloaded_error        (Retry-After header)
+    └── NotReady                  503 service_unavailable
+
+Third-party errors are wrapped where they enter (``raise X(...) from exc``); route handlers
+never catch bare ``Exception``. :func:`exception_handlers` is the only place a status is chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+__all__ = [
+    "CollectionExists",
+    "CollectionNotFound",
+    "Conflict",
+    "DocumentNotFound",
+    "EmbeddingMismatch",
+    "IndexConfigError",
+    "InvalidRequest",
+    "ModelNotFound",
+    "NotFound",
+    "NotReady",
+    "Overloaded",
+    "RagError",
+    "Unauthorized",
+    "error_body",
+    "exception_handlers",
+]
+
+log = logging.getLogger(__name__)
+
+
+class RagError(Exception):
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(RagError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class IndexConfigError(InvalidRequest):
+    code = "invalid_index"
+
+
+class Unauthorized(RagError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(RagError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class CollectionNotFound(NotFound):
+    code = "collection_not_found"
+
+
+class DocumentNotFound(NotFound):
+    code = "document_not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Conflict(RagError):
+    status_code = 409
+    error_type = "conflict_error"
+
+
+class CollectionExists(Conflict):
+    code = "collection_exists"
+
+
+class EmbeddingMismatch(Conflict):
+    code = "embedding_mismatch"
+
+
+class Overloaded(RagError):
+    status_code = 503
+    error_type = "overloaded_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class NotReady(RagError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "not_ready"
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _http_type(status: int) -> str:
+    return {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        405: "invalid_request_error",
+        413: "invalid_request_error",
+        415: "invalid_request_error",
+        429: "rate_limit_error",
+    }.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def _rag_error(_: Request[Any, Any, Any], exc: RagError) -> Response[Any]:
+    if exc.status_code >= 500 and not isinstance(exc, Overloaded | NotReady):
+        log.error("request failed: %s", exc.message, exc_info=exc)
+    return Response(
+        error_body(exc.message, exc.error_type, exc.param, exc.code),
+        status_code=exc.status_code,
+        headers=exc.headers(),
+    )
+
+
+def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    """Litestar/msgspec decode errors: name the offending field in ``param``."""
+    param: str | None = None
+    message = exc.detail
+    if isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        if isinstance(first, dict):
+            param = first.get("key") or None
+            detail = first.get("message", "")
+            message = f"{detail} at '{param}'" if param else detail or message
+    if exc.detail.startswith("JSON is malformed"):
+        message = f"Request body is not valid JSON: {exc.detail}"
+    return Response(
+        error_body(message, "invalid_request_error", param, "invalid_value"),
+        status_code=400,
+    )
+
+
+def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    status = exc.status_code
+    if status >= 500:
+        log.error("unhandled HTTP error %s: %s", status, exc.detail)
+    return Response(
+        error_body(exc.detail or "error", _http_type(status)),
+        status_code=status,
+        headers=exc.headers or {},
+    )
+
+
+def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("unexpected error", exc_info=exc)
+    return Response(
+        error_body("Internal server error; see the service log.", "server_error"),
+        status_code=500,
+    )
+
+
+def exception_handlers() -> dict[type[Exception] | int, Any]:
+    return {
+        RagError: _rag_error,
+        ValidationException: _validation_error,
+        HTTPException: _http_exception,
+        Exception: _unexpected,
+    }

@@ -1,0 +1,68 @@
+"""Prometheus metrics of one app instance (own registry, so several apps can coexist)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.http_latency = Histogram(
+            "rag_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["method", "route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "rag_embedding_batch_size",
+            "Texts per embedding batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "rag_embedding_batch_tokens",
+            "Tokens per embedding batch",
+            buckets=(16, 64, 256, 1024, 4096, 16384, 65536),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "rag_embedding_batch_seconds",
+            "Time to encode one batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Gauge("rag_embedding_queue_depth", "Texts waiting for embedding", registry=r)
+        self.index_vectors = Gauge(
+            "rag_index_vectors", "Vectors in each collection's index", ["collection"], registry=r
+        )
+        self.documents = Counter(
+            "rag_documents_upserted_total", "Upserted documents by status", ["status"], registry=r
+        )
+        self.chunks_embedded = Counter(
+            "rag_chunks_embedded_total", "Chunks embedded on ingest", registry=r
+        )
+        self.search_latency = Histogram(
+            "rag_search_duration_seconds",
+            "Search latency inside the service by mode",
+            ["mode"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    # BatchObserver
+    def batch_done(self, size: int, tokens: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_tokens.observe(tokens)
+        self.batch_seconds.observe(seconds)
+
+    def queue_depth(self, depth: int) -> None:
+        self.queue.set(depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

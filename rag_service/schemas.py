@@ -1,0 +1,157 @@
+"""Wire types of the HTTP contract (v1): msgspec Structs with bounds.
+
+Bounds live in the types so bad input is a 400 before any work is done. Limits that are
+settings (document length, batch size, top_k) are checked again by the service against the
+configured values; the static bounds here are the hard ceilings.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = [
+    "CollectionCreate",
+    "CollectionInfo",
+    "CollectionList",
+    "DocumentIn",
+    "DocumentList",
+    "DocumentOut",
+    "DocumentStatus",
+    "EmbeddingData",
+    "EmbeddingsRequest",
+    "EmbeddingsResponse",
+    "SearchRequest",
+    "SearchResponse",
+    "SearchResult",
+    "UpsertRequest",
+    "UpsertResponse",
+    "Usage",
+]
+
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=10_000_000)]
+Query = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)]
+Metadata = Annotated[dict[str, Any], msgspec.Meta(max_length=64)]
+FilterSpec = Annotated[dict[str, Any], msgspec.Meta(max_length=32)]
+
+
+class CollectionCreate(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    index: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "Flat"
+    chunk_tokens: Annotated[int, msgspec.Meta(ge=8, le=8192)] | None = None
+    chunk_overlap: Annotated[int, msgspec.Meta(ge=0, le=4096)] | None = None
+
+
+class CollectionInfo(msgspec.Struct):
+    name: str
+    documents: int
+    chunks: int
+    embedding_model: str
+    dimension: int
+    index: str
+    chunk_tokens: int
+    chunk_overlap: int
+    created_at: int
+    object: str = "collection"
+
+
+class CollectionList(msgspec.Struct):
+    data: list[CollectionInfo]
+    object: str = "list"
+
+
+class DocumentIn(msgspec.Struct, forbid_unknown_fields=True):
+    id: DocId
+    text: Text
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class UpsertRequest(msgspec.Struct, forbid_unknown_fields=True):
+    documents: Annotated[list[DocumentIn], msgspec.Meta(min_length=1, max_length=10_000)]
+
+
+class DocumentStatus(msgspec.Struct):
+    id: str
+    chunks: int
+    status: Literal["created", "updated", "unchanged"]
+
+
+class UpsertResponse(msgspec.Struct, omit_defaults=True):
+    documents: list[DocumentStatus]
+    collection: str
+    timings_ms: dict[str, float] | None = None
+
+
+class DocumentOut(msgspec.Struct, omit_defaults=True):
+    id: str
+    metadata: dict[str, Any]
+    chunks: int
+    updated_at: int
+    created_at: int
+    text: str | None = None
+    object: str = "document"
+
+
+class DocumentList(msgspec.Struct):
+    data: list[DocumentOut]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+    object: str = "list"
+
+
+class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    query: Query
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    filter: FilterSpec | None = None
+    min_score: float | None = None
+    mode: Literal["dense", "hybrid"] = "dense"
+    debug: bool = False
+
+
+class SearchResult(msgspec.Struct):
+    document_id: str
+    chunk_id: int
+    text: str
+    score: float
+    metadata: dict[str, Any]
+    position: int
+    start: int
+    end: int
+
+
+class SearchResponse(msgspec.Struct, omit_defaults=True):
+    results: list[SearchResult]
+    object: str = "search.result"
+    timings_ms: dict[str, float] | None = None
+
+
+class EmbeddingsRequest(msgspec.Struct):
+    """OpenAI embeddings request. Unknown fields are ignored, as OpenAI clients send extras."""
+
+    input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=2048)]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class EmbeddingData(msgspec.Struct):
+    index: int
+    embedding: list[float] | str
+    object: str = "embedding"
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(msgspec.Struct):
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+    object: str = "list"

