@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both create .venv and install
+# everything on first use (CPU torch 2.13.0 without a GPU; CUDA torch and faiss-gpu with one).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: install serve test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+ifeq ($(HAS_GPU),1)
+	$(BIN)/python -m pip install --quiet torch
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip uninstall --quiet -y faiss-cpu
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps 'faiss-gpu-cu12>=1.8'
+else
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+endif
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/rag-service serve
+
+test: $(STAMP)
+	$(BIN)/ruff check rag_service indexes tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy rag_service indexes
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,190 @@
+"""Command line: ``rag-service serve | ingest | search``.
+
+``serve`` takes every setting as a flag (and from its ``RAG_*`` variable); ``ingest`` and
+``search`` talk to a running service over HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    from rag_service.settings import ENV_PREFIX, Settings, field_type
+
+    for f in dataclasses.fields(Settings):
+        typ, choices = field_type(f)
+        default = "bundled all-MiniLM-L6-v2" if f.name == "embedding_model" else f.default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+            choices=choices or None, metavar=None if choices else typ.__name__.upper(),
+            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; default {default}]",
+        )
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("RAG_URL", DEFAULT_URL),
+                        help=f"service URL [env RAG_URL; default {DEFAULT_URL}]")
+    parser.add_argument("--api-key", default=os.environ.get("RAG_API_KEY"),
+                        help="bearer key for the service [env RAG_API_KEY]")
+    parser.add_argument("--collection", "-c", default="default",
+                        help="collection name [default: default]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rag-service", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    _settings_flags(serve)
+    ingest = sub.add_parser("ingest", help="upsert files or folders into a collection")
+    ingest.add_argument("paths", nargs="+", type=Path, help="files or folders (recursive)")
+    _client_flags(ingest)
+    ingest.add_argument("--batch-size", type=int, default=32, help="documents per request")
+    ingest.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    search = sub.add_parser("search", help="search a collection")
+    search.add_argument("query")
+    _client_flags(search)
+    search.add_argument("--top-k", "-k", type=int, default=5)
+    search.add_argument("--mode", choices=("dense", "hybrid"), default="dense")
+    search.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rag_service.app import create_app
+    from rag_service.settings import Settings, SettingsError, parse_value
+
+    overrides: dict[str, Any] = {}
+    try:
+        for f in dataclasses.fields(Settings):
+            raw = getattr(args, f.name)
+            if raw is not None:
+                overrides[f.name] = parse_value(f, raw)
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        print(f"rag-service: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=10)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(base_url=args.url, headers=headers, timeout=600.0)
+
+
+def _error_message(response: Any) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500]
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    import httpx
+    from tqdm import tqdm
+
+    from rag_service.loaders import LoadError, discover, load
+
+    try:
+        files = list(discover(args.paths))
+    except LoadError as exc:
+        print(f"rag-service: {exc}", file=sys.stderr)
+        return 2
+    counts = {"created": 0, "updated": 0, "unchanged": 0}
+    failures = 0
+    batch: list[dict[str, Any]] = []
+    with _client(args) as client, tqdm(total=len(files), unit="file",
+                                       disable=args.no_progress) as bar:
+
+        def flush() -> bool:
+            if not batch:
+                return True
+            resp = client.post(f"/v1/collections/{args.collection}/documents",
+                               json={"documents": batch})
+            batch.clear()
+            if resp.status_code != 200:
+                tqdm.write(f"rag-service: upsert failed ({resp.status_code}): "
+                           f"{_error_message(resp)}", file=sys.stderr)
+                return False
+            for doc in resp.json()["documents"]:
+                counts[doc["status"]] += 1
+            bar.set_postfix(counts)
+            return True
+
+        try:
+            for path, doc_id in files:
+                try:
+                    docs = load(path, doc_id)
+                except LoadError as exc:
+                    tqdm.write(f"rag-service: skipped {exc}", file=sys.stderr)
+                    failures += 1
+                    docs = []
+                for doc in docs:
+                    batch.append({"id": doc.id, "text": doc.text, "metadata": doc.metadata})
+                    if len(batch) >= args.batch_size and not flush():
+                        return 1
+                bar.update(1)
+            if not flush():
+                return 1
+        except httpx.HTTPError as exc:
+            print(f"rag-service: cannot reach {args.url}: {exc}", file=sys.stderr)
+            return 1
+    print(f"{len(files)} files: {counts['created']} created, {counts['updated']} updated, "
+          f"{counts['unchanged']} unchanged" + (f", {failures} skipped" if failures else ""))
+    return 1 if failures else 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    import httpx
+
+    body = {"query": args.query, "top_k": args.top_k, "mode": args.mode}
+    try:
+        with _client(args) as client:
+            resp = client.post(f"/v1/collections/{args.collection}/search", json=body)
+    except httpx.HTTPError as exc:
+        print(f"rag-service: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if resp.status_code != 200:
+        print(f"rag-service: search failed ({resp.status_code}): {_error_message(resp)}",
+              file=sys.stderr)
+        return 1
+    data = resp.json()
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(data["results"], start=1):
+        snippet = " ".join(hit["text"].split())[:200]
+        print(f"{rank}. [{hit['score']:.3f}] {hit['document_id']}#{hit['position']}\n   {snippet}")
+    if not data["results"]:
+        print("no results")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"serve": _serve, "ingest": _ingest, "search": _search}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Shared fixtures: one real embedding model per session, apps on temporary data dirs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from rag_service.app import create_app
+from rag_service.embedding import Embedder
+from rag_service.settings import Settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logging.getLogger("httpx").setLevel(logging.WARNING)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder(Settings().embedding_model_path, device="cpu")
+
+
+def wait_ready(client: Any, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = client.get("/ready")
+        if resp.status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"service not ready: {resp.text}")
+
+
+AppFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, embedder: Embedder) -> Iterator[AppFactory]:
+    """``make_client(**settings)`` -> a ready TestClient; closed at teardown."""
+    opened: list[TestClient[Litestar]] = []
+
+    def factory(data_dir: Path | None = None, **overrides: Any) -> TestClient[Litestar]:
+        settings = Settings(data_dir=data_dir or tmp_path / "data", **overrides)
+        client = TestClient(create_app(settings, embedder=embedder))
+        client.__enter__()
+        opened.append(client)
+        wait_ready(client)
+        return client
+
+    yield factory
+    for client in reversed(opened):
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: AppFactory) -> TestClient[Litestar]:
+    return make_client()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(settings: Settings, embedder: Embedder) -> Iterator[str]:
+    """A real uvicorn server in a thread, on a free loopback port; yields its URL."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(settings, embedder=embedder), host="127.0.0.1",
+                            port=settings.port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("server did not become ready")
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def start_subprocess_server(data_dir: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+    """``rag-service serve`` as a real child process (for kill -9 tests)."""
+    full_env = {**os.environ, "RAG_DATA_DIR": str(data_dir), "RAG_PORT": str(port),
+                "RAG_LOG_LEVEL": "WARNING", **env}
+    return subprocess.Popen([sys.executable, "-m", "rag_service", "serve"], env=full_env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_http_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"server exited with {proc.returncode}: {err[-2000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become ready")
+
+
+def error_of(resp: httpx.Response) -> dict[str, Any]:
+    """The OpenAI-shaped error body of a response (asserting the shape)."""
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    return dict(body["error"])

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+import numpy as np
+
+from rag_service.settings import Settings
+from tests.conftest import error_of, free_port, running_server
+
+
+def test_openai_shape(client, embedder):
+    resp = client.post("/v1/embeddings", json={"input": ["hello world", "second text"],
+                                                "model": "all-MiniLM-L6-v2"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "list"
+    assert body["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    assert body["data"][0]["object"] == "embedding"
+    vec = np.array(body["data"][0]["embedding"], dtype=np.float32)
+    assert vec.shape == (384,)
+    np.testing.assert_allclose(vec, embedder.encode(["hello world"])[0], atol=1e-5)
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == 2 + 2 + 4
+
+
+def test_string_input_and_base64(client):
+    plain = client.post("/v1/embeddings", json={"input": "single"}).json()
+    assert len(plain["data"]) == 1
+    packed = client.post("/v1/embeddings",
+                         json={"input": "single", "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, plain["data"][0]["embedding"], atol=1e-6)
+
+
+def test_errors(client):
+    cases = [
+        ({"input": ""}, 400, "input"),
+        ({"input": ["ok", " "]}, 400, "input[1]"),
+        ({"input": []}, 400, "input"),
+        ({"input": [1, 2]}, 400, "input[0]"),
+        ({"input": "x", "model": "text-embedding-3-small"}, 404, "model"),
+        ({"input": "x", "dimensions": 1536}, 400, "dimensions"),
+        ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"input": "x" * 9000}, 400, "input"),
+    ]
+    for body, status, param in cases:
+        resp = client.post("/v1/embeddings", json=body)
+        assert resp.status_code == status, (body, resp.text)
+        assert error_of(resp)["param"] == param, (body, resp.text)
+
+
+async def _burst(url: str, n: int) -> tuple[list[httpx.Response], str]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        responses = await asyncio.gather(*[
+            client.post("/v1/embeddings", json={"input": f"concurrent text {i}"})
+            for i in range(n)
+        ])
+        metrics = (await client.get("/metrics")).text
+    return list(responses), metrics
+
+
+def test_concurrent_requests_are_batched(tmp_path, embedder):
+    settings = Settings(data_dir=tmp_path, port=free_port())
+    with running_server(settings, embedder) as url:
+        responses, metrics = asyncio.run(_burst(url, 48))
+    assert all(r.status_code == 200 for r in responses)
+    for i, r in enumerate(responses[:5]):
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"],
+                                   embedder.encode([f"concurrent text {i}"])[0], atol=1e-5)
+    count = _metric(metrics, "rag_embedding_batch_size_count")
+    total = _metric(metrics, "rag_embedding_batch_size_sum")
+    assert total == 48
+    assert count < 48 / 2, f"48 requests ran in {count} batches: not merged"
+
+
+def test_overload_answers_503_with_retry_after(tmp_path, embedder):
+    settings = Settings(data_dir=tmp_path, max_batch_size=1, queue_size=1, port=free_port())
+    with running_server(settings, embedder) as url:
+        responses, _ = asyncio.run(_burst(url, 24))
+    statuses = [r.status_code for r in responses]
+    assert 200 in statuses and 503 in statuses, statuses
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1"
+    assert error_of(rejected)["type"] == "overloaded_error"
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
