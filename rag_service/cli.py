@@ -28,19 +28,29 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         typ, choices = field_type(f)
         default = "bundled all-MiniLM-L6-v2" if f.name == "embedding_model" else f.default
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
-            choices=choices or None, metavar=None if choices else typ.__name__.upper(),
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            choices=choices or None,
+            metavar=None if choices else typ.__name__.upper(),
             help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; default {default}]",
         )
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("RAG_URL", DEFAULT_URL),
-                        help=f"service URL [env RAG_URL; default {DEFAULT_URL}]")
-    parser.add_argument("--api-key", default=os.environ.get("RAG_API_KEY"),
-                        help="bearer key for the service [env RAG_API_KEY]")
-    parser.add_argument("--collection", "-c", default="default",
-                        help="collection name [default: default]")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("RAG_URL", DEFAULT_URL),
+        help=f"service URL [env RAG_URL; default {DEFAULT_URL}]",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("RAG_API_KEY"),
+        help="bearer key for the service [env RAG_API_KEY]",
+    )
+    parser.add_argument(
+        "--collection", "-c", default="default", help="collection name [default: default]"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,10 +88,16 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"rag-service: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=10)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 
@@ -113,18 +129,23 @@ def _ingest(args: argparse.Namespace) -> int:
     counts = {"created": 0, "updated": 0, "unchanged": 0}
     failures = 0
     batch: list[dict[str, Any]] = []
-    with _client(args) as client, tqdm(total=len(files), unit="file",
-                                       disable=args.no_progress) as bar:
+    with (
+        _client(args) as client,
+        tqdm(total=len(files), unit="file", disable=args.no_progress) as bar,
+    ):
 
         def flush() -> bool:
             if not batch:
                 return True
-            resp = client.post(f"/v1/collections/{args.collection}/documents",
-                               json={"documents": batch})
+            resp = client.post(
+                f"/v1/collections/{args.collection}/documents", json={"documents": batch}
+            )
             batch.clear()
             if resp.status_code != 200:
-                tqdm.write(f"rag-service: upsert failed ({resp.status_code}): "
-                           f"{_error_message(resp)}", file=sys.stderr)
+                tqdm.write(
+                    f"rag-service: upsert failed ({resp.status_code}): {_error_message(resp)}",
+                    file=sys.stderr,
+                )
                 return False
             for doc in resp.json()["documents"]:
                 counts[doc["status"]] += 1
@@ -149,8 +170,10 @@ def _ingest(args: argparse.Namespace) -> int:
         except httpx.HTTPError as exc:
             print(f"rag-service: cannot reach {args.url}: {exc}", file=sys.stderr)
             return 1
-    print(f"{len(files)} files: {counts['created']} created, {counts['updated']} updated, "
-          f"{counts['unchanged']} unchanged" + (f", {failures} skipped" if failures else ""))
+    print(
+        f"{len(files)} files: {counts['created']} created, {counts['updated']} updated, "
+        f"{counts['unchanged']} unchanged" + (f", {failures} skipped" if failures else "")
+    )
     return 1 if failures else 0
 
 
@@ -165,8 +188,10 @@ def _search(args: argparse.Namespace) -> int:
         print(f"rag-service: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
     if resp.status_code != 200:
-        print(f"rag-service: search failed ({resp.status_code}): {_error_message(resp)}",
-              file=sys.stderr)
+        print(
+            f"rag-service: search failed ({resp.status_code}): {_error_message(resp)}",
+            file=sys.stderr,
+        )
         return 1
     data = resp.json()
     if args.json:

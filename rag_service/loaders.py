@@ -81,5 +81,8 @@ def _jsonl(raw: str, path: Path, doc_id: str) -> Iterator[SourceDocument]:
         if not isinstance(metadata, dict):
             raise LoadError(f"{path}:{lineno}: 'metadata' must be an object")
         if obj["text"].strip():
-            yield SourceDocument(str(obj.get("id") or f"{doc_id}#{lineno}"), obj["text"],
-                                 {"source": doc_id, **metadata})
+            yield SourceDocument(
+                str(obj.get("id") or f"{doc_id}#{lineno}"),
+                obj["text"],
+                {"source": doc_id, **metadata},
+            )

@@ -80,8 +80,13 @@ def running_server(settings: Settings, embedder: Embedder) -> Iterator[str]:
     """A real uvicorn server in a thread, on a free loopback port; yields its URL."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(settings, embedder=embedder), host="127.0.0.1",
-                            port=settings.port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        create_app(settings, embedder=embedder),
+        host="127.0.0.1",
+        port=settings.port,
+        log_level="warning",
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -105,10 +110,20 @@ def running_server(settings: Settings, embedder: Embedder) -> Iterator[str]:
 
 def start_subprocess_server(data_dir: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
     """``rag-service serve`` as a real child process (for kill -9 tests)."""
-    full_env = {**os.environ, "RAG_DATA_DIR": str(data_dir), "RAG_PORT": str(port),
-                "RAG_LOG_LEVEL": "WARNING", **env}
-    return subprocess.Popen([sys.executable, "-m", "rag_service", "serve"], env=full_env,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    full_env = {
+        **os.environ,
+        "RAG_DATA_DIR": str(data_dir),
+        "RAG_PORT": str(port),
+        "RAG_LOG_LEVEL": "WARNING",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "rag_service", "serve"],
+        env=full_env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_http_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:

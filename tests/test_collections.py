@@ -6,8 +6,9 @@ from tests.conftest import error_of
 
 
 def test_create_list_delete(client):
-    resp = client.post("/v1/collections", json={"name": "manuals", "chunk_tokens": 64,
-                                                  "chunk_overlap": 8})
+    resp = client.post(
+        "/v1/collections", json={"name": "manuals", "chunk_tokens": 64, "chunk_overlap": 8}
+    )
     assert resp.status_code == 201, resp.text
     info = resp.json()
     assert info["name"] == "manuals"
@@ -27,9 +28,15 @@ def test_create_list_delete(client):
 
 
 def test_collection_created_on_first_upsert_and_counts(client):
-    resp = client.post("/v1/collections/auto/documents",
-                       json={"documents": [{"id": "a", "text": "alpha beta gamma"},
-                                           {"id": "b", "text": "delta epsilon"}]})
+    resp = client.post(
+        "/v1/collections/auto/documents",
+        json={
+            "documents": [
+                {"id": "a", "text": "alpha beta gamma"},
+                {"id": "b", "text": "delta epsilon"},
+            ]
+        },
+    )
     assert resp.status_code == 200, resp.text
     listed = client.get("/v1/collections").json()["data"]
     assert listed[0]["name"] == "auto"
@@ -69,24 +76,29 @@ def test_create_rejects_bad_input(client, body, param):
 
 def test_hnsw_collection_searches(client):
     assert client.post("/v1/collections", json={"name": "h", "index": "HNSW32"}).status_code == 201
-    docs = [{"id": f"d{i}", "text": f"Fact number {i}: the {w} is blue."}
-            for i, w in enumerate(["sky", "ocean", "car", "house", "bird"])]
+    docs = [
+        {"id": f"d{i}", "text": f"Fact number {i}: the {w} is blue."}
+        for i, w in enumerate(["sky", "ocean", "car", "house", "bird"])
+    ]
     docs.append({"id": "tree", "text": "Trees grow leaves in spring and lose them in autumn."})
     assert client.post("/v1/collections/h/documents", json={"documents": docs}).status_code == 200
-    hits = client.post("/v1/collections/h/search",
-                       json={"query": "when do trees lose their leaves", "top_k": 2}).json()
+    hits = client.post(
+        "/v1/collections/h/search", json={"query": "when do trees lose their leaves", "top_k": 2}
+    ).json()
     assert hits["results"][0]["document_id"] == "tree"
     # HNSW cannot delete: deletions are tombstoned and never come back in results.
     assert client.delete("/v1/collections/h/documents/tree").status_code == 204
-    hits = client.post("/v1/collections/h/search",
-                       json={"query": "when do trees lose their leaves", "top_k": 6}).json()
+    hits = client.post(
+        "/v1/collections/h/search", json={"query": "when do trees lose their leaves", "top_k": 6}
+    ).json()
     assert "tree" not in {r["document_id"] for r in hits["results"]}
     assert len(hits["results"]) == 5
 
 
 def test_malformed_json_is_400(client):
-    resp = client.post("/v1/collections", content=b"{not json",
-                       headers={"content-type": "application/json"})
+    resp = client.post(
+        "/v1/collections", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 400
     assert "JSON" in error_of(resp)["message"]
 

@@ -20,8 +20,13 @@ def search(client, query, collection="kb", **kw):
 
 
 def test_upsert_statuses_and_chunking(client):
-    out = upsert(client, [{"id": "long", "text": LONG, "metadata": {"lang": "en"}},
-                          {"id": "short", "text": "A tiny note."}])
+    out = upsert(
+        client,
+        [
+            {"id": "long", "text": LONG, "metadata": {"lang": "en"}},
+            {"id": "short", "text": "A tiny note."},
+        ],
+    )
     assert out["long"]["status"] == "created" and out["long"]["chunks"] > 3
     assert out["short"] == {"id": "short", "chunks": 1, "status": "created"}
 
@@ -41,17 +46,19 @@ def test_chunks_carry_spans_of_the_document(client):
     results = search(client, "configuring widget number 77", top_k=5)
     assert results
     for r in results:
-        assert LONG[r["start"]:r["end"]] == r["text"]
+        assert LONG[r["start"] : r["end"]] == r["text"]
         assert r["position"] >= 0
     assert any("widget number 77" in r["text"] for r in results[:2])
 
 
 def test_metadata_only_change_does_not_reembed(client):
-    upsert(client, [{"id": "a", "text": "Refunds are issued within 14 days.",
-                     "metadata": {"v": 1}}])
+    upsert(
+        client, [{"id": "a", "text": "Refunds are issued within 14 days.", "metadata": {"v": 1}}]
+    )
     before = search(client, "refund policy")[0]
-    out = upsert(client, [{"id": "a", "text": "Refunds are issued within 14 days.",
-                           "metadata": {"v": 2}}])
+    out = upsert(
+        client, [{"id": "a", "text": "Refunds are issued within 14 days.", "metadata": {"v": 2}}]
+    )
     assert out["a"]["status"] == "updated"
     after = search(client, "refund policy")[0]
     assert after["chunk_id"] == before["chunk_id"]  # same row: not re-chunked or re-embedded
@@ -70,16 +77,19 @@ def test_replace_removes_old_chunks(client):
 
 
 def test_get_list_paginate_delete(client):
-    upsert(client, [{"id": f"doc-{i:02d}", "text": f"text {i}", "metadata": {"i": i}}
-                    for i in range(7)])
+    upsert(
+        client,
+        [{"id": f"doc-{i:02d}", "text": f"text {i}", "metadata": {"i": i}} for i in range(7)],
+    )
     page = client.get("/v1/collections/kb/documents", params={"limit": 3}).json()
     assert [d["id"] for d in page["data"]] == ["doc-00", "doc-01", "doc-02"]
     assert page["has_more"] is True and page["last_id"] == "doc-02"
     assert "text" not in page["data"][0]
     seen = [d["id"] for d in page["data"]]
     while page["has_more"]:
-        page = client.get("/v1/collections/kb/documents",
-                          params={"limit": 3, "after": page["last_id"]}).json()
+        page = client.get(
+            "/v1/collections/kb/documents", params={"limit": 3, "after": page["last_id"]}
+        ).json()
         seen += [d["id"] for d in page["data"]]
     assert seen == [f"doc-{i:02d}" for i in range(7)]
 
@@ -87,7 +97,8 @@ def test_get_list_paginate_delete(client):
     assert doc["metadata"] == {"i": 3} and doc["chunks"] == 1
     assert client.delete("/v1/collections/kb/documents/doc-03").status_code == 204
     assert error_of(client.get("/v1/collections/kb/documents/doc-03"))["code"] == (
-        "document_not_found")
+        "document_not_found"
+    )
     assert client.delete("/v1/collections/kb/documents/doc-03").status_code == 404
     assert all(r["document_id"] != "doc-03" for r in search(client, "text 3", top_k=10))
 
@@ -108,13 +119,14 @@ def test_ids_with_slashes(client):
         ({"documents": [{"id": "", "text": "x"}]}, "documents[0].id"),
         ({"documents": [{"text": "x"}]}, "documents[0]"),
         ({"documents": [{"id": "a", "text": "x", "metadata": [1]}]}, "documents[0].metadata"),
-        ({"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]},
-         "documents[1].id"),
+        ({"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, "documents[1].id"),
         ({"documents": []}, "documents"),
         ({"documents": "nope"}, "documents"),
         ({"docs": []}, None),
-        ({"documents": [{"id": "ok", "text": "fine"}, {"id": "b", "text": "x" * 5001}]},
-         "documents[1].text"),
+        (
+            {"documents": [{"id": "ok", "text": "fine"}, {"id": "b", "text": "x" * 5001}]},
+            "documents[1].text",
+        ),
         ({"documents": [{"id": f"d{i}", "text": "x"} for i in range(11)]}, "documents"),
     ],
 )
@@ -133,7 +145,8 @@ def test_bad_upserts_write_nothing(make_client, body, param):
 
 def test_unknown_collection_and_document(client):
     assert error_of(client.get("/v1/collections/none/documents"))["code"] == (
-        "collection_not_found")
+        "collection_not_found"
+    )
     assert client.get("/v1/collections/none/documents/x").status_code == 404
     assert client.delete("/v1/collections/none/documents/x").status_code == 404
     resp = client.get("/v1/collections/none/documents", params={"limit": 0})

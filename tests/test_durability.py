@@ -33,12 +33,17 @@ def test_kill_9_during_ingest_loses_no_acknowledged_write(tmp_path):
             with httpx.Client(base_url=url, timeout=30) as client:
                 batch = 0
                 while not stop.is_set():
-                    docs = [{"id": f"doc-{batch}-{j}",
-                             "text": f"Record {batch}-{j}: the code word is w{batch}x{j}."}
-                            for j in range(8)]
+                    docs = [
+                        {
+                            "id": f"doc-{batch}-{j}",
+                            "text": f"Record {batch}-{j}: the code word is w{batch}x{j}.",
+                        }
+                        for j in range(8)
+                    ]
                     try:
-                        resp = client.post("/v1/collections/crash/documents",
-                                           json={"documents": docs})
+                        resp = client.post(
+                            "/v1/collections/crash/documents", json={"documents": docs}
+                        )
                     except httpx.HTTPError:
                         return  # the server died mid-request: not acknowledged
                     if resp.status_code == 200:
@@ -70,8 +75,10 @@ def test_kill_9_during_ingest_loses_no_acknowledged_write(tmp_path):
             listed = set()
             after = None
             while True:
-                page = client.get("/v1/collections/crash/documents",
-                                  params={"limit": 1000, **({"after": after} if after else {})})
+                page = client.get(
+                    "/v1/collections/crash/documents",
+                    params={"limit": 1000, **({"after": after} if after else {})},
+                )
                 body = page.json()
                 listed |= {d["id"] for d in body["data"]}
                 if not body["has_more"]:
@@ -83,12 +90,15 @@ def test_kill_9_during_ingest_loses_no_acknowledged_write(tmp_path):
             # Every acknowledged document is searchable through the restored index.
             for doc_id in acknowledged[-5:] + acknowledged[:3]:
                 batch, j = doc_id.split("-")[1:]
-                hits = client.post("/v1/collections/crash/search", json={
-                    "query": f"the code word is w{batch}x{j}", "top_k": 50,
-                    "filter": {}}).json()["results"]
+                hits = client.post(
+                    "/v1/collections/crash/search",
+                    json={"query": f"the code word is w{batch}x{j}", "top_k": 50, "filter": {}},
+                ).json()["results"]
                 assert doc_id in {h["document_id"] for h in hits}
-            assert report["from_snapshot"] + report["added_from_store"] - (
-                report["removed_stale"]) == coll["chunks"]
+            assert (
+                report["from_snapshot"] + report["added_from_store"] - (report["removed_stale"])
+                == coll["chunks"]
+            )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -97,8 +107,9 @@ def test_kill_9_during_ingest_loses_no_acknowledged_write(tmp_path):
 def test_restart_restores_snapshot_without_reembedding(make_client, tmp_path):
     data = tmp_path / "store"
     first = make_client(data_dir=data)
-    upsert(first, [{"id": f"d{i}", "text": f"Paragraph {i} about topic {i % 3}."}
-                   for i in range(30)])
+    upsert(
+        first, [{"id": f"d{i}", "text": f"Paragraph {i} about topic {i % 3}."} for i in range(30)]
+    )
     first.__exit__(None, None, None)  # clean shutdown writes the snapshot
     assert (data / "indexes" / "1.faiss").exists()
 
@@ -115,8 +126,14 @@ def test_restart_restores_snapshot_without_reembedding(make_client, tmp_path):
 
     third = make_client(data_dir=data)
     report = third.get("/ready").json()["restore"][0]
-    assert report == {"collection": "kb", "from_snapshot": 30, "added_from_store": 1,
-                      "removed_stale": 1, "seconds": report["seconds"], "reembedded": 0}
+    assert report == {
+        "collection": "kb",
+        "from_snapshot": 30,
+        "added_from_store": 1,
+        "removed_stale": 1,
+        "seconds": report["seconds"],
+        "reembedded": 0,
+    }
     assert search(third, "zebras")[0]["document_id"] == "late"
     assert all(r["document_id"] != "d0" for r in search(third, "Paragraph 0", top_k=30))
 
@@ -145,13 +162,13 @@ def test_collection_of_another_embedding_model_is_refused(make_client, tmp_path)
     upsert(first, [{"id": "a", "text": "hello"}])
     first.__exit__(None, None, None)
     with sqlite3.connect(data / "rag.sqlite3") as conn:
-        conn.execute("UPDATE collections SET embedding_model = 'BAAI/bge-small-en', "
-                     "dimension = 384")
+        conn.execute(
+            "UPDATE collections SET embedding_model = 'BAAI/bge-small-en', dimension = 384"
+        )
     second = make_client(data_dir=data)
     for resp in (
         second.post("/v1/collections/kb/search", json={"query": "hello"}),
-        second.post("/v1/collections/kb/documents",
-                    json={"documents": [{"id": "b", "text": "x"}]}),
+        second.post("/v1/collections/kb/documents", json={"documents": [{"id": "b", "text": "x"}]}),
     ):
         assert resp.status_code == 409
         err = error_of(resp)
@@ -164,8 +181,13 @@ def test_snapshot_roundtrip_per_index_type(make_client, tmp_path, factory):
     data = tmp_path / factory
     first = make_client(data_dir=data)
     first.post("/v1/collections", json={"name": "kb", "index": factory})
-    upsert(first, [{"id": f"d{i}", "text": f"Item {i}: {w}"}
-                   for i, w in enumerate(["apples", "trains", "violins", "glaciers"])])
+    upsert(
+        first,
+        [
+            {"id": f"d{i}", "text": f"Item {i}: {w}"}
+            for i, w in enumerate(["apples", "trains", "violins", "glaciers"])
+        ],
+    )
     first.delete("/v1/collections/kb/documents/d1")
     before = search(first, "musical instrument", top_k=3)
     first.__exit__(None, None, None)

@@ -11,8 +11,10 @@ from tests.conftest import error_of, free_port, running_server
 
 
 def test_openai_shape(client, embedder):
-    resp = client.post("/v1/embeddings", json={"input": ["hello world", "second text"],
-                                                "model": "all-MiniLM-L6-v2"})
+    resp = client.post(
+        "/v1/embeddings",
+        json={"input": ["hello world", "second text"], "model": "all-MiniLM-L6-v2"},
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["object"] == "list"
@@ -28,8 +30,9 @@ def test_openai_shape(client, embedder):
 def test_string_input_and_base64(client):
     plain = client.post("/v1/embeddings", json={"input": "single"}).json()
     assert len(plain["data"]) == 1
-    packed = client.post("/v1/embeddings",
-                         json={"input": "single", "encoding_format": "base64"}).json()
+    packed = client.post(
+        "/v1/embeddings", json={"input": "single", "encoding_format": "base64"}
+    ).json()
     decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
     np.testing.assert_allclose(decoded, plain["data"][0]["embedding"], atol=1e-6)
 
@@ -53,10 +56,12 @@ def test_errors(client):
 
 async def _burst(url: str, n: int) -> tuple[list[httpx.Response], str]:
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        responses = await asyncio.gather(*[
-            client.post("/v1/embeddings", json={"input": f"concurrent text {i}"})
-            for i in range(n)
-        ])
+        responses = await asyncio.gather(
+            *[
+                client.post("/v1/embeddings", json={"input": f"concurrent text {i}"})
+                for i in range(n)
+            ]
+        )
         metrics = (await client.get("/metrics")).text
     return list(responses), metrics
 
@@ -67,8 +72,11 @@ def test_concurrent_requests_are_batched(tmp_path, embedder):
         responses, metrics = asyncio.run(_burst(url, 48))
     assert all(r.status_code == 200 for r in responses)
     for i, r in enumerate(responses[:5]):
-        np.testing.assert_allclose(r.json()["data"][0]["embedding"],
-                                   embedder.encode([f"concurrent text {i}"])[0], atol=1e-5)
+        np.testing.assert_allclose(
+            r.json()["data"][0]["embedding"],
+            embedder.encode([f"concurrent text {i}"])[0],
+            atol=1e-5,
+        )
     count = _metric(metrics, "rag_embedding_batch_size_count")
     total = _metric(metrics, "rag_embedding_batch_size_sum")
     assert total == 48

@@ -17,8 +17,13 @@ FACTS = [
 
 @pytest.fixture
 def kb(client):
-    upsert(client, [{"id": i, "text": t, "metadata": {"topic": topic, "n": n}}
-                    for n, (i, t, topic) in enumerate(FACTS)])
+    upsert(
+        client,
+        [
+            {"id": i, "text": t, "metadata": {"topic": topic, "n": n}}
+            for n, (i, t, topic) in enumerate(FACTS)
+        ],
+    )
     return client
 
 
@@ -36,8 +41,9 @@ def test_filter_applies_before_top_k(kb):
     # still return k results drawn only from the matching documents.
     results = search(kb, "programming languages", top_k=1, filter={"topic": "food"})
     assert [r["document_id"] for r in results] == ["coffee"]
-    results = search(kb, "programming languages", top_k=3,
-                     filter={"topic": {"$in": ["geo", "food"]}})
+    results = search(
+        kb, "programming languages", top_k=3, filter={"topic": {"$in": ["geo", "food"]}}
+    )
     assert {r["document_id"] for r in results} == {"paris", "nile", "coffee"}
     assert search(kb, "anything", filter={"topic": "none"}) == []
     results = search(kb, "river", filter={"topic": "geo", "n": 3})
@@ -62,20 +68,22 @@ def test_hybrid_finds_exact_tokens(kb):
 
 def test_hybrid_bm25_follows_updates_and_deletes(kb):
     upsert(kb, [{"id": "err", "text": "Error code ZQ-9 means the cable is loose."}])
-    assert all(r["document_id"] != "err" or "ZQ-9" in r["text"]
-               for r in search(kb, "XJ-4417", mode="hybrid", top_k=6))
+    assert all(
+        r["document_id"] != "err" or "ZQ-9" in r["text"]
+        for r in search(kb, "XJ-4417", mode="hybrid", top_k=6)
+    )
     assert search(kb, "ZQ-9", mode="hybrid")[0]["document_id"] == "err"
     kb.delete("/v1/collections/kb/documents/err")
     assert all(r["document_id"] != "err" for r in search(kb, "ZQ-9", mode="hybrid", top_k=6))
 
 
 def test_debug_timings(kb):
-    resp = kb.post("/v1/collections/kb/search", json={"query": "river", "debug": True,
-                                                      "mode": "hybrid"})
+    resp = kb.post(
+        "/v1/collections/kb/search", json={"query": "river", "debug": True, "mode": "hybrid"}
+    )
     timings = resp.json()["timings_ms"]
     assert {"embed", "dense", "bm25", "hydrate", "total"} <= set(timings)
-    assert "timings_ms" not in kb.post("/v1/collections/kb/search",
-                                       json={"query": "river"}).json()
+    assert "timings_ms" not in kb.post("/v1/collections/kb/search", json={"query": "river"}).json()
 
 
 @pytest.mark.parametrize(

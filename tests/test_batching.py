@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from rag_service.batching import MicroBatcher
+from rag_service.errors import Overloaded
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.depths: list[int] = []
+
+    def batch_done(self, size: int, tokens: int, seconds: float) -> None:
+        self.sizes.append(size)
+
+    def queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+
+def test_results_match_direct_encoding_and_order(embedder):
+    texts = [f"text number {i} " * (i % 5 + 1) for i in range(40)]
+
+    async def go() -> list[np.ndarray]:
+        rec = Recorder()
+        b = MicroBatcher(embedder.encode, max_batch_size=16, observer=rec)
+        await b.start()
+        try:
+            out = await asyncio.gather(
+                *[b.embed([t], [8]) for t in texts[:30]], b.embed(texts[30:], [8] * 10, lane="bulk")
+            )
+        finally:
+            await b.stop()
+        assert max(rec.sizes) <= 16 and sum(rec.sizes) == 40
+        assert len(rec.sizes) < 30
+        return [o for o in out]
+
+    out = asyncio.run(go())
+    expected = embedder.encode(texts)
+    got = np.concatenate(out)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_token_budget_splits_batches():
+    seen: list[int] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        seen.append(len(texts))
+        return np.zeros((len(texts), 2), np.float32)
+
+    async def go() -> None:
+        b = MicroBatcher(encode, max_batch_size=64, max_batch_tokens=100)
+        await b.start()
+        await b.embed(["x"] * 10, [30] * 10, lane="bulk")
+        await b.stop()
+
+    asyncio.run(go())
+    assert seen and max(seen) <= 3 and sum(seen) == 10
+
+
+def test_interactive_goes_before_bulk():
+    order: list[str] = []
+    gate = threading.Event()
+
+    def encode(texts: list[str]) -> np.ndarray:
+        gate.wait(5)
+        order.extend(texts)
+        return np.zeros((len(texts), 2), np.float32)
+
+    async def go() -> None:
+        b = MicroBatcher(encode, max_batch_size=2, max_wait_s=0)
+        await b.start()
+        first = asyncio.create_task(b.embed(["warm"], [1]))
+        await asyncio.sleep(0.05)  # "warm" is encoding; the rest queue behind it
+        bulk = asyncio.create_task(b.embed(["b1", "b2", "b3", "b4"], [1] * 4, lane="bulk"))
+        await asyncio.sleep(0.01)
+        query = asyncio.create_task(b.embed(["q"], [1]))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, bulk, query)
+        await b.stop()
+
+    asyncio.run(go())
+    assert order.index("q") < order.index("b3")
+
+
+def test_queue_bound_and_errors():
+    def encode(texts: list[str]) -> np.ndarray:
+        if "boom" in texts:
+            raise RuntimeError("model failure")
+        return np.zeros((len(texts), 2), np.float32)
+
+    async def go() -> None:
+        b = MicroBatcher(encode, max_batch_size=1, max_queue=2)
+        await b.start()
+        with pytest.raises(Overloaded):
+            await b.embed(["a", "b", "c"], [1, 1, 1])
+        with pytest.raises(RuntimeError, match="model failure"):
+            await b.embed(["boom"], [1])
+        assert (await b.embed(["fine"], [1])).shape == (1, 2)
+        await b.stop()
+
+    asyncio.run(go())

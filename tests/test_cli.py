@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rag_service.cli import main
+from rag_service.settings import Settings
+from tests.conftest import ROOT, free_port, running_server
+
+
+@pytest.fixture
+def server(tmp_path, embedder):
+    settings = Settings(data_dir=tmp_path / "data", port=free_port(), api_key="k")
+    with running_server(settings, embedder) as url:
+        yield url
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "handbook"
+    (root / "guides").mkdir(parents=True)
+    (root / "guides" / "vpn.md").write_text("# VPN\nConnect to the VPN with the corp client.")
+    (root / "leave.txt").write_text("Employees get 30 days of paid leave per year.")
+    (root / "api.rst").write_text("API\n===\nThe API rate limit is 100 requests per minute.")
+    (root / "office.html").write_text(
+        "<html><head><style>p{}</style><script>var x=1;</script></head>"
+        "<body><h1>Office</h1><p>The office opens at 8am.</p></body></html>"
+    )
+    (root / "faq.jsonl").write_text(
+        json.dumps(
+            {
+                "id": "faq-parking",
+                "text": "Parking is free in garage B.",
+                "metadata": {"kind": "faq"},
+            }
+        )
+        + "\n\n"
+        + json.dumps({"text": "Lunch is served at noon."})
+        + "\n"
+    )
+    (root / "ignored.bin").write_bytes(b"\x00\x01")
+    return root
+
+
+def run(*args):
+    return main(list(args))
+
+
+def test_ingest_reingest_update_and_search(server, tree, capsys):
+    common = ["--url", server, "--api-key", "k", "--collection", "hb"]
+    assert run("ingest", str(tree), *common, "--no-progress") == 0
+    assert run("ingest", str(tree), *common, "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "0 created, 0 updated, 6 unchanged" in out
+
+    (tree / "leave.txt").write_text("Employees get 32 days of paid leave per year.")
+    assert run("ingest", str(tree), *common, "--no-progress") == 0
+    assert "0 created, 1 updated, 5 unchanged" in capsys.readouterr().out
+
+    assert run("search", "how many vacation days", *common, "--json") == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert results[0]["document_id"] == "handbook/leave.txt"
+    assert "32 days" in results[0]["text"]
+    assert results[0]["metadata"] == {"source": "handbook/leave.txt"}
+
+    assert run("search", "where can I park", *common) == 0
+    assert "faq-parking" in capsys.readouterr().out.splitlines()[0]
+    assert run("search", "office hours", *common, "-k", "1", "--json") == 0
+    hit = json.loads(capsys.readouterr().out)["results"][0]
+    assert hit["document_id"] == "handbook/office.html"
+    assert "var x" not in hit["text"] and "8am" in hit["text"]
+
+
+def test_cli_errors(server, tree, tmp_path, capsys):
+    assert run("ingest", str(tmp_path / "missing"), "--url", server, "--api-key", "k") == 2
+    assert "no such file" in capsys.readouterr().err
+    assert run("search", "x", "--url", server, "--api-key", "wrong") == 1
+    assert "401" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    assert run("ingest", str(bad), "--url", server, "--api-key", "k", "--no-progress") == 1
+    assert "bad.jsonl:2: not JSON" in capsys.readouterr().err
+    port = free_port()
+    assert run("search", "x", "--url", f"http://127.0.0.1:{port}") == 1
+    assert "cannot reach" in capsys.readouterr().err
+
+
+def test_serve_help_names_every_setting():
+    out = subprocess.run(
+        [sys.executable, "-m", "rag_service", "serve", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for f in dataclasses.fields(Settings):
+        assert "--" + f.name.replace("_", "-") in out
+        assert "RAG_" + f.name.upper() in out
+
+
+def test_serve_rejects_bad_setting():
+    proc = subprocess.run(
+        [sys.executable, "-m", "rag_service", "serve", "--port", "abc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "RAG_PORT: expected int" in proc.stderr
