@@ -94,6 +94,7 @@ async def _load(
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.batch_wait_ms / 1000,
+            max_linger_s=settings.batch_max_wait_ms / 1000,
             max_queue=settings.queue_size,
             observer=metrics_,
         )

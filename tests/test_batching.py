@@ -48,7 +48,7 @@ def test_results_match_direct_encoding_and_order(embedder):
 def test_token_budget_splits_batches():
     seen: list[int] = []
 
-    def encode(texts: list[str]) -> np.ndarray:
+    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
         seen.append(len(texts))
         return np.zeros((len(texts), 2), np.float32)
 
@@ -66,7 +66,7 @@ def test_interactive_goes_before_bulk():
     order: list[str] = []
     gate = threading.Event()
 
-    def encode(texts: list[str]) -> np.ndarray:
+    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
         gate.wait(5)
         order.extend(texts)
         return np.zeros((len(texts), 2), np.float32)
@@ -89,7 +89,7 @@ def test_interactive_goes_before_bulk():
 
 
 def test_queue_bound_and_errors():
-    def encode(texts: list[str]) -> np.ndarray:
+    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
         if "boom" in texts:
             raise RuntimeError("model failure")
         return np.zeros((len(texts), 2), np.float32)
