@@ -91,6 +91,7 @@ async def _load(
         metrics_: Metrics = state["metrics"]
         batcher = MicroBatcher(
             embedder.encode,
+            max_bulk_tokens=settings.max_bulk_tokens,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.batch_wait_ms / 1000,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ class Embedder:
             raise RuntimeError(f"model at {model_path} does not report an embedding dimension")
         self.dimension: int = int(dim)
         self.max_seq_length: int = int(self._model.max_seq_length)
+        self._tokenize_lock = threading.Lock()
+        self._preprocess = getattr(self._model, "preprocess", None) or self._model.tokenize
         # A private copy of the fast tokenizer, without truncation or padding, for offsets.
         tokenizer_file = Path(model_path) / "tokenizer.json"
         if tokenizer_file.exists():
@@ -108,24 +111,25 @@ class Embedder:
         """L2-normalised float32 vectors, shape (len(texts), dimension). Blocking.
 
         With ``tokens`` (each text's token count) the texts are encoded in groups of similar
-        length, so a batch mixing short and long texts does not pay for padding.
+        length, so a batch mixing short and long texts does not pay for padding. Safe to call
+        from two threads at once (the ingest and query lanes): only tokenisation, which
+        mutates the fast tokenizer's settings, is serialised; forward passes run side by side.
         """
         import torch
+        from sentence_transformers.util import batch_to_device
 
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         groups = length_groups(tokens) if tokens is not None else [list(range(len(texts)))]
-        with torch.inference_mode():
-            for group in groups:
-                vectors = self._model.encode(
-                    [texts[i] for i in group],
-                    batch_size=len(group),
-                    normalize_embeddings=True,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
-                out[group] = vectors
+        for group in groups:
+            with self._tokenize_lock:
+                features = self._preprocess([texts[i] for i in group])
+            features = batch_to_device(features, self._model.device)
+            with torch.inference_mode():
+                emb = self._model.forward(features)["sentence_embedding"]
+                emb = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
+            out[group] = emb.cpu().numpy()
         return out
 
     def count_tokens(self, texts: list[str]) -> list[int]:

@@ -63,6 +63,10 @@ class Settings:
     max_batch_tokens: int = field(
         default=16384, metadata=_help("Most tokens (sum over texts) in one embedding batch.")
     )
+    max_bulk_tokens: int = field(
+        default=4096,
+        metadata=_help("Most tokens in one ingest embedding batch (keeps each pass short)."),
+    )
     batch_wait_ms: float = field(
         default=2.0,
         metadata=_help(

@@ -62,30 +62,45 @@ def test_token_budget_splits_batches():
     assert seen and max(seen) <= 3 and sum(seen) == 10
 
 
-def test_interactive_goes_before_bulk():
-    order: list[str] = []
+def test_queries_never_wait_behind_ingest():
     gate = threading.Event()
 
-    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
-        gate.wait(5)
-        order.extend(texts)
+    def slow_bulk(texts: list[str], tokens: list[int]) -> np.ndarray:
+        gate.wait(10)
+        return np.ones((len(texts), 2), np.float32)
+
+    def fast(texts: list[str], tokens: list[int]) -> np.ndarray:
         return np.zeros((len(texts), 2), np.float32)
 
     async def go() -> None:
-        b = MicroBatcher(encode, max_batch_size=2, max_wait_s=0)
+        b = MicroBatcher(fast, encode_bulk=slow_bulk, max_batch_size=4)
         await b.start()
-        first = asyncio.create_task(b.embed(["warm"], [1]))
-        await asyncio.sleep(0.05)  # "warm" is encoding; the rest queue behind it
-        bulk = asyncio.create_task(b.embed(["b1", "b2", "b3", "b4"], [1] * 4, lane="bulk"))
-        await asyncio.sleep(0.01)
-        query = asyncio.create_task(b.embed(["q"], [1]))
-        await asyncio.sleep(0.01)
+        bulk = asyncio.create_task(b.embed(["b"] * 8, [1] * 8, lane="bulk"))
+        await asyncio.sleep(0.05)  # the ingest batch is encoding (blocked)
+        query = await asyncio.wait_for(b.embed(["q"], [1]), timeout=2)
+        assert query.tolist() == [[0.0, 0.0]] and not bulk.done()
         gate.set()
-        await asyncio.gather(first, bulk, query)
+        assert (await bulk).shape == (8, 2)
         await b.stop()
 
     asyncio.run(go())
-    assert order.index("q") < order.index("b3")
+
+
+def test_bulk_batches_respect_token_cap():
+    sizes: list[int] = []
+
+    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
+        sizes.append(sum(tokens))
+        return np.zeros((len(texts), 2), np.float32)
+
+    async def go() -> None:
+        b = MicroBatcher(encode, max_batch_size=64, max_bulk_tokens=600)
+        await b.start()
+        await b.embed(["x"] * 20, [200] * 20, lane="bulk")
+        await b.stop()
+
+    asyncio.run(go())
+    assert max(sizes) <= 600 and sum(sizes) == 4000
 
 
 def test_queue_bound_and_errors():
