@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from benchmarks.common import Server, faq_pairs, percentiles, write_result
+from benchmarks.common import device, Server, faq_pairs, percentiles, write_result
 
 
 def short_texts(n: int) -> list[str]:
@@ -32,7 +32,7 @@ def in_process(texts: list[str]) -> float:
 
     from rag_service.settings import bundled_embedding_model
 
-    model = SentenceTransformer(bundled_embedding_model(), device="cpu")
+    model = SentenceTransformer(bundled_embedding_model(), device=device())
     model.encode(texts[:128], batch_size=64)
     started = time.perf_counter()
     model.encode(texts, batch_size=64)

@@ -27,7 +27,7 @@ import faiss
 import httpx
 import numpy as np
 
-from benchmarks.common import Server, faq_pairs, percentiles, python_doc_files, write_result
+from benchmarks.common import device, Server, faq_pairs, percentiles, python_doc_files, write_result
 
 
 def sentences(n: int) -> list[str]:
@@ -58,8 +58,8 @@ def build_store(data_dir: Path, texts: list[str], vectors: np.ndarray, scale: in
     from rag_service.embedding import BUNDLED_NAME
 
     store = DocumentStore(data_dir / "rag.sqlite3", synchronous="NORMAL")
-    rng = np.random.default_rng(0)
     base = len(texts)
+    expanded = expand(texts, vectors, scale)
     for factory in factories:
         name = f"s{scale // 1000}k-{factory.lower()}"
         create = {"name": name, "embedding_model": BUNDLED_NAME, "dimension": 384,
@@ -70,10 +70,7 @@ def build_store(data_dir: Path, texts: list[str], vectors: np.ndarray, scale: in
             for i in range(start, min(start + 2000, scale)):
                 src = i % base
                 text = texts[src] if i < base else f"{texts[src]} (variant {i // base})"
-                vec = vectors[src]
-                if i >= base:
-                    vec = vec + rng.normal(0, 0.025, vec.shape).astype(np.float32)
-                    vec /= np.linalg.norm(vec)
+                vec = expanded[i]
                 writes.append(DocumentWrite(f"c{i}", text, {"n": i % 10}, content_hash(text),
                                             [(0, 0, len(text), text)], vec[None, :]))
             staged, row = store.stage_upsert(row, create if row is None else None, writes)
@@ -99,6 +96,8 @@ def http_latencies(url: str, collection: str, qs: list[str], top_k: int = 10
 
 def in_process(model, vectors: np.ndarray, qs: list[str], top_k: int = 10) -> list[float]:
     index = faiss.IndexFlatIP(vectors.shape[1])
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(vectors)
     for q in qs[:5]:
         index.search(model.encode([q], normalize_embeddings=True), top_k)
@@ -148,7 +147,7 @@ def main() -> None:
 
     from rag_service.settings import bundled_embedding_model
 
-    model = SentenceTransformer(bundled_embedding_model(), device="cpu")
+    model = SentenceTransformer(bundled_embedding_model(), device=device())
     texts = sentences(args.base)
     t = time.perf_counter()
     vectors = model.encode(texts, batch_size=64, normalize_embeddings=True).astype(np.float32)

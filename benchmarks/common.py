@@ -80,13 +80,22 @@ def environment() -> dict[str, Any]:
 
 def write_result(name: str, params: dict[str, Any], figures: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    if env["gpu"]:
+        name += "_gpu"
     path = RESULTS / f"{name}.json"
-    body = {"benchmark": name, "environment": environment(), "params": params,
+    body = {"benchmark": name, "environment": env, "params": params,
             "figures": figures}
     path.write_text(json.dumps(body, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
     print(f"wrote {path.relative_to(ROOT)}")
     return path
+
+
+def device() -> str:
+    from rag_service.embedding import resolve_device
+
+    return resolve_device("auto")
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:

@@ -120,3 +120,22 @@ def test_queue_bound_and_errors():
         await b.stop()
 
     asyncio.run(go())
+
+
+def test_length_groups_bound_padding():
+    from rag_service.embedding import length_groups
+
+    tokens = [5, 200, 6, 7, 180, 5, 40, 41, 300]
+    groups = length_groups(tokens)
+    assert sorted(i for g in groups for i in g) == list(range(len(tokens)))
+    for g in groups:
+        lengths = [tokens[i] for i in g]
+        assert max(lengths) <= max(min(lengths) * 1.3, min(lengths) + 4)
+    assert len(length_groups([10] * 200)) == 4  # at most 64 per group
+
+
+def test_grouped_encoding_keeps_order(embedder):
+    texts = ["short one", "a much longer text " * 20, "mid length text here", "tiny"]
+    tokens = embedder.count_tokens(texts)
+    np.testing.assert_allclose(embedder.encode(texts, tokens),
+                               np.stack([embedder.encode([t])[0] for t in texts]), atol=1e-5)
