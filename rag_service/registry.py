@@ -141,7 +141,10 @@ class Registry:
                 self._runtimes[row.name] = CollectionRuntime(row=row, index=None, incompatible=msg)
                 continue
             index, report = self.restore(row)
-            self.register(row, index)
+            rt = self.register(row, index)
+            # A snapshot that needed repair (or none at all) is rewritten at the next round.
+            rt.dirty = bool(report.added_from_store or report.removed_stale
+                            or report.snapshot_error)
             self.reports.append(report)
         return self.reports
 

@@ -152,6 +152,10 @@ def test_mismatched_snapshot_is_refused_and_rebuilt(make_client, tmp_path):
     report = second.get("/ready").json()["restore"][0]
     assert (report["from_snapshot"], report["added_from_store"]) == (0, 1)
     assert search(second, "embedding model")[0]["document_id"] == "a"
+    second.__exit__(None, None, None)  # the repaired index is snapshotted on shutdown
+    third = make_client(data_dir=data)
+    report = third.get("/ready").json()["restore"][0]
+    assert (report["from_snapshot"], report["added_from_store"]) == (1, 0)
 
 
 def test_collection_of_another_embedding_model_is_refused(make_client, tmp_path):
