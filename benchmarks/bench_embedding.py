@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from benchmarks.common import device, Server, faq_pairs, percentiles, write_result
+from benchmarks.common import Server, device, faq_pairs, percentiles, write_result
 
 
 def short_texts(n: int) -> list[str]:
@@ -71,9 +71,11 @@ def served(texts: list[str], concurrency: int, env: dict[str, str]) -> tuple[flo
     with tempfile.TemporaryDirectory() as tmp, Server(Path(tmp), env) as server:
         rate, latencies = asyncio.run(_clients(server.url, texts, concurrency))
         metrics = httpx.get(server.url + "/metrics").text
-    batches = [float(line.split()[-1]) for line in metrics.splitlines()
-               if line.startswith(("rag_embedding_batch_size_count",
-                                   "rag_embedding_batch_size_sum"))]
+    batches = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith(("rag_embedding_batch_size_count", "rag_embedding_batch_size_sum"))
+    ]
     mean_batch = batches[1] / batches[0] if len(batches) == 2 and batches[0] else None
     return rate, {"latency": percentiles(latencies), "mean_batch_size": mean_batch}
 
@@ -86,18 +88,21 @@ def main() -> None:
     texts = short_texts(args.texts)
     baseline = in_process(texts)
     batched, batched_info = served(texts, args.concurrency, {})
-    unbatched, unbatched_info = served(texts, args.concurrency,
-                                       {"RAG_MAX_BATCH_SIZE": "1"})
-    write_result("b1_embedding_concurrency", vars(args), {
-        "in_process_texts_per_s": round(baseline, 1),
-        "server_batched_texts_per_s": round(batched, 1),
-        "server_unbatched_texts_per_s": round(unbatched, 1),
-        "batched_vs_in_process": round(batched / baseline, 3),
-        "batched_vs_unbatched": round(batched / unbatched, 3),
-        "targets": {"batched_vs_in_process": ">= 0.70", "batched_vs_unbatched": ">= 4.0"},
-        "batched": batched_info,
-        "unbatched": unbatched_info,
-    })
+    unbatched, unbatched_info = served(texts, args.concurrency, {"RAG_MAX_BATCH_SIZE": "1"})
+    write_result(
+        "b1_embedding_concurrency",
+        vars(args),
+        {
+            "in_process_texts_per_s": round(baseline, 1),
+            "server_batched_texts_per_s": round(batched, 1),
+            "server_unbatched_texts_per_s": round(unbatched, 1),
+            "batched_vs_in_process": round(batched / baseline, 3),
+            "batched_vs_unbatched": round(batched / unbatched, 3),
+            "targets": {"batched_vs_in_process": ">= 0.70", "batched_vs_unbatched": ">= 4.0"},
+            "batched": batched_info,
+            "unbatched": unbatched_info,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import device, Server, percentiles, python_doc_files, write_result
+from benchmarks.common import Server, device, percentiles, python_doc_files, write_result
 
 QUERIES = [
     "How do I define a function with default arguments?",
@@ -53,11 +53,15 @@ def service_chunks(docs: list[tuple[str, str]]) -> list[str]:
 
     settings = Settings()
     embedder = Embedder(settings.embedding_model_path, device="cpu")
-    cfg = ChunkingConfig(min(settings.chunk_tokens, embedder.content_window),
-                         settings.chunk_overlap)
+    cfg = ChunkingConfig(
+        min(settings.chunk_tokens, embedder.content_window), settings.chunk_overlap
+    )
     texts = [t for _, t in docs]
-    return [c.text for text, offsets in zip(texts, embedder.offsets(texts), strict=True)
-            for c in chunk_offsets(text, offsets, cfg)]
+    return [
+        c.text
+        for text, offsets in zip(texts, embedder.offsets(texts), strict=True)
+        for c in chunk_offsets(text, offsets, cfg)
+    ]
 
 
 def in_process(chunks: list[str]) -> float:
@@ -77,8 +81,12 @@ def post_all(url: str, docs: list[tuple[str, str]], batch: int) -> tuple[float, 
     with httpx.Client(base_url=url, timeout=600) as client:
         started = time.perf_counter()
         for i in range(0, len(docs), batch):
-            body = {"documents": [{"id": rid, "text": text, "metadata": {"source": rid}}
-                                  for rid, text in docs[i : i + batch]]}
+            body = {
+                "documents": [
+                    {"id": rid, "text": text, "metadata": {"source": rid}}
+                    for rid, text in docs[i : i + batch]
+                ]
+            }
             resp = client.post("/v1/collections/pydoc/documents", json=body)
             resp.raise_for_status()
             for d in resp.json()["documents"]:
@@ -93,8 +101,9 @@ def search_latencies(url: str) -> list[float]:
         for _ in range(4):
             for q in QUERIES:
                 t = time.perf_counter()
-                client.post("/v1/collections/pydoc/search",
-                            json={"query": q, "top_k": 5}).raise_for_status()
+                client.post(
+                    "/v1/collections/pydoc/search", json={"query": q, "top_k": 5}
+                ).raise_for_status()
                 lat.append(time.perf_counter() - t)
     return lat
 
@@ -104,8 +113,16 @@ def txtai_run(chunks: list[str], workdir: Path) -> dict:
 
     from rag_service.settings import bundled_embedding_model
 
-    emb = Embeddings({"path": bundled_embedding_model(), "method": "sentence-transformers",
-                      "content": True, "backend": "faiss", "batch": 64, "encodebatch": 64})
+    emb = Embeddings(
+        {
+            "path": bundled_embedding_model(),
+            "method": "sentence-transformers",
+            "content": True,
+            "backend": "faiss",
+            "batch": 64,
+            "encodebatch": 64,
+        }
+    )
     emb.index([("warm", "warm up text", None)])
     started = time.perf_counter()
     emb.index([(f"c{i}", text, None) for i, text in enumerate(chunks)])
@@ -120,8 +137,12 @@ def txtai_run(chunks: list[str], workdir: Path) -> dict:
     started = time.perf_counter()
     emb.save(str(workdir / "txtai-index"))
     save_s = time.perf_counter() - started
-    return {"chunks_per_s": round(len(chunks) / index_s, 2), "index_seconds": round(index_s, 2),
-            "save_seconds": round(save_s, 2), "search": percentiles(lat)}
+    return {
+        "chunks_per_s": round(len(chunks) / index_s, 2),
+        "index_seconds": round(index_s, 2),
+        "save_seconds": round(save_s, 2),
+        "search": percentiles(lat),
+    }
 
 
 def main() -> None:
@@ -144,7 +165,8 @@ def main() -> None:
         assert coll["chunks"] == len(chunks), (coll["chunks"], len(chunks))
         served = coll["chunks"] / first_s
         figures = {
-            "documents": len(docs), "chunks": len(chunks),
+            "documents": len(docs),
+            "chunks": len(chunks),
             "characters": sum(len(t) for _, t in docs),
             "b2_ingest": {
                 "in_process_encode_chunks_per_s": round(baseline, 2),
@@ -153,7 +175,8 @@ def main() -> None:
                 "first_ingest_seconds": round(first_s, 2),
                 "reingest_unchanged_seconds": round(again_s, 3),
                 "reingest_speedup": round(first_s / again_s, 1),
-                "first_statuses": first, "reingest_statuses": again,
+                "first_statuses": first,
+                "reingest_statuses": again,
                 "targets": {"service_vs_in_process": ">= 0.80", "reingest_speedup": ">= 20"},
             },
             "rag_service_search_http": ours_search,
@@ -162,13 +185,13 @@ def main() -> None:
             tx = txtai_run(chunks, tmp)
             figures["b6_txtai"] = {
                 "txtai": tx,
-                "rag_service": {"chunks_per_s": round(served, 2),
-                                "search_http": ours_search},
+                "rag_service": {"chunks_per_s": round(served, 2), "search_http": ours_search},
                 "ingest_ratio_rag_over_txtai": round(served / tx["chunks_per_s"], 3),
                 "search_p50_ratio_rag_http_over_txtai_in_process": round(
-                    ours_search["p50_ms"] / tx["search"]["p50_ms"], 3),
+                    ours_search["p50_ms"] / tx["search"]["p50_ms"], 3
+                ),
                 "note": "txtai is in-process and not durable per write; rag-service numbers "
-                        "include HTTP, SQLite commits and FTS5 indexing",
+                "include HTTP, SQLite commits and FTS5 indexing",
             }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

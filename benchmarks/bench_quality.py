@@ -17,8 +17,9 @@ from benchmarks.common import Server, faq_pairs, write_result
 
 
 def ranked_documents(client: httpx.Client, query: str, mode: str) -> list[str]:
-    resp = client.post("/v1/collections/faq/search",
-                       json={"query": query, "top_k": 30, "mode": mode})
+    resp = client.post(
+        "/v1/collections/faq/search", json={"query": query, "top_k": 30, "mode": mode}
+    )
     resp.raise_for_status()
     seen: list[str] = []
     for r in resp.json()["results"]:
@@ -31,22 +32,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.parse_args()
     pairs = faq_pairs()
-    with tempfile.TemporaryDirectory() as tmp, Server(Path(tmp), {}) as server:
-        with httpx.Client(base_url=server.url, timeout=600) as client:
-            docs = [{"id": anchor, "text": answer} for anchor, _, answer in pairs]
-            for i in range(0, len(docs), 32):
-                client.post("/v1/collections/faq/documents",
-                            json={"documents": docs[i : i + 32]}).raise_for_status()
-            figures: dict = {"questions": len(pairs),
-                             "chunks": client.get("/v1/collections").json()["data"][0]["chunks"]}
-            for mode in ("dense", "hybrid"):
-                hits = {1: 0, 5: 0}
-                for anchor, question, _ in pairs:
-                    ranked = ranked_documents(client, question, mode)
-                    for k in hits:
-                        hits[k] += anchor in ranked[:k]
-                figures[mode] = {f"recall_at_{k}": round(v / len(pairs), 4)
-                                 for k, v in hits.items()}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Server(Path(tmp), {}) as server,
+        httpx.Client(base_url=server.url, timeout=600) as client,
+    ):
+        docs = [{"id": anchor, "text": answer} for anchor, _, answer in pairs]
+        for i in range(0, len(docs), 32):
+            client.post(
+                "/v1/collections/faq/documents", json={"documents": docs[i : i + 32]}
+            ).raise_for_status()
+        figures: dict = {
+            "questions": len(pairs),
+            "chunks": client.get("/v1/collections").json()["data"][0]["chunks"],
+        }
+        for mode in ("dense", "hybrid"):
+            hits = {1: 0, 5: 0}
+            for anchor, question, _ in pairs:
+                ranked = ranked_documents(client, question, mode)
+                for k in hits:
+                    hits[k] += anchor in ranked[:k]
+            figures[mode] = {f"recall_at_{k}": round(v / len(pairs), 4) for k, v in hits.items()}
     write_result("quality_debian_faq", {}, figures)
 
 

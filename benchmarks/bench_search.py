@@ -27,7 +27,7 @@ import faiss
 import httpx
 import numpy as np
 
-from benchmarks.common import device, Server, faq_pairs, percentiles, python_doc_files, write_result
+from benchmarks.common import Server, device, faq_pairs, percentiles, python_doc_files, write_result
 
 
 def sentences(n: int) -> list[str]:
@@ -45,14 +45,27 @@ def sentences(n: int) -> list[str]:
 
 def queries(n: int) -> list[str]:
     qs = [q for _, q, _ in faq_pairs()]
-    qs += [f"How do I use {w} in Python?" for w in (
-        "list comprehensions", "dictionaries", "decorators", "generators", "exceptions",
-        "context managers", "the json module", "asyncio", "f-strings", "virtual environments")]
+    qs += [
+        f"How do I use {w} in Python?"
+        for w in (
+            "list comprehensions",
+            "dictionaries",
+            "decorators",
+            "generators",
+            "exceptions",
+            "context managers",
+            "the json module",
+            "asyncio",
+            "f-strings",
+            "virtual environments",
+        )
+    ]
     return [qs[i % len(qs)] for i in range(n)]
 
 
-def build_store(data_dir: Path, texts: list[str], vectors: np.ndarray, scale: int,
-                factories: list[str]) -> None:
+def build_store(
+    data_dir: Path, texts: list[str], vectors: np.ndarray, scale: int, factories: list[str]
+) -> None:
     """Write collections of ``scale`` chunks straight into the document store."""
     from indexes.docstore import DocumentStore, DocumentWrite, content_hash
     from rag_service.embedding import BUNDLED_NAME
@@ -62,8 +75,14 @@ def build_store(data_dir: Path, texts: list[str], vectors: np.ndarray, scale: in
     expanded = expand(texts, vectors, scale)
     for factory in factories:
         name = f"s{scale // 1000}k-{factory.lower()}"
-        create = {"name": name, "embedding_model": BUNDLED_NAME, "dimension": 384,
-                  "index_factory": factory, "chunk_tokens": 200, "chunk_overlap": 40}
+        create = {
+            "name": name,
+            "embedding_model": BUNDLED_NAME,
+            "dimension": 384,
+            "index_factory": factory,
+            "chunk_tokens": 200,
+            "chunk_overlap": 40,
+        }
         row = None
         for start in range(0, scale, 2000):
             writes = []
@@ -71,23 +90,33 @@ def build_store(data_dir: Path, texts: list[str], vectors: np.ndarray, scale: in
                 src = i % base
                 text = texts[src] if i < base else f"{texts[src]} (variant {i // base})"
                 vec = expanded[i]
-                writes.append(DocumentWrite(f"c{i}", text, {"n": i % 10}, content_hash(text),
-                                            [(0, 0, len(text), text)], vec[None, :]))
+                writes.append(
+                    DocumentWrite(
+                        f"c{i}",
+                        text,
+                        {"n": i % 10},
+                        content_hash(text),
+                        [(0, 0, len(text), text)],
+                        vec[None, :],
+                    )
+                )
             staged, row = store.stage_upsert(row, create if row is None else None, writes)
             staged.commit()
     store.close()
 
 
-def http_latencies(url: str, collection: str, qs: list[str], top_k: int = 10
-                   ) -> tuple[list[float], list[list[str]]]:
+def http_latencies(
+    url: str, collection: str, qs: list[str], top_k: int = 10
+) -> tuple[list[float], list[list[str]]]:
     lat, ids = [], []
     with httpx.Client(base_url=url, timeout=60) as client:
         for q in qs[:5]:
             client.post(f"/v1/collections/{collection}/search", json={"query": q})
         for q in qs:
             t = time.perf_counter()
-            resp = client.post(f"/v1/collections/{collection}/search",
-                               json={"query": q, "top_k": top_k})
+            resp = client.post(
+                f"/v1/collections/{collection}/search", json={"query": q, "top_k": top_k}
+            )
             lat.append(time.perf_counter() - t)
             resp.raise_for_status()
             ids.append([r["document_id"] for r in resp.json()["results"]])
@@ -126,9 +155,13 @@ def ingest_load(url: str, stop: threading.Event, texts: list[str], counter: list
     with httpx.Client(base_url=url, timeout=120) as client:
         i = 0
         while not stop.is_set():
-            docs = [{"id": f"w{i}-{j}", "text": " ".join(texts[(i * 16 + j) % len(texts)]
-                                                         for _ in range(3))}
-                    for j in range(16)]
+            docs = [
+                {
+                    "id": f"w{i}-{j}",
+                    "text": " ".join(texts[(i * 16 + j) % len(texts)] for _ in range(3)),
+                }
+                for j in range(16)
+            ]
             client.post("/v1/collections/writes/documents", json={"documents": docs})
             counter[0] += len(docs)
             i += 1
@@ -184,15 +217,18 @@ def main() -> None:
                 lat_exact, ids_exact = http_latencies(server.url, exact_name, qs)
                 lat_hnsw, ids_hnsw = http_latencies(server.url, f"s{scale // 1000}k-hnsw32", qs)
                 base_lat = in_process(model, expand(texts, vectors, scale), qs)
-                recall = np.mean([len(set(a) & set(b)) / max(len(a), 1)
-                                  for a, b in zip(ids_exact, ids_hnsw, strict=True)])
+                recall = np.mean(
+                    [
+                        len(set(a) & set(b)) / max(len(a), 1)
+                        for a, b in zip(ids_exact, ids_hnsw, strict=True)
+                    ]
+                )
                 p_exact, p_base = percentiles(lat_exact), percentiles(base_lat)
                 b3[f"{scale}"] = {
                     "http_exact": p_exact,
                     "http_hnsw32": percentiles(lat_hnsw),
                     "in_process_embed_plus_faiss_exact": p_base,
-                    "http_p50_over_in_process_p50": round(p_exact["p50_ms"] / p_base["p50_ms"],
-                                                          3),
+                    "http_p50_over_in_process_p50": round(p_exact["p50_ms"] / p_base["p50_ms"], 3),
                     "hnsw32_recall_at_10_vs_exact": round(float(recall), 4),
                 }
             figures["b3_search"] = b3
@@ -202,8 +238,7 @@ def main() -> None:
             name = f"s{scales[0] // 1000}k-flat"
             idle, _ = http_latencies(server.url, name, qs)
             stop, counter = threading.Event(), [0]
-            writer = threading.Thread(target=ingest_load, args=(server.url, stop, texts,
-                                                                counter))
+            writer = threading.Thread(target=ingest_load, args=(server.url, stop, texts, counter))
             writer.start()
             time.sleep(2.0)
             busy, _ = http_latencies(server.url, name, qs)
@@ -211,7 +246,8 @@ def main() -> None:
             writer.join()
             p_idle, p_busy = percentiles(idle), percentiles(busy)
             figures["b4_search_during_ingest"] = {
-                "idle": p_idle, "during_ingest": p_busy,
+                "idle": p_idle,
+                "during_ingest": p_busy,
                 "documents_ingested_meanwhile": counter[0],
                 "p99_ratio": round(p_busy["p99_ms"] / p_idle["p99_ms"], 3),
                 "target": "p99_ratio <= 2.0",

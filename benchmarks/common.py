@@ -39,10 +39,15 @@ __all__ = [
 
 def _git_sha() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -60,8 +65,18 @@ def environment() -> dict[str, Any]:
     import torch
 
     versions = {}
-    for pkg in ("torch", "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12", "litestar",
-                "numpy", "transformers", "txtai", "httpx", "uvicorn"):
+    for pkg in (
+        "torch",
+        "sentence-transformers",
+        "faiss-cpu",
+        "faiss-gpu-cu12",
+        "litestar",
+        "numpy",
+        "transformers",
+        "txtai",
+        "httpx",
+        "uvicorn",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[pkg] = metadata.version(pkg)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -84,8 +99,7 @@ def write_result(name: str, params: dict[str, Any], figures: dict[str, Any]) -> 
     if env["gpu"]:
         name += "_gpu"
     path = RESULTS / f"{name}.json"
-    body = {"benchmark": name, "environment": env, "params": params,
-            "figures": figures}
+    body = {"benchmark": name, "environment": env, "params": params, "figures": figures}
     path.write_text(json.dumps(body, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
     print(f"wrote {path.relative_to(ROOT)}")
@@ -100,10 +114,13 @@ def device() -> str:
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
     a = np.asarray(samples_s) * 1000
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p90_ms": round(float(np.percentile(a, 90)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3),
-            "mean_ms": round(float(a.mean()), 3), "n": len(a)}
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), 3),
+        "p90_ms": round(float(np.percentile(a, 90)), 3),
+        "p99_ms": round(float(np.percentile(a, 99)), 3),
+        "mean_ms": round(float(a.mean()), 3),
+        "n": len(a),
+    }
 
 
 def free_port() -> int:
@@ -128,12 +145,21 @@ class Server:
 
     def start(self) -> Server:
         self.port = self.port or free_port()
-        env = {**os.environ, "RAG_DATA_DIR": str(self.data_dir), "RAG_PORT": str(self.port),
-               "RAG_LOG_LEVEL": "WARNING", **self.env}
+        env = {
+            **os.environ,
+            "RAG_DATA_DIR": str(self.data_dir),
+            "RAG_PORT": str(self.port),
+            "RAG_LOG_LEVEL": "WARNING",
+            **self.env,
+        }
         started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "rag_service", "serve"], env=env,
-                                     cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rag_service", "serve"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}")
@@ -203,7 +229,8 @@ def faq_pairs() -> list[tuple[str, str, str]]:
             parts = []
             for child in section.find_all(recursive=False):
                 if "titlepage" in (child.get("class") or []) or "section" in (
-                        child.get("class") or []):
+                    child.get("class") or []
+                ):
                     continue
                 parts.append(" ".join(child.get_text(" ").split()))
             answer = "\n".join(p for p in parts if p)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench_embedding", "bench_ingest", "bench_quality", "bench_search"]
+BENCHMARKS = ["bench_embedding", "bench_ingest", "bench_quality", "bench_search", "bench_chat"]
 
 
 def main() -> int:

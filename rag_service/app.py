@@ -1,4 +1,5 @@
-"""The app factory: ``create_app(settings, *, embedder=None, store=None)``.
+"""The app factory: ``create_app(settings, *, embedder=None, store=None, backend=None,
+http_client=None)``.
 
 Nothing heavy happens at import or in the factory. The lifespan starts loading in the
 background (embedding model, document store, index restore), so /health answers at once and
@@ -16,13 +17,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexes.docstore import DocumentStore
+from rag_service.backends.base import ChatBackend
 from rag_service.batching import MicroBatcher
+from rag_service.chat import ChatService
+from rag_service.controllers.chat import ChatController, list_models
 from rag_service.controllers.collections import CollectionController
 from rag_service.controllers.documents import DocumentController
 from rag_service.controllers.embeddings import EmbeddingsController
@@ -68,11 +73,29 @@ def _metrics_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+def _make_backend(
+    settings: Settings, embedder: Embedder, http_client: httpx.AsyncClient | None
+) -> ChatBackend:
+    if settings.resolved_backend == "upstream":
+        from rag_service.backends.upstream import UpstreamBackend
+
+        return UpstreamBackend(
+            settings,
+            client=http_client,
+            count_text_tokens=lambda t: len(embedder.tokenizer.encode(t).ids),
+        )
+    from rag_service.backends.local import LocalBackend
+
+    return LocalBackend(settings)
+
+
 async def _load(
     app: Litestar,
     settings: Settings,
     embedder: Embedder | None,
     store: DocumentStore | None,
+    backend: ChatBackend | None,
+    http_client: httpx.AsyncClient | None,
     stack: contextlib.AsyncExitStack,
 ) -> None:
     state = app.state
@@ -113,7 +136,13 @@ async def _load(
         stack.push_async_callback(registry.stop_snapshots)
         kb = KnowledgeBase(settings, store, embedder, batcher, registry, metrics_)
         stack.callback(kb.close)
+        if backend is None:
+            backend = _make_backend(settings, embedder, http_client)
+            await backend.start()
+            stack.push_async_callback(backend.close)
+        chat = ChatService(settings, kb, backend)
         state["kb"] = kb
+        state["chat"] = chat
         log.info("ready: %d collections", len(registry.names()))
     except Exception as exc:
         log.exception("startup failed")
@@ -125,6 +154,8 @@ def create_app(
     *,
     embedder: Embedder | None = None,
     store: DocumentStore | None = None,
+    backend: ChatBackend | None = None,
+    http_client: httpx.AsyncClient | None = None,
 ) -> Litestar:
     settings = settings or Settings.from_env()
 
@@ -137,18 +168,29 @@ def create_app(
                 settings.host,
             )
         async with contextlib.AsyncExitStack() as stack:
-            loader = asyncio.create_task(_load(app, settings, embedder, store, stack))
+            loader = asyncio.create_task(
+                _load(app, settings, embedder, store, backend, http_client, stack)
+            )
+            watcher = asyncio.create_task(app.state["metrics"].watch_event_loop())
             try:
                 yield
             finally:
                 app.state.pop("kb", None)
-                loader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loader
+                app.state.pop("chat", None)
+                for task in (loader, watcher):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     v1 = Router(
         path="/v1",
-        route_handlers=[CollectionController, DocumentController, EmbeddingsController],
+        route_handlers=[
+            CollectionController,
+            DocumentController,
+            EmbeddingsController,
+            ChatController,
+            list_models,
+        ],
         guards=[require_api_key],
     )
     state: dict[str, Any] = {"settings": settings, "metrics": Metrics()}

@@ -95,8 +95,12 @@ class MicroBatcher:
         self._observer = observer
         self._lanes: dict[Lane, _Lane] = {
             "interactive": _Lane("interactive", encode, max_batch_size, max_batch_tokens),
-            "bulk": _Lane("bulk", encode_bulk or encode, max_batch_size,
-                          min(max_bulk_tokens, max_batch_tokens)),
+            "bulk": _Lane(
+                "bulk",
+                encode_bulk or encode,
+                max_batch_size,
+                min(max_bulk_tokens, max_batch_tokens),
+            ),
         }
         self._bulk_gate = asyncio.Semaphore(2)
 
@@ -135,8 +139,11 @@ class MicroBatcher:
             step = self.max_batch_size
             for i in range(0, len(texts), step):
                 async with self._bulk_gate:
-                    parts.append(await self._submit(self._lanes["bulk"], texts[i : i + step],
-                                                    tokens[i : i + step]))
+                    parts.append(
+                        await self._submit(
+                            self._lanes["bulk"], texts[i : i + step], tokens[i : i + step]
+                        )
+                    )
             return np.concatenate(parts) if len(parts) > 1 else parts[0]
         interactive = self._lanes["interactive"]
         if interactive.waiting + len(texts) > self.max_queue:
@@ -146,8 +153,7 @@ class MicroBatcher:
             )
         return await self._submit(interactive, texts, tokens)
 
-    async def _submit(self, lane: _Lane, texts: Sequence[str], tokens: Sequence[int]
-                      ) -> np.ndarray:
+    async def _submit(self, lane: _Lane, texts: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
         if lane.task is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()

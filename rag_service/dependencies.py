@@ -8,11 +8,12 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.handlers.base import BaseRouteHandler
 
+from rag_service.chat import ChatService
 from rag_service.errors import NotReady, Unauthorized
 from rag_service.knowledge import KnowledgeBase
 from rag_service.settings import Settings
 
-__all__ = ["provide_kb", "provide_settings", "require_api_key"]
+__all__ = ["provide_chat", "provide_kb", "provide_settings", "require_api_key"]
 
 
 def provide_kb(state: State) -> KnowledgeBase:
@@ -25,6 +26,14 @@ def provide_kb(state: State) -> KnowledgeBase:
             else "service is starting: models and indexes are loading"
         )
     return kb
+
+
+def provide_chat(state: State) -> ChatService:
+    chat: ChatService | None = state.get("chat")
+    if chat is None:
+        provide_kb(state)  # raises the loading / failed-start error
+        raise NotReady("chat backend is not ready")
+    return chat
 
 
 def provide_settings(state: State) -> Settings:

@@ -40,8 +40,9 @@ def model_name_for(path: str) -> str:
     return p.name or str(p)
 
 
-def length_groups(tokens: list[int], *, max_group: int = 64, slack: float = 1.3,
-                  min_span: int = 4) -> list[list[int]]:
+def length_groups(
+    tokens: list[int], *, max_group: int = 64, slack: float = 1.3, min_span: int = 4
+) -> list[list[int]]:
     """Indices grouped by similar token count (longest <= slack x shortest, or shortest +
     min_span), each group at most ``max_group`` long: little padding per forward pass."""
     order = sorted(range(len(tokens)), key=tokens.__getitem__)

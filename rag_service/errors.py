@@ -14,7 +14,10 @@
     │   ├── CollectionExists
     │   └── EmbeddingMismatch     collection or index made by another embedding model
     ├── Overloaded                503 overloaded_error        (Retry-After header)
-    └── NotReady                  503 service_unavailable
+    ├── NotReady                  503 service_unavailable
+    └── UpstreamError             502 upstream_error          (the generation server failed)
+        ├── UpstreamRejected      the upstream's own 4xx, passed on with its status and message
+        └── UpstreamTimeout       504 upstream_timeout
 
 Third-party errors are wrapped where they enter (``raise X(...) from exc``); route handlers
 never catch bare ``Exception``. :func:`exception_handlers` is the only place a status is chosen.
@@ -42,6 +45,9 @@ __all__ = [
     "Overloaded",
     "RagError",
     "Unauthorized",
+    "UpstreamError",
+    "UpstreamRejected",
+    "UpstreamTimeout",
     "error_body",
     "exception_handlers",
 ]
@@ -125,6 +131,36 @@ class NotReady(RagError):
     status_code = 503
     error_type = "service_unavailable"
     code = "not_ready"
+
+
+class UpstreamError(RagError):
+    status_code = 502
+    error_type = "upstream_error"
+    code = "bad_gateway"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream answered 4xx: its status and message are passed on to the client."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        param: str | None = None,
+        error_type: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param)
+        self.status_code = status_code  # type: ignore[misc]
+        self.error_type = error_type or "invalid_request_error"  # type: ignore[misc]
+        self.code = code  # type: ignore[misc]
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    error_type = "upstream_timeout"
+    code = "timeout"
 
 
 def error_body(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -54,6 +56,29 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+        self.loop_lag = Histogram(
+            "rag_event_loop_lag_seconds",
+            "How late the event loop ran a 10 ms timer",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "rag_event_loop_lag_max_seconds", "Largest event-loop lag seen since start", registry=r
+        )
+
+    async def watch_event_loop(self, interval: float = 0.01) -> None:
+        """Run forever: record how late the loop wakes from a short sleep (a stall detector)."""
+        loop = asyncio.get_running_loop()
+        worst = 0.0
+        while True:
+            started = loop.time()
+            await asyncio.sleep(interval)
+            lag = max(0.0, loop.time() - started - interval)
+            self.loop_lag.observe(lag)
+            if lag > worst:
+                worst = lag
+                self.loop_lag_max.set(lag)
 
     # BatchObserver
     def batch_done(self, size: int, tokens: int, seconds: float) -> None:

@@ -143,8 +143,9 @@ class Registry:
             index, report = self.restore(row)
             rt = self.register(row, index)
             # A snapshot that needed repair (or none at all) is rewritten at the next round.
-            rt.dirty = bool(report.added_from_store or report.removed_stale
-                            or report.snapshot_error)
+            rt.dirty = bool(
+                report.added_from_store or report.removed_stale or report.snapshot_error
+            )
             self.reports.append(report)
         return self.reports
 

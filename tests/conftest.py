@@ -22,6 +22,7 @@ from litestar.testing import TestClient
 from rag_service.app import create_app
 from rag_service.embedding import Embedder
 from rag_service.settings import Settings
+from tests.fake_upstream import FakeUpstream, serve_fake
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -46,14 +47,32 @@ def wait_ready(client: Any, timeout: float = 120.0) -> None:
 AppFactory = Callable[..., Any]
 
 
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeUpstream]:
+    with serve_fake(free_port()) as fake:
+        yield fake
+
+
 @pytest.fixture
-def make_client(tmp_path: Path, embedder: Embedder) -> Iterator[AppFactory]:
-    """``make_client(**settings)`` -> a ready TestClient; closed at teardown."""
+def fake_upstream(fake_server: FakeUpstream) -> FakeUpstream:
+    fake_server.reset()
+    return fake_server
+
+
+@pytest.fixture
+def make_client(
+    tmp_path: Path, embedder: Embedder, fake_server: FakeUpstream
+) -> Iterator[AppFactory]:
+    """``make_client(**settings)`` -> a ready TestClient; closed at teardown. Chat goes to the
+    fake upstream unless the settings or ``backend=`` say otherwise."""
     opened: list[TestClient[Litestar]] = []
 
-    def factory(data_dir: Path | None = None, **overrides: Any) -> TestClient[Litestar]:
+    def factory(
+        data_dir: Path | None = None, backend: Any = None, **overrides: Any
+    ) -> TestClient[Litestar]:
+        overrides.setdefault("upstream_url", fake_server.url)
         settings = Settings(data_dir=data_dir or tmp_path / "data", **overrides)
-        client = TestClient(create_app(settings, embedder=embedder))
+        client = TestClient(create_app(settings, embedder=embedder, backend=backend))
         client.__enter__()
         opened.append(client)
         wait_ready(client)

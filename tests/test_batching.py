@@ -137,5 +137,8 @@ def test_length_groups_bound_padding():
 def test_grouped_encoding_keeps_order(embedder):
     texts = ["short one", "a much longer text " * 20, "mid length text here", "tiny"]
     tokens = embedder.count_tokens(texts)
-    np.testing.assert_allclose(embedder.encode(texts, tokens),
-                               np.stack([embedder.encode([t])[0] for t in texts]), atol=1e-5)
+    np.testing.assert_allclose(
+        embedder.encode(texts, tokens),
+        np.stack([embedder.encode([t])[0] for t in texts]),
+        atol=1e-5,
+    )

@@ -13,8 +13,10 @@ from tests.conftest import ROOT, free_port, running_server
 
 
 @pytest.fixture
-def server(tmp_path, embedder):
-    settings = Settings(data_dir=tmp_path / "data", port=free_port(), api_key="k")
+def server(tmp_path, embedder, fake_server):
+    settings = Settings(
+        data_dir=tmp_path / "data", port=free_port(), api_key="k", upstream_url=fake_server.url
+    )
     with running_server(settings, embedder) as url:
         yield url
 

@@ -63,8 +63,8 @@ async def _hammer(url: str) -> tuple[list[int], list[set[int]], dict]:
     return written, seen, {"doc": doc, "final": final["results"], "coll": coll}
 
 
-def test_concurrent_upserts_of_one_id_end_consistent(tmp_path, embedder):
-    settings = Settings(data_dir=tmp_path, port=free_port())
+def test_concurrent_upserts_of_one_id_end_consistent(tmp_path, embedder, fake_server):
+    settings = Settings(data_dir=tmp_path, port=free_port(), upstream_url=fake_server.url)
     with running_server(settings, embedder) as url:
         written, seen, state = asyncio.run(_hammer(url))
     assert sorted(written) == list(range(1, 7))

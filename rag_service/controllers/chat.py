@@ -1,0 +1,45 @@
+"""POST /v1/chat/completions (JSON or SSE) and GET /v1/models, in the OpenAI shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.response import Stream
+from litestar.status_codes import HTTP_200_OK
+
+from rag_service.chat import ChatService, parse_chat_request
+from rag_service.dependencies import provide_chat
+
+__all__ = ["ChatController", "list_models"]
+
+
+class ChatController(Controller):
+    path = "/chat/completions"
+    dependencies = {"chat": Provide(provide_chat, sync_to_thread=False)}
+
+    @post("/", status_code=HTTP_200_OK)
+    async def create(
+        self, request: Request[Any, Any, State], chat: ChatService
+    ) -> Response[Any] | Stream:
+        parsed, body = parse_chat_request(await request.body())
+        prepared = await chat.prepare(parsed, body)
+        if not prepared.stream:
+            return Response(await chat.complete(prepared))
+        events = await chat.open_stream(prepared)
+        return Stream(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+
+@get(
+    "/models",
+    dependencies={"chat": Provide(provide_chat, sync_to_thread=False)},
+    sync_to_thread=False,
+)
+def list_models(chat: ChatService) -> dict[str, Any]:
+    return {"object": "list", "data": chat.models()}

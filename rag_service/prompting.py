@@ -1,0 +1,143 @@
+"""Retrieval query, augmented prompt and fitting it into the model's context window.
+
+Retrieval query rule: the text of the last user message; when that message is short (fewer
+than six words) or refers back (starts with or contains a back-reference such as "it", "that",
+"this", "they", "those", "them", "the above", "more", "else", "why", "how so"), the previous user
+message is put in front of it, so "and how do I undo that?" still finds the topic asked about.
+
+The sources go into a system message, numbered [1], [2], ... with an instruction to cite them
+as [n]; the template is configurable (``RAG_PROMPT_TEMPLATE``, ``{sources}`` marks the spot).
+If nothing passed ``min_score`` the model is told that no context was found. Fitting the
+window drops the weakest sources first, then the oldest turns, never the last user message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rag_service.chat_schemas import message_text
+from rag_service.errors import InvalidRequest
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "NO_CONTEXT",
+    "PromptSource",
+    "fit_prompt",
+    "retrieval_query",
+    "system_message",
+]
+
+DEFAULT_TEMPLATE = (
+    "You are a helpful assistant. Answer the user's question using the numbered sources below. "
+    "Cite the sources you use as [n], where n is the source number. If the sources do not "
+    "contain the answer, say that you do not know.\n\nSources:\n{sources}"
+)
+NO_CONTEXT = (
+    "You are a helpful assistant. No relevant context was found in the knowledge base for this "
+    "question: say so, and answer only if you are sure."
+)
+
+_BACK_REFERENCE = re.compile(
+    r"\b(it|its|that|this|these|those|they|them|their|the above|more|else|also|why|how so)\b",
+    re.IGNORECASE,
+)
+_SHORT_WORDS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSource:
+    index: int
+    document_id: str
+    chunk_id: int
+    text: str
+    score: float
+    metadata: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "document_id": self.document_id,
+            "chunk_id": self.chunk_id,
+            "text": self.text,
+            "score": self.score,
+            "metadata": self.metadata,
+        }
+
+
+def retrieval_query(messages: Sequence[dict[str, Any]]) -> str | None:
+    users = [message_text(m).strip() for m in messages if m.get("role") == "user"]
+    users = [u for u in users if u]
+    if not users:
+        return None
+    last = users[-1]
+    if len(users) > 1 and (len(last.split()) < _SHORT_WORDS or _BACK_REFERENCE.search(last)):
+        return f"{users[-2]}\n{last}"
+    return last
+
+
+def system_message(sources: Sequence[PromptSource], template: str) -> str:
+    if not sources:
+        return NO_CONTEXT
+    listed = "\n\n".join(f"[{s.index}] (from {s.document_id})\n{s.text.strip()}" for s in sources)
+    return template.replace("{sources}", listed)
+
+
+def _renumber(sources: Sequence[PromptSource]) -> list[PromptSource]:
+    return [
+        PromptSource(i, s.document_id, s.chunk_id, s.text, s.score, s.metadata)
+        for i, s in enumerate(sources, start=1)
+    ]
+
+
+def _with_context(messages: list[dict[str, Any]], context: str) -> list[dict[str, Any]]:
+    """Our context system message first, merged with the user's own system message(s)."""
+    own = [message_text(m) for m in messages if m.get("role") in ("system", "developer")]
+    rest = [m for m in messages if m.get("role") not in ("system", "developer")]
+    content = "\n\n".join([context, *[o for o in own if o.strip()]])
+    return [{"role": "system", "content": content}, *rest]
+
+
+def fit_prompt(
+    messages: list[dict[str, Any]],
+    sources: list[PromptSource],
+    *,
+    template: str,
+    count_tokens: Callable[[list[dict[str, Any]]], int],
+    budget: int,
+    rag: bool,
+) -> tuple[list[dict[str, Any]], list[PromptSource]]:
+    """Messages to send and the sources they cite, within ``budget`` prompt tokens."""
+    kept = sorted(sources, key=lambda s: s.score, reverse=True)
+    history = list(messages)
+
+    def build() -> list[dict[str, Any]]:
+        if not rag:
+            return history
+        return _with_context(history, system_message(_renumber(kept), template))
+
+    out = build()
+    while count_tokens(out) > budget:
+        if kept:
+            kept.pop()  # the weakest source
+        else:
+            # The oldest turn that is neither a system message nor the last user message.
+            last_user = max(i for i, m in enumerate(history) if m.get("role") == "user")
+            droppable = [
+                i
+                for i, m in enumerate(history)
+                if i != last_user and m.get("role") not in ("system", "developer")
+            ]
+            if not droppable:
+                raise InvalidRequest(
+                    f"the conversation needs {count_tokens(out)} tokens but the model's window "
+                    f"leaves {budget} for the prompt; shorten the last message or lower "
+                    "max_tokens",
+                    param="messages",
+                )
+            history.pop(droppable[0])
+        out = build()
+    used = _renumber(kept)
+    return out, used

@@ -1,0 +1,209 @@
+"""A stand-in for an external LLM server: a real HTTP server on loopback that speaks the
+OpenAI chat protocol (JSON and SSE), records what it receives and misbehaves on request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import uvicorn
+from litestar import Litestar, Request, Response, get, post
+from litestar.response import Stream
+
+MODEL = "fake-llm"
+
+
+@dataclass
+class FakeUpstream:
+    url: str = ""
+    mode: str = "ok"  # ok | slow | error400 | error500 | bad_json | bad_sse_first | bad_sse_mid
+    delay_s: float = 0.0
+    chunk_delay_s: float = 0.0
+    reply: str = "Paris is the capital of France [1]."
+    repeat: int = 1
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    streams_started: int = 0
+    streams_finished: int = 0  # sent everything
+    streams_aborted: int = 0  # the client went away first
+
+    def reset(self) -> None:
+        self.mode, self.delay_s, self.chunk_delay_s = "ok", 0.0, 0.0
+        self.reply, self.repeat = "Paris is the capital of France [1].", 1
+        self.requests.clear()
+        self.streams_started = self.streams_finished = self.streams_aborted = 0
+
+    def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", MODEL),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.reply},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+        }
+
+    async def _events(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        self.streams_started += 1
+        words = (self.reply + " ") * self.repeat
+        pieces = [w + " " for w in words.split()]
+        base = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model", MODEL),
+        }
+        finished = False
+        try:
+            if self.mode == "bad_sse_first":
+                yield b"data: {this is not json\n\n"
+                return
+            yield (
+                b"data: "
+                + json.dumps(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                ).encode()
+                + b"\n\n"
+            )
+            for i, piece in enumerate(pieces):
+                if self.chunk_delay_s:
+                    await asyncio.sleep(self.chunk_delay_s)
+                if self.mode == "bad_sse_mid" and i == 1:
+                    yield b"data: {broken\n\n"
+                    return
+                yield (
+                    b"data: "
+                    + json.dumps(
+                        {
+                            **base,
+                            "choices": [
+                                {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+                            ],
+                        }
+                    ).encode()
+                    + b"\n\n"
+                )
+            yield (
+                b"data: "
+                + json.dumps(
+                    {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                ).encode()
+                + b"\n\n"
+            )
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield (
+                    b"data: "
+                    + json.dumps(
+                        {
+                            **base,
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": 11,
+                                "completion_tokens": 7,
+                                "total_tokens": 18,
+                            },
+                        }
+                    ).encode()
+                    + b"\n\n"
+                )
+            yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            if finished:
+                self.streams_finished += 1
+            else:
+                self.streams_aborted += 1
+
+    def app(self) -> Litestar:
+        fake = self
+
+        @get("/v1/models", sync_to_thread=False)
+        def models() -> dict[str, Any]:
+            return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+
+        @post("/v1/chat/completions", status_code=200)
+        async def chat(request: Request[Any, Any, Any]) -> Any:
+            body = await request.json()
+            fake.requests.append(body)
+            if fake.delay_s:
+                await asyncio.sleep(fake.delay_s)
+            if fake.mode == "error400":
+                return Response(
+                    {
+                        "error": {
+                            "message": "max_tokens is too large",
+                            "type": "invalid_request_error",
+                            "param": "max_tokens",
+                            "code": None,
+                        }
+                    },
+                    status_code=400,
+                )
+            if fake.mode == "error500":
+                return Response({"error": {"message": "CUDA out of memory"}}, status_code=500)
+            if fake.mode == "bad_json":
+                return Response(b"<html>oops</html>", media_type="text/html")
+            if body.get("stream"):
+                return Stream(fake._events(body), media_type="text/event-stream")
+            return Response(fake._completion(body))
+
+        return Litestar([models, chat])
+
+
+@contextmanager
+def serve_fake(port: int) -> Iterator[FakeUpstream]:
+    fake = FakeUpstream(url=f"http://127.0.0.1:{port}/v1")
+    server = uvicorn.Server(
+        uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(fake.url + "/models", timeout=1)
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        yield fake
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def main() -> None:
+    """``python -m tests.fake_upstream PORT``: serve the fake until killed (benchmarks)."""
+    import sys
+
+    port = int(sys.argv[1])
+    fake = FakeUpstream(url=f"http://127.0.0.1:{port}/v1")
+    uvicorn.run(fake.app(), host="127.0.0.1", port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
