@@ -162,9 +162,9 @@ class LocalBackend:
         ids = self.tokenizer.apply_chat_template(
             self._plain(messages), add_generation_prompt=True, tokenize=True
         )
-        if isinstance(ids, dict):  # newer transformers return a BatchEncoding
+        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
-        return list(ids)
+        return [int(i) for i in ids]
 
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         return len(self.prompt_ids(messages))
