@@ -32,7 +32,7 @@ serve: $(STAMP)
 	$(BIN)/rag-service serve
 
 test: $(STAMP)
-	$(BIN)/ruff check rag_service indexes tests benchmarks
+	$(BIN)/ruff check rag_service indexes trainers tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -128,20 +128,24 @@ def running_server(settings: Settings, embedder: Embedder) -> Iterator[str]:
 
 
 def start_subprocess_server(data_dir: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
-    """``rag-service serve`` as a real child process (for kill -9 tests)."""
+    """``rag-service serve`` as a real child process (for kill -9 tests). Its output goes to
+    ``<data_dir>.log`` (a pipe nobody reads would fill up and block the server)."""
     full_env = {
         **os.environ,
         "RAG_DATA_DIR": str(data_dir),
         "RAG_PORT": str(port),
         "RAG_LOG_LEVEL": "WARNING",
+        "RAG_UPSTREAM_URL": f"http://127.0.0.1:{port}/none",
+        "RAG_UPSTREAM_MODEL": "none",
         **env,
     }
+    log = open(f"{data_dir}.log", "ab")  # noqa: SIM115 - the child process owns it
     return subprocess.Popen(
         [sys.executable, "-m", "rag_service", "serve"],
         env=full_env,
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -149,8 +153,7 @@ def wait_http_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 18
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise AssertionError(f"server exited with {proc.returncode}: {err[-2000:]}")
+            raise AssertionError(f"server exited with {proc.returncode}")
         try:
             if httpx.get(url + "/ready", timeout=2).status_code == 200:
                 return

@@ -1,0 +1,172 @@
+"""Render the README's benchmark section from benchmarks/results/*.json.
+
+``python -m benchmarks.report`` rewrites the block between ``<!-- bench:start -->`` and
+``<!-- bench:end -->`` in README.md, so the README always quotes the latest results.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, ROOT
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _where(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    hw = env["gpu"] or f"{env['cpu_count']}-core {env['cpu']}"
+    return f"{hw}, git {env['git_sha'][:9]}"
+
+
+def _ok(value: float, target: str) -> str:
+    op, limit = target.split()[0], float(target.split()[1])
+    good = value >= limit if op == ">=" else value <= limit
+    return f"{value} ({'meets' if good else 'misses'} {target})"
+
+
+def render() -> str:
+    lines: list[str] = []
+    if b1 := _load("b1_embedding_concurrency"):
+        f = b1["figures"]
+        lines += [
+            f"**B1, embeddings under concurrency** ({_where(b1)}): 64 clients posting one short "
+            "text each to /v1/embeddings.",
+            "",
+            "| in-process encode(batch_size=64) | server, batching on | server, batch size 1 | "
+            "on / in-process | on / off |",
+            "|---|---|---|---|---|",
+            f"| {f['in_process_texts_per_s']} texts/s | {f['server_batched_texts_per_s']} | "
+            f"{f['server_unbatched_texts_per_s']} | "
+            f"{_ok(f['batched_vs_in_process'], '>= 0.7')} | "
+            f"{_ok(f['batched_vs_unbatched'], '>= 4')} |",
+            "",
+        ]
+    if b2 := _load("b2_b6_ingest"):
+        f = b2["figures"]
+        g = f["b2_ingest"]
+        lines += [
+            f"**B2, ingest** ({_where(b2)}): Python tutorial sources, {f['documents']} documents,"
+            f" {f['chunks']} chunks of up to 200 tokens.",
+            "",
+            "| in-process encode | service upsert over HTTP | service / in-process | "
+            "first ingest | re-post unchanged | speed-up |",
+            "|---|---|---|---|---|---|",
+            f"| {g['in_process_encode_chunks_per_s']} chunks/s | {g['service_chunks_per_s']} "
+            f"chunks/s | {_ok(g['service_vs_in_process'], '>= 0.8')} | "
+            f"{g['first_ingest_seconds']} s | {g['reingest_unchanged_seconds']} s | "
+            f"{_ok(g['reingest_speedup'], '>= 20')} |",
+            "",
+        ]
+        if t := f.get("b6_txtai"):
+            lines += [
+                "**B6, side by side with txtai** (same corpus, same chunks, same model "
+                "directory; txtai in-process, rag-service over HTTP with durable commits):",
+                "",
+                "| | ingest chunks/s | search p50 | search p99 |",
+                "|---|---|---|---|",
+                f"| rag-service | {t['rag_service']['chunks_per_s']} | "
+                f"{t['rag_service']['search_http']['p50_ms']} ms | "
+                f"{t['rag_service']['search_http']['p99_ms']} ms |",
+                f"| txtai {b2['environment']['versions'].get('txtai', '')} | "
+                f"{t['txtai']['chunks_per_s']} | {t['txtai']['search']['p50_ms']} ms | "
+                f"{t['txtai']['search']['p99_ms']} ms |",
+                "",
+            ]
+    if b3 := _load("b3_b4_b5_search"):
+        f = b3["figures"]
+        lines += [
+            f"**B3, search latency over HTTP** ({_where(b3)}; real embeddings of "
+            f"{f['base_sentences']} Python-doc sentences, the 100k scale adds noisy copies of "
+            "them; top_k 10, sequential queries):",
+            "",
+            "| chunks | exact p50 / p99 | HNSW32 p50 / p99 | HNSW recall@10 | in-process embed + "
+            "FAISS p50 | HTTP / in-process |",
+            "|---|---|---|---|---|---|",
+        ]
+        for scale, v in f["b3_search"].items():
+            lines.append(
+                f"| {int(scale):,} | {v['http_exact']['p50_ms']} / {v['http_exact']['p99_ms']} ms"
+                f" | {v['http_hnsw32']['p50_ms']} / {v['http_hnsw32']['p99_ms']} ms | "
+                f"{v['hnsw32_recall_at_10_vs_exact']} | "
+                f"{v['in_process_embed_plus_faiss_exact']['p50_ms']} ms | "
+                f"{_ok(v['http_p50_over_in_process_p50'], '<= 1.3')} |")
+        b4 = f["b4_search_during_ingest"]
+        b5 = f["b5_restart"]
+        lines += [
+            "",
+            f"**B4, searches during an ingest**: p99 {b4['idle']['p99_ms']} ms idle, "
+            f"{b4['during_ingest']['p99_ms']} ms while another client ingested "
+            f"{b4['documents_ingested_meanwhile']} documents: ratio "
+            f"{_ok(b4['p99_ratio'], '<= 2')}.",
+            "",
+            f"**B5, restart**: {b5['chunks_total']:,} chunks in four collections (100k Flat, "
+            f"100k HNSW32, 10k each): ready in {b5['ready_seconds_from_snapshots']} s from "
+            f"snapshots, {b5['ready_seconds_without_snapshots']} s with the indexes rebuilt from "
+            f"stored vectors; re-embedded: {b5['reembedded']}. Most of the warm start is loading "
+            "the embedding model; restoring a 100k index takes "
+            f"{max(r['seconds'] for r in b5['restore_from_snapshots'])} s.",
+            "",
+        ]
+    if q := _load("quality_debian_faq"):
+        f = q["figures"]
+        lines += [
+            f"**Retrieval quality** on the Debian FAQ ({f['questions']} questions, answers as "
+            f"documents, {f['chunks']} chunks): dense recall@1 {f['dense']['recall_at_1']}, "
+            f"@5 {f['dense']['recall_at_5']}; hybrid recall@1 {f['hybrid']['recall_at_1']}, "
+            f"@5 {f['hybrid']['recall_at_5']}.",
+            "",
+        ]
+    if c := _load("c1_c3_chat"):
+        f = c["figures"]
+        c1, c2 = f["c1_overhead"], f["c2_concurrency"]
+        lines += [
+            f"**C1-C3, chat** ({_where(c)}):",
+            "",
+            "| | through the service p50 | fake upstream direct + in-process retrieval p50 | "
+            "ratio |",
+            "|---|---|---|---|",
+            f"| C1 non-stream | {c1['non_stream']['through_service']['p50_ms']} ms | "
+            f"{c1['non_stream']['direct_plus_in_process_retrieval']['p50_ms']} ms | "
+            f"{_ok(c1['non_stream']['p50_ratio'], '<= 1.2')} |",
+            f"| C1 stream, first byte | {c1['stream_ttfb']['through_service']['p50_ms']} ms | "
+            f"{c1['stream_ttfb']['direct_plus_in_process_retrieval']['p50_ms']} ms | "
+            f"{_ok(c1['stream_ttfb']['p50_ratio'], '<= 1.2')} |",
+            "",
+            f"C2: 64 concurrent streaming chats, {len(c2['rounds'])} rounds: {c2['errors']} "
+            f"errors, first byte p50 {c2['ttfb_p50_ms_last_round']} ms / p99 "
+            f"{c2['ttfb_p99_ms_last_round']} ms, largest event-loop stall "
+            f"{c2['event_loop_max_lag_ms']} ms.",
+            "",
+        ]
+        if c3 := f.get("c3_local_generation"):
+            lines += [
+                f"C3, local SmolLM2-135M on CPU: {c3['service_tokens_per_s']} tokens/s through "
+                f"HTTP ({c3['service_stream_tokens_per_s']} streamed) vs "
+                f"{c3['plain_generate_tokens_per_s']} with plain transformers generate: "
+                f"{_ok(c3['service_vs_plain'], '>= 0.9')}.",
+                "",
+            ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = f"{START}\n{render()}{END}"
+    text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text,
+                  flags=re.S)
+    Path(readme).write_text(text)
+    print(render())
+
+
+if __name__ == "__main__":
+    main()
