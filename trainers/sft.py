@@ -12,6 +12,7 @@ finished result is renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -91,10 +92,8 @@ def _git_sha() -> str | None:
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("torch", "transformers", "peft", "accelerate", "rag-service"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
