@@ -98,7 +98,8 @@ def render() -> str:
                 f" | {v['http_hnsw32']['p50_ms']} / {v['http_hnsw32']['p99_ms']} ms | "
                 f"{v['hnsw32_recall_at_10_vs_exact']} | "
                 f"{v['in_process_embed_plus_faiss_exact']['p50_ms']} ms | "
-                f"{_ok(v['http_p50_over_in_process_p50'], '<= 1.3')} |")
+                f"{_ok(v['http_p50_over_in_process_p50'], '<= 1.3')} |"
+            )
         b4 = f["b4_search_during_ingest"]
         b5 = f["b5_restart"]
         lines += [
@@ -162,8 +163,7 @@ def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     block = f"{START}\n{render()}{END}"
-    text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text,
-                  flags=re.S)
+    text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     Path(readme).write_text(text)
     print(render())
 

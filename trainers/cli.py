@@ -191,8 +191,9 @@ def _train(args: argparse.Namespace) -> int:
         f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if f.name != "method"
     }
     cfg = SFTConfig(method=args.command, **values)
-    metrics = train(cfg)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2))
+    result = train(cfg)
+    print(json.dumps({k: v for k, v in result.metrics.items() if k != "log_history"}, indent=2))
+    print(f"written to {result.output_dir}")
     return 0
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from trainers.config import SFTConfig
 from trainers.data import load_examples
 from trainers.encoding import PadCollator, encode_example
 
-__all__ = ["TrainingError", "load_base", "resolve_base_model", "train"]
+__all__ = ["TrainResult", "TrainingError", "load_base", "resolve_base_model", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,19 @@ def _encode_file(tokenizer: Any, path: Path, max_length: int) -> list[dict[str, 
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
 
 
-def train(cfg: SFTConfig) -> dict[str, Any]:
-    """Run a training job; returns its metrics (also written to metrics.json)."""
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    model: Any  # the trained model (a PeftModel for LoRA), in memory
+    tokenizer: Any
+    output_dir: Path
+
+
+def train(cfg: SFTConfig, *, callbacks: list[Any] | None = None) -> TrainResult:
+    """Run a training job; its metrics are also written to metrics.json.
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (progress hooks, tests).
+    """
     import torch
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
@@ -216,7 +228,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    callbacks = []
+    callbacks = list(callbacks or [])
     if cfg.early_stopping_patience and evaluating:
         if not cfg.save_steps:
             raise TrainingError("--early-stopping-patience needs checkpoints (--save-steps > 0)")
@@ -303,4 +315,6 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     os.replace(final, out)
     shutil.rmtree(work, ignore_errors=True)
     log.info("wrote %s (%d steps, %.1fs)", out, steps_done, seconds)
-    return metrics
+    trained = trainer.model
+    trained.eval()  # type: ignore[union-attr]
+    return TrainResult(metrics, trained, tokenizer, out)
