@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,9 +25,11 @@ from litestar.di import Provide
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexes.docstore import DocumentStore
+from rag_service.adapters import AdapterManager, AdapterRegistry
 from rag_service.backends.base import ChatBackend
 from rag_service.batching import MicroBatcher
 from rag_service.chat import ChatService
+from rag_service.controllers.adapters import AdapterController
 from rag_service.controllers.chat import ChatController, list_models
 from rag_service.controllers.collections import CollectionController
 from rag_service.controllers.documents import DocumentController
@@ -140,9 +143,22 @@ async def _load(
             backend = _make_backend(settings, embedder, http_client)
             await backend.start()
             stack.push_async_callback(backend.close)
-        chat = ChatService(settings, kb, backend)
+        adapters = AdapterManager(
+            settings.adapters_path,
+            AdapterRegistry(Path(settings.data_dir) / "adapters.json"),
+            backend,
+            max_rank=settings.upstream_max_lora_rank
+            if settings.resolved_backend == "upstream"
+            else None,
+        )
+        if hasattr(backend, "load_adapter"):
+            restored = await adapters.restore(scan=settings.load_adapters_on_start)
+            if restored:
+                log.info("adapters loaded: %s", ", ".join(restored))
+        chat = ChatService(settings, kb, backend, adapters)
         state["kb"] = kb
         state["chat"] = chat
+        state["adapters"] = adapters
         log.info("ready: %d collections", len(registry.names()))
     except Exception as exc:
         log.exception("startup failed")
@@ -177,6 +193,7 @@ def create_app(
             finally:
                 app.state.pop("kb", None)
                 app.state.pop("chat", None)
+                app.state.pop("adapters", None)
                 for task in (loader, watcher):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -190,6 +207,7 @@ def create_app(
             EmbeddingsController,
             ChatController,
             list_models,
+            AdapterController,
         ],
         guards=[require_api_key],
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from rag_service.adapters import AdapterManager
 from rag_service.backends.base import ChatBackend
 from rag_service.chat_schemas import ChatRequest, RagOptions
 from rag_service.errors import (
@@ -63,13 +64,21 @@ class PreparedChat:
     sources: list[PromptSource]
     stream: bool
     include_usage: bool
+    adapter: str | None = None
 
 
 class ChatService:
-    def __init__(self, settings: Settings, kb: KnowledgeBase, backend: ChatBackend) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        kb: KnowledgeBase,
+        backend: ChatBackend,
+        adapters: AdapterManager | None = None,
+    ) -> None:
         self.settings = settings
         self.kb = kb
         self.backend = backend
+        self.adapters = adapters
         self.template = (
             settings.prompt_template.read_text(encoding="utf-8")
             if settings.prompt_template
@@ -80,7 +89,8 @@ class ChatService:
 
     def models(self) -> list[dict[str, Any]]:
         created = int(time.time())
-        return [
+        base = self.backend.models()
+        out = [
             {
                 "id": name,
                 "object": "model",
@@ -89,14 +99,29 @@ class ChatService:
                 "root": name,
                 "parent": None,
             }
-            for name in self.backend.models()
+            for name in base
         ]
+        if self.adapters is not None:
+            out += [
+                {
+                    "id": a.name,
+                    "object": "model",
+                    "created": a.loaded_at,
+                    "owned_by": "rag-service",
+                    "root": a.path,
+                    "parent": base[0] if base else None,
+                }
+                for a in self.adapters.registry.list()
+            ]
+        return out
 
     # ---- preparation -------------------------------------------------------------------
     def _model(self, request: ChatRequest) -> str | None:
         served = self.backend.models()
         if request.model is None:
             return served[0] if served else None
+        if self.adapters is not None and self.adapters.registry.find(request.model):
+            return request.model
         if served and request.model not in served:
             raise ModelNotFound(
                 f"model {request.model!r} is not served here; available: {', '.join(served)}",
@@ -192,23 +217,47 @@ class ChatService:
         if model is not None:
             out["model"] = model
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return PreparedChat(out, used, request.stream, include_usage)
+        adapter = None
+        if self.adapters is not None and model is not None and self.adapters.registry.find(model):
+            info = self.adapters.registry.get(model)
+            out["model"] = self.backend.served_name(info.name, info.version)  # type: ignore
+            ensure = getattr(self.backend, "ensure_adapter", None)
+            if ensure is not None:
+                await ensure(info.name)
+            adapter = info.name
+        return PreparedChat(out, used, request.stream, include_usage, adapter)
 
     # ---- answering ---------------------------------------------------------------------
+    def _acquire(self, prepared: PreparedChat) -> None:
+        if prepared.adapter is not None and self.adapters is not None:
+            self.adapters.acquire(prepared.adapter)
+
+    def _release(self, prepared: PreparedChat) -> None:
+        if prepared.adapter is not None and self.adapters is not None:
+            self.adapters.release(prepared.adapter)
+
     async def complete(self, prepared: PreparedChat) -> dict[str, Any]:
-        response = await self.backend.complete(prepared.body)
+        self._acquire(prepared)
+        try:
+            response = await self.backend.complete(prepared.body)
+        finally:
+            self._release(prepared)
+        if prepared.adapter is not None:
+            response["model"] = prepared.adapter
         response["sources"] = [s.to_dict() for s in prepared.sources]
         return response
 
     async def open_stream(self, prepared: PreparedChat) -> AsyncIterator[bytes]:
         """Start the backend stream (errors raise here) and return the SSE byte stream."""
+        self._acquire(prepared)
         chunks = self.backend.stream(prepared.body)
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
             first = None
         except BaseException:
-            await chunks.aclose()
+            await chunks.aclose()  # type: ignore[attr-defined]
+            self._release(prepared)
             raise
         return self._sse(first, chunks, prepared)
 
@@ -223,8 +272,12 @@ class ChatService:
         try:
             if first is not None:
                 first["sources"] = [s.to_dict() for s in prepared.sources]
+                if prepared.adapter is not None:
+                    first["model"] = prepared.adapter
                 yield _event(first)
                 async for chunk in chunks:
+                    if prepared.adapter is not None:
+                        chunk["model"] = prepared.adapter
                     if local_usage and "usage" in chunk:
                         usage = chunk.pop("usage")
                     yield _event(chunk)
@@ -244,6 +297,7 @@ class ChatService:
             yield _event(error_body(exc.message, exc.error_type, None, exc.code))
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
+            self._release(prepared)
         yield b"data: [DONE]\n\n"
 
 

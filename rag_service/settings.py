@@ -175,6 +175,21 @@ class Settings:
             "File with the system prompt template; {sources} marks where the numbered sources go."
         ),
     )
+    adapters_dir: Path | None = field(
+        default=None,
+        metadata=_help(
+            "Directory adapters are loaded from (POST /v1/adapters paths resolve "
+            "inside it); default <data_dir>/adapters."
+        ),
+    )
+    load_adapters_on_start: bool = field(
+        default=False,
+        metadata=_help("Load every adapter directory found in the adapters directory at start."),
+    )
+    upstream_max_lora_rank: int = field(
+        default=64,
+        metadata=_help("Largest LoRA rank the upstream accepts (vLLM --max-lora-rank)."),
+    )
     log_level: str = field(default="INFO", metadata=_help("Python logging level."))
 
     def __post_init__(self) -> None:
@@ -220,6 +235,10 @@ class Settings:
         return self.embedding_model or bundled_embedding_model()
 
     @property
+    def adapters_path(self) -> Path:
+        return self.adapters_dir or Path(self.data_dir) / "adapters"
+
+    @property
     def resolved_backend(self) -> str:
         if self.backend == "auto":
             return "upstream" if self.upstream_url else "local"
@@ -248,6 +267,8 @@ def field_type(f: dataclasses.Field[Any]) -> tuple[type, tuple[str, ...]]:
     literals = {"Device": Device, "Synchronous": Synchronous, "Backend": Backend}
     if hint in literals:
         return str, get_args(literals[hint])
+    if hint == "bool":
+        return bool, ("true", "false")
     for name, typ in (("Path", Path), ("int", int), ("float", float), ("str", str)):
         if hint.startswith(name):
             return typ, ()
@@ -257,6 +278,13 @@ def field_type(f: dataclasses.Field[Any]) -> tuple[type, tuple[str, ...]]:
 def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
     typ, choices = field_type(f)
     var = ENV_PREFIX + f.name.upper()
+    if typ is bool:
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{var}: expected true or false, got {raw!r}")
     if choices:
         value = raw.upper() if choices[0].isupper() else raw.lower()
         if value not in choices:

@@ -48,6 +48,14 @@ AppFactory = Callable[..., Any]
 
 
 @pytest.fixture(scope="session")
+def bundled_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted once per test session (about 25 s)."""
+    from rag_service.backends.local import materialize_bundled_model
+
+    return materialize_bundled_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
 def fake_server() -> Iterator[FakeUpstream]:
     with serve_fake(free_port()) as fake:
         yield fake

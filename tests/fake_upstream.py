@@ -32,12 +32,16 @@ class FakeUpstream:
     streams_started: int = 0
     streams_finished: int = 0  # sent everything
     streams_aborted: int = 0  # the client went away first
+    loras: dict[str, str] = field(default_factory=dict)  # vLLM runtime LoRA: name -> path
+    lora_calls: list[tuple[str, str]] = field(default_factory=list)
 
     def reset(self) -> None:
         self.mode, self.delay_s, self.chunk_delay_s = "ok", 0.0, 0.0
         self.reply, self.repeat = "Paris is the capital of France [1].", 1
         self.requests.clear()
         self.streams_started = self.streams_finished = self.streams_aborted = 0
+        self.loras.clear()
+        self.lora_calls.clear()
 
     def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -141,7 +145,24 @@ class FakeUpstream:
 
         @get("/v1/models", sync_to_thread=False)
         def models() -> dict[str, Any]:
-            return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+            data = [{"id": MODEL, "object": "model"}]
+            data += [{"id": name, "object": "model", "parent": MODEL} for name in fake.loras]
+            return {"object": "list", "data": data}
+
+        @post("/v1/load_lora_adapter", status_code=200, sync_to_thread=False)
+        def load_lora(data: dict[str, Any]) -> Response[Any]:
+            fake.lora_calls.append(("load", data["lora_name"]))
+            if data["lora_name"] in fake.loras:
+                return Response({"error": {"message": "already loaded"}}, status_code=400)
+            fake.loras[data["lora_name"]] = data["lora_path"]
+            return Response(f"Success: LoRA adapter '{data['lora_name']}' added successfully.")
+
+        @post("/v1/unload_lora_adapter", status_code=200, sync_to_thread=False)
+        def unload_lora(data: dict[str, Any]) -> Response[Any]:
+            fake.lora_calls.append(("unload", data["lora_name"]))
+            if fake.loras.pop(data["lora_name"], None) is None:
+                return Response({"error": {"message": "not found"}}, status_code=404)
+            return Response("Success")
 
         @post("/v1/chat/completions", status_code=200)
         async def chat(request: Request[Any, Any, Any]) -> Any:
@@ -165,11 +186,22 @@ class FakeUpstream:
                 return Response({"error": {"message": "CUDA out of memory"}}, status_code=500)
             if fake.mode == "bad_json":
                 return Response(b"<html>oops</html>", media_type="text/html")
+            if body.get("model") not in (MODEL, None, *fake.loras):
+                return Response(
+                    {
+                        "error": {
+                            "message": f"model {body.get('model')} not found",
+                            "type": "NotFoundError",
+                            "code": 404,
+                        }
+                    },
+                    status_code=404,
+                )
             if body.get("stream"):
                 return Stream(fake._events(body), media_type="text/event-stream")
             return Response(fake._completion(body))
 
-        return Litestar([models, chat])
+        return Litestar([models, chat, load_lora, unload_lora])
 
 
 @contextmanager

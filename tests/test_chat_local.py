@@ -14,9 +14,11 @@ from tests.test_documents import upsert
 
 
 @pytest.fixture(scope="session")
-def local_backend(tmp_path_factory) -> LocalBackend:
+def local_backend(tmp_path_factory, bundled_model_dir) -> LocalBackend:
     cache = tmp_path_factory.mktemp("local-model")
-    backend = LocalBackend(Settings(data_dir=cache, max_new_tokens=48))
+    backend = LocalBackend(
+        Settings(data_dir=cache, max_new_tokens=48, local_model=str(bundled_model_dir))
+    )
     asyncio.run(backend.start())
     return backend
 

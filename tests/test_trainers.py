@@ -35,10 +35,8 @@ def chat(q: str, a: str, system: str | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    from rag_service.backends.local import materialize_bundled_model
-
-    return materialize_bundled_model(tmp_path_factory.mktemp("models"))
+def base_dir(bundled_model_dir) -> Path:
+    return bundled_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -436,3 +434,14 @@ def test_evaluate_base_vs_adapter(trained, base_dir, tiny, tmp_path):
     )
     saved = json.loads((tmp_path / "r.json").read_text())
     assert set(saved) == {"base", "adapter"}
+
+
+def test_train_help_names_every_option(capsys):
+    import dataclasses
+
+    with pytest.raises(SystemExit):
+        rag_train(["lora", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(SFTConfig):
+        if f.name != "method":
+            assert "--" + f.name.replace("_", "-") in out

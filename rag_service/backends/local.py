@@ -57,6 +57,7 @@ def materialize_bundled_model(cache_root: Path) -> Path:
     """A safetensors copy of the bundled GGUF model under ``cache_root``, made once."""
     target = cache_root / BUNDLED_NAME
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        _drop_gguf_quantization(target / "config.json")
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,7 +66,10 @@ def materialize_bundled_model(cache_root: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A model loaded from GGUF cannot be saved as is: rebuild it from its config first.
-    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # dequantised weights: a plain float model now
+    fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -77,6 +81,17 @@ def materialize_bundled_model(cache_root: Path) -> Path:
     except OSError:  # another process made it first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _drop_gguf_quantization(config_path: Path) -> None:
+    """Older caches recorded the GGUF quantization of the source file, which would make
+    transformers refuse to train the (dequantised) weights: remove it."""
+    import json
+
+    config = json.loads(config_path.read_text())
+    if "quantization_config" in config:
+        config.pop("quantization_config")
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 class _Cancelled(Exception):
@@ -102,6 +117,7 @@ class LocalBackend:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._waiting = 0
+        self._peft: Any = None  # the PeftModel once an adapter is loaded
 
     # ---- lifecycle -----------------------------------------------------------------------
     def load(self) -> None:
@@ -218,7 +234,8 @@ class LocalBackend:
                     on_text(text)
 
         streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.inference_mode():
+        adapter = body.get("model")
+        with torch.inference_mode(), self._adapter_scope(adapter):
             out = self.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -237,6 +254,70 @@ class LocalBackend:
                 text, finish = text[:cut], "stop"
         return text, finish, len(ids), len(new)
 
+    # ---- adapters ------------------------------------------------------------------------
+    # Generation, loading and unloading all run on the one generation thread, in order: an
+    # adapter is active only for the request that asked for it (no cross-talk), an unload
+    # waits for the requests queued before it, and nothing else is stopped meanwhile.
+    def _adapter_scope(self, name: str | None) -> Any:
+        if self._peft is None:
+            return contextlib.nullcontext()
+        if name is None or name == self.model_name:
+            return self._peft.disable_adapter()
+        self._peft.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def check_adapter(self, config: dict[str, Any]) -> None:
+        """Refuse an adapter whose target modules the base model does not have."""
+        targets = config.get("target_modules") or []
+        if isinstance(targets, str):
+            return  # a regex or "all-linear": PEFT checks it on load
+        base = self._peft.get_base_model() if self._peft is not None else self.model
+        names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+        missing = sorted(set(targets) - names)
+        if missing:
+            raise InvalidRequest(
+                f"adapter targets modules {missing} that the served model {self.model_name} "
+                "does not have: it was trained for another base model",
+                param="path",
+            )
+
+    def _load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self._peft.eval()
+            self.model = self._peft
+        else:
+            self._peft.load_adapter(path, adapter_name=name)
+        self._peft.eval()
+
+    def _unload_adapter(self, name: str) -> None:
+        if self._peft is None or name not in self._peft.peft_config:
+            return
+        self._peft.delete_adapter(name)
+        remaining = list(self._peft.peft_config)
+        if remaining:
+            self._peft.set_adapter(remaining[0])  # keep a valid active adapter
+        else:  # the last one: back to the plain base model
+            self.model = self._peft.unload()
+            self._peft = None
+
+    async def load_adapter(self, name: str, path: str, version: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._load_adapter, name, path)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise InvalidRequest(
+                f"adapter {name!r} does not fit {self.model_name}: {str(exc)[:300]}", param="path"
+            ) from exc
+
+    async def unload_adapter(self, name: str, version: int) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._unload_adapter, name)
+
+    def served_name(self, name: str, version: int) -> str:
+        return name
+
     def _admit(self) -> None:
         if self._waiting >= self.settings.generation_queue_size:
             raise Overloaded(
@@ -252,7 +333,7 @@ class LocalBackend:
             "id": completion_id(),
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": self.model_name,
+            "model": body.get("model") or self.model_name,
             "choices": [
                 {
                     "index": 0,
@@ -296,7 +377,7 @@ class LocalBackend:
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": self.model_name,
+                "model": body.get("model") or self.model_name,
                 "choices": [
                     {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
                 ],

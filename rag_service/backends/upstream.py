@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ class UpstreamBackend:
         self._client = client
         self._owns_client = client is None
         self._models: list[str] = [settings.upstream_model] if settings.upstream_model else []
+        self._adapters: dict[str, tuple[str, str]] = {}  # name -> (served name, path)
+        self._confirmed: dict[str, float] = {}
 
     @property
     def context_window(self) -> int:
@@ -85,6 +88,65 @@ class UpstreamBackend:
     async def close(self) -> None:
         if self._client is not None and self._owns_client:
             await self._client.aclose()
+
+    # ---- adapters (vLLM runtime LoRA API) ------------------------------------------------
+    # Each load of a name is registered upstream as "name@version", so a new version never
+    # shares a name with stale weights; our registry is the truth, and an adapter the upstream
+    # lost (it restarted) is registered again before the next request that needs it.
+    def check_adapter(self, config: dict[str, Any]) -> None:
+        return None  # the upstream checks fit against its base model on load
+
+    def served_name(self, name: str, version: int) -> str:
+        return f"{name}@{version}"
+
+    async def _lora_call(self, endpoint: str, body: dict[str, Any]) -> httpx.Response:
+        assert self._client is not None
+        try:
+            return await self._client.post(endpoint, json=body)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream {endpoint} failed: {exc}") from exc
+
+    async def load_adapter(self, name: str, path: str, version: int) -> None:
+        served = self.served_name(name, version)
+        resp = await self._lora_call("load_lora_adapter", {"lora_name": served, "lora_path": path})
+        if resp.status_code >= 400:
+            detail = resp.text[:300]
+            if resp.status_code == 404:
+                detail += (
+                    " (is the upstream vLLM started with "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora?)"
+                )
+            raise UpstreamRejected(
+                f"upstream refused adapter {served}: {detail}", status_code=400, param="path"
+            )
+        self._adapters[name] = (served, path)
+        self._confirmed[served] = time.monotonic()
+
+    async def unload_adapter(self, name: str, version: int) -> None:
+        served = self.served_name(name, version)
+        self._adapters.pop(name, None)
+        self._confirmed.pop(served, None)
+        resp = await self._lora_call("unload_lora_adapter", {"lora_name": served})
+        if resp.status_code >= 400 and resp.status_code != 404:
+            log.warning(
+                "upstream unload of %s answered %s: %s", served, resp.status_code, resp.text[:200]
+            )
+
+    async def ensure_adapter(self, name: str) -> None:
+        """Re-register ``name`` if the upstream no longer lists it (checked every 5 s)."""
+        served, path = self._adapters[name]
+        if time.monotonic() - self._confirmed.get(served, 0.0) < 5.0:
+            return
+        assert self._client is not None
+        try:
+            listed = {m.get("id") for m in (await self._client.get("models")).json()["data"]}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise UpstreamError(f"cannot list upstream models: {exc}") from exc
+        if served not in listed:
+            log.warning("upstream lost adapter %s; registering it again", served)
+            version = int(served.rsplit("@", 1)[1])
+            await self.load_adapter(name, path, version)
+        self._confirmed[served] = time.monotonic()
 
     # ---- requests ------------------------------------------------------------------------
     async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:

@@ -1,0 +1,51 @@
+"""/v1/adapters: list, load (POST {"name", "path"}), unload (DELETE /v1/adapters/{name})."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, delete, get, post
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+
+from rag_service.adapters import AdapterManager
+from rag_service.dependencies import provide_chat
+from rag_service.errors import NotReady
+
+__all__ = ["AdapterController", "AdapterLoad"]
+
+
+class AdapterLoad(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
+
+def provide_adapters(state: State) -> AdapterManager:
+    provide_chat(state)  # loading / failed start errors first
+    manager: AdapterManager | None = state.get("adapters")
+    if manager is None:
+        raise NotReady("adapters are not available")
+    return manager
+
+
+class AdapterController(Controller):
+    path = "/adapters"
+    dependencies = {"adapters": Provide(provide_adapters, sync_to_thread=False)}
+
+    @get("/", sync_to_thread=False)
+    def list_adapters(self, adapters: AdapterManager) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{**a.to_dict(), "object": "adapter"} for a in adapters.registry.list()],
+        }
+
+    @post("/", status_code=HTTP_201_CREATED)
+    async def load(self, data: AdapterLoad, adapters: AdapterManager) -> dict[str, Any]:
+        info = await adapters.load(data.name, data.path)
+        return {**info.to_dict(), "object": "adapter"}
+
+    @delete("/{name:str}", status_code=HTTP_204_NO_CONTENT)
+    async def unload(self, name: str, adapters: AdapterManager) -> None:
+        await adapters.unload(name)

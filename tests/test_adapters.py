@@ -1,0 +1,358 @@
+"""Adapters hot-loaded into the running service: local backend and a fake vLLM upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from rag_service.backends.local import LocalBackend
+from rag_service.settings import Settings
+from tests.conftest import error_of, free_port, running_server
+from tests.fake_upstream import MODEL
+
+QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+def make_adapter(
+    base_dir: Path,
+    out: Path,
+    *,
+    seed: int,
+    targets=("q_proj", "v_proj"),
+    r: int = 4,
+    bin_weights: bool = False,
+) -> Path:
+    """A deterministic LoRA adapter with non-zero weights (so it changes the output)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=list(targets),
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft.save_pretrained(out, safe_serialization=not bin_weights)
+    return out
+
+
+def offline_answer(base_dir: Path, adapter: Path | None, max_new_tokens: int = 24) -> str:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    return tok.decode(out[0][len(ids) :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory, bundled_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    make_adapter(bundled_model_dir, root / "alpha", seed=1)
+    make_adapter(bundled_model_dir, root / "beta", seed=2)
+    make_adapter(bundled_model_dir, root / "pickled", seed=3, bin_weights=True)
+    make_adapter(bundled_model_dir, root / "wide", seed=4, r=128)
+    cfg = json.loads((root / "alpha" / "adapter_config.json").read_text())
+    (root / "foreign").mkdir()
+    (root / "foreign" / "adapter_config.json").write_text(
+        json.dumps({**cfg, "target_modules": ["c_attn", "c_proj"]})
+    )
+    (root / "foreign" / "adapter_model.safetensors").write_bytes(
+        (root / "alpha" / "adapter_model.safetensors").read_bytes()
+    )
+    outside = tmp_path_factory.mktemp("outside")
+    make_adapter(bundled_model_dir, outside / "evil", seed=5)
+    os.symlink(outside / "evil", root / "link-out")
+    return root
+
+
+@pytest.fixture(scope="module")
+def expected(bundled_model_dir, adapters_dir) -> dict[str, str]:
+    return {
+        name: offline_answer(bundled_model_dir, adapters_dir / name if name != "base" else None)
+        for name in ("base", "alpha", "beta")
+    }
+
+
+def chat(client, model: str | None, **extra):
+    body = {
+        "messages": QUESTION,
+        "max_tokens": 24,
+        "temperature": 0,
+        "rag": {"enabled": False},
+        **extra,
+    }
+    if model is not None:
+        body["model"] = model
+    return client.post("/v1/chat/completions", json=body)
+
+
+@pytest.fixture
+def local(make_client, bundled_model_dir, adapters_dir, tmp_path):
+    def factory(data_dir: Path | None = None, **settings):
+        backend = LocalBackend(Settings(local_model=str(bundled_model_dir)))
+        asyncio.run(backend.start())
+        return make_client(
+            data_dir=data_dir or tmp_path / "data",
+            backend=backend,
+            adapters_dir=adapters_dir,
+            **settings,
+        )
+
+    return factory
+
+
+def test_load_chat_unload_local(local, expected):
+    client = local()
+    base = "SmolLM2-135M-Instruct"
+    resp = client.post("/v1/adapters", json={"name": "alpha", "path": "alpha"})
+    assert resp.status_code == 201, resp.text
+    info = resp.json()
+    assert (info["name"], info["rank"], info["version"]) == ("alpha", 4, 1)
+    assert info["target_modules"] == ["q_proj", "v_proj"] and info["loaded_at"] > 0
+    listed = client.get("/v1/adapters").json()["data"]
+    assert [a["name"] for a in listed] == ["alpha"]
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["alpha"]["parent"] == base and models[base]["parent"] is None
+
+    tuned = chat(client, "alpha").json()
+    assert tuned["model"] == "alpha"
+    assert tuned["choices"][0]["message"]["content"] == expected["alpha"]
+    assert expected["alpha"] != expected["base"]
+    assert chat(client, base).json()["choices"][0]["message"]["content"] == expected["base"]
+    assert chat(client, None).json()["choices"][0]["message"]["content"] == expected["base"]
+
+    streamed = chat(client, "alpha", stream=True)
+    pieces = [
+        json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")
+    ]
+    assert (
+        "".join(c["choices"][0]["delta"].get("content", "") for c in pieces if c["choices"])
+        == expected["alpha"]
+    )
+    assert {c["model"] for c in pieces} == {"alpha"}
+
+    assert client.delete("/v1/adapters/alpha").status_code == 204
+    assert error_of(chat(client, "alpha"))["code"] == "model_not_found"
+    assert chat(client, base).json()["choices"][0]["message"]["content"] == expected["base"]
+    assert client.delete("/v1/adapters/alpha").status_code == 404
+    again = client.post("/v1/adapters", json={"name": "alpha", "path": "alpha"}).json()
+    assert again["version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("../outside", 400, ".."),
+        ("/etc", 400, "outside the adapters directory"),
+        ("link-out", 400, "outside the adapters directory"),
+        ("pickled", 400, "adapter_model.bin is refused"),
+        ("missing", 400, "no adapter directory"),
+        ("foreign", 400, "does not have"),
+    ],
+)
+def test_refused_adapters(local, path, status, message):
+    client = local()
+    resp = client.post("/v1/adapters", json={"name": "x", "path": path})
+    assert resp.status_code == status, resp.text
+    err = error_of(resp)
+    assert message in err["message"] and err["param"] == "path"
+    assert client.get("/v1/adapters").json()["data"] == []
+
+
+def test_bad_adapter_requests(local):
+    client = local()
+    assert (
+        client.post("/v1/adapters", json={"name": "bad name", "path": "alpha"}).status_code == 400
+    )
+    assert client.post("/v1/adapters", json={"path": "alpha"}).status_code == 400
+    assert client.post("/v1/adapters", json={"name": "a", "path": "alpha"}).status_code == 201
+    resp = client.post("/v1/adapters", json={"name": "a", "path": "beta"})
+    assert resp.status_code == 409 and error_of(resp)["param"] == "name"
+    assert error_of(client.delete("/v1/adapters/zzz"))["code"] == "adapter_not_found"
+
+
+def test_concurrent_requests_do_not_cross_talk(
+    tmp_path, embedder, bundled_model_dir, adapters_dir, expected, fake_server
+):
+    backend = LocalBackend(Settings(local_model=str(bundled_model_dir)))
+    asyncio.run(backend.start())
+    settings = Settings(data_dir=tmp_path, port=free_port(), adapters_dir=adapters_dir)
+    with _server_with_backend(settings, embedder, backend) as url:
+        for name in ("alpha", "beta"):
+            httpx.post(
+                url + "/v1/adapters", json={"name": name, "path": name}, timeout=60
+            ).raise_for_status()
+
+        async def burst() -> list[tuple[str, str]]:
+            order = ["alpha", "base", "beta"] * 3
+            async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+                replies = await asyncio.gather(
+                    *[
+                        client.post(
+                            "/v1/chat/completions",
+                            json={
+                                "model": None if m == "base" else m,
+                                "messages": QUESTION,
+                                "max_tokens": 24,
+                                "temperature": 0,
+                                "rag": {"enabled": False},
+                                "stream": i % 2 == 0,
+                            },
+                        )
+                        for i, m in enumerate(order)
+                    ]
+                )
+            out = []
+            for m, r in zip(order, replies, strict=True):
+                if r.text.startswith("data:"):
+                    chunks = [
+                        json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")
+                    ]
+                    text = "".join(
+                        c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]
+                    )
+                else:
+                    text = r.json()["choices"][0]["message"]["content"]
+                out.append((m, text))
+            return out
+
+        for model, text in asyncio.run(burst()):
+            assert text == expected[model], model
+
+
+def _server_with_backend(settings, embedder, backend):
+    import contextlib
+    import threading
+    import time
+
+    import uvicorn
+
+    from rag_service.app import create_app
+
+    @contextlib.contextmanager
+    def run():
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings, embedder=embedder, backend=backend),
+                host="127.0.0.1",
+                port=settings.port,
+                log_level="warning",
+            )
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{settings.port}"
+        try:
+            while True:
+                try:
+                    if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            yield url
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+    return run()
+
+
+def test_registry_survives_restart_and_scan_on_start(local, tmp_path, expected):
+    data = tmp_path / "persist"
+    first = local(data_dir=data)
+    assert first.post("/v1/adapters", json={"name": "beta", "path": "beta"}).status_code == 201
+    first.__exit__(None, None, None)
+    second = local(data_dir=data)
+    assert [a["name"] for a in second.get("/v1/adapters").json()["data"]] == ["beta"]
+    assert chat(second, "beta").json()["choices"][0]["message"]["content"] == expected["beta"]
+    third = local(data_dir=tmp_path / "scan", load_adapters_on_start=True)
+    names = {a["name"] for a in third.get("/v1/adapters").json()["data"]}
+    assert {"alpha", "beta"} <= names
+    assert not {"pickled", "foreign", "link-out"} & names  # refused ones are skipped
+
+
+# ---- upstream vLLM -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def upstream(tmp_path, embedder, fake_upstream, adapters_dir):
+    settings = Settings(
+        data_dir=tmp_path,
+        port=free_port(),
+        upstream_url=fake_upstream.url,
+        adapters_dir=adapters_dir,
+        upstream_max_lora_rank=64,
+    )
+    with running_server(settings, embedder) as url:
+        yield url
+
+
+def test_vllm_load_unload_and_versions(upstream, fake_upstream, adapters_dir):
+    resp = httpx.post(upstream + "/v1/adapters", json={"name": "alpha", "path": "alpha"})
+    assert resp.status_code == 201, resp.text
+    assert fake_upstream.lora_calls == [("load", "alpha@1")]
+    assert fake_upstream.loras["alpha@1"] == str((adapters_dir / "alpha").resolve())
+    reply = httpx.post(
+        upstream + "/v1/chat/completions", timeout=30, json={"model": "alpha", "messages": QUESTION}
+    ).json()
+    assert fake_upstream.requests[-1]["model"] == "alpha@1"
+    assert reply["model"] == "alpha"
+    models = [m["id"] for m in httpx.get(upstream + "/v1/models").json()["data"]]
+    assert models == [MODEL, "alpha"]
+    assert httpx.delete(upstream + "/v1/adapters/alpha").status_code == 204
+    assert fake_upstream.lora_calls[-1] == ("unload", "alpha@1")
+    httpx.post(upstream + "/v1/adapters", json={"name": "alpha", "path": "alpha"})
+    assert fake_upstream.lora_calls[-1] == ("load", "alpha@2")  # never load_inplace
+
+
+def test_vllm_restart_reregisters(upstream, fake_upstream):
+    httpx.post(upstream + "/v1/adapters", json={"name": "beta", "path": "beta"})
+    fake_upstream.loras.clear()  # the upstream restarted and forgot its adapters
+    import time
+
+    time.sleep(5.1)  # past the re-check interval
+    resp = httpx.post(
+        upstream + "/v1/chat/completions", timeout=30, json={"model": "beta", "messages": QUESTION}
+    )
+    assert resp.status_code == 200, resp.text
+    assert fake_upstream.lora_calls == [("load", "beta@1"), ("load", "beta@1")]
+    assert fake_upstream.requests[-1]["model"] == "beta@1"
+
+
+def test_vllm_rank_refused(upstream, fake_upstream):
+    resp = httpx.post(upstream + "/v1/adapters", json={"name": "wide", "path": "wide"})
+    assert resp.status_code == 400
+    assert "--max-lora-rank" in error_of(resp)["message"]
+    assert fake_upstream.lora_calls == []
