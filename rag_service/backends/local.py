@@ -116,6 +116,11 @@ class LocalBackend:
             Path(settings.local_model).name if settings.local_model else BUNDLED_NAME
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # Adapter loads/unloads go ahead of queued generations: they wait only for the one
+        # generation running now (the model is changed only between generations).
+        self._model_lock = threading.Lock()
+        self._admin = threading.Condition()
+        self._admin_pending = 0
         self._waiting = 0
         self._peft: Any = None  # the PeftModel once an adapter is loaded
 
@@ -235,7 +240,7 @@ class LocalBackend:
 
         streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         adapter = body.get("model")
-        with torch.inference_mode(), self._adapter_scope(adapter):
+        with self._turn(), torch.inference_mode(), self._adapter_scope(adapter):
             out = self.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -255,9 +260,10 @@ class LocalBackend:
         return text, finish, len(ids), len(new)
 
     # ---- adapters ------------------------------------------------------------------------
-    # Generation, loading and unloading all run on the one generation thread, in order: an
-    # adapter is active only for the request that asked for it (no cross-talk), an unload
-    # waits for the requests queued before it, and nothing else is stopped meanwhile.
+    # One generation at a time holds the model; an adapter is active only for the request that
+    # asked for it (no cross-talk). Loads and unloads take the model between two generations,
+    # ahead of the queue; requests for an adapter being unloaded were counted by the manager,
+    # which waits for them before calling unload.
     def _adapter_scope(self, name: str | None) -> Any:
         if self._peft is None:
             return contextlib.nullcontext()
@@ -303,17 +309,36 @@ class LocalBackend:
             self.model = self._peft.unload()
             self._peft = None
 
-    async def load_adapter(self, name: str, path: str, version: int) -> None:
-        loop = asyncio.get_running_loop()
+    def _exclusive(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` between two generations, before any queued one."""
+        with self._admin:
+            self._admin_pending += 1
         try:
-            await loop.run_in_executor(self._executor, self._load_adapter, name, path)
+            with self._model_lock:
+                return fn(*args)
+        finally:
+            with self._admin:
+                self._admin_pending -= 1
+                self._admin.notify_all()
+
+    @contextlib.contextmanager
+    def _turn(self) -> Any:
+        """A generation's hold on the model; pending adapter operations go first."""
+        with self._admin:
+            self._admin.wait_for(lambda: self._admin_pending == 0)
+        with self._model_lock:
+            yield
+
+    async def load_adapter(self, name: str, path: str, version: int) -> None:
+        try:
+            await asyncio.to_thread(self._exclusive, self._load_adapter, name, path)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise InvalidRequest(
                 f"adapter {name!r} does not fit {self.model_name}: {str(exc)[:300]}", param="path"
             ) from exc
 
     async def unload_adapter(self, name: str, version: int) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._unload_adapter, name)
+        await asyncio.to_thread(self._exclusive, self._unload_adapter, name)
 
     def served_name(self, name: str, version: int) -> str:
         return name
