@@ -158,6 +158,7 @@ async def _load(
         chat = ChatService(settings, kb, backend, adapters)
         state["kb"] = kb
         state["chat"] = chat
+        metrics_.reset_loop_lag_max()
         state["adapters"] = adapters
         log.info("ready: %d collections", len(registry.names()))
     except Exception as exc:

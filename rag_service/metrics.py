@@ -64,20 +64,29 @@ class Metrics:
             registry=r,
         )
         self.loop_lag_max = Gauge(
-            "rag_event_loop_lag_max_seconds", "Largest event-loop lag seen since start", registry=r
+            "rag_event_loop_lag_max_seconds",
+            "Largest event-loop lag seen since the service became ready",
+            registry=r,
         )
+        self._worst_lag = 0.0
+
+    def reset_loop_lag_max(self) -> None:
+        """Forget the worst lag so far (called once the service is ready: start-up imports
+        and model loading are not request-time stalls)."""
+        self._worst_lag = 0.0
+        self.loop_lag_max.set(0.0)
 
     async def watch_event_loop(self, interval: float = 0.01) -> None:
         """Run forever: record how late the loop wakes from a short sleep (a stall detector)."""
         loop = asyncio.get_running_loop()
-        worst = 0.0
+        self._worst_lag = 0.0
         while True:
             started = loop.time()
             await asyncio.sleep(interval)
             lag = max(0.0, loop.time() - started - interval)
             self.loop_lag.observe(lag)
-            if lag > worst:
-                worst = lag
+            if lag > self._worst_lag:
+                self._worst_lag = lag
                 self.loop_lag_max.set(lag)
 
     # BatchObserver
