@@ -113,7 +113,8 @@ def _plot(history: list[dict[str, Any]], path: Path) -> None:
         ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if train or evals:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
