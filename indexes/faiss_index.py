@@ -183,10 +183,12 @@ class FaissIndex:
     def _params(self, selector: Any, exact: bool) -> Any:
         inner = self._inner
         if not exact and isinstance(inner, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, 16))
+            return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+                sel=selector, efSearch=max(self.ef_search, 16)
+            )
         if not exact and isinstance(inner, faiss.IndexIVF):
-            return faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)
-        return faiss.SearchParameters(sel=selector)
+            return faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)  # type: ignore[call-arg]
+        return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
 
     def _search_one(
         self, index: Any, queries: np.ndarray, k: int, allowed: np.ndarray | None, *, exact: bool

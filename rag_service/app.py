@@ -69,9 +69,8 @@ def _metrics_middleware(app: ASGIApp) -> ASGIApp:
         finally:
             m: Metrics = scope["litestar_app"].state["metrics"]
             route = scope.get("path_template") or "unmatched"  # type: ignore[typeddict-item]
-            m.http_latency.labels(scope["method"], route, str(status)).observe(
-                time.perf_counter() - started
-            )
+            method = scope["method"]  # type: ignore[typeddict-item]
+            m.http_latency.labels(method, route, str(status)).observe(time.perf_counter() - started)
 
     return middleware
 

@@ -47,6 +47,6 @@ def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     if key is None:
         return
     header = connection.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _sep, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")

@@ -82,7 +82,7 @@ class Embedder:
         if dim is None:
             raise RuntimeError(f"model at {model_path} does not report an embedding dimension")
         self.dimension: int = int(dim)
-        self.max_seq_length: int = int(self._model.max_seq_length)
+        self.max_seq_length: int = int(self._model.max_seq_length)  # type: ignore[arg-type]
         self._tokenize_lock = threading.Lock()
         self._preprocess = getattr(self._model, "preprocess", None) or self._model.tokenize
         # A private copy of the fast tokenizer, without truncation or padding, for offsets.

@@ -154,7 +154,7 @@ class UpstreamRejected(UpstreamError):
         super().__init__(message, param=param)
         self.status_code = status_code  # type: ignore[misc]
         self.error_type = error_type or "invalid_request_error"  # type: ignore[misc]
-        self.code = code  # type: ignore[misc]
+        self.code = code  # type: ignore[misc,assignment]
 
 
 class UpstreamTimeout(UpstreamError):

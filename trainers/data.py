@@ -80,7 +80,7 @@ def validate_file(
     for lineno, line in iter_jsonl(path):
         try:
             obj = json.loads(line)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             problems.append(Problem(lineno, f"not JSON ({exc.msg})"))
             continue
         reason = check_example(obj)

@@ -10,6 +10,7 @@ token is still learned.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,7 @@ class PadCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(
-        self, batch: list[EncodedExample | dict[str, list[int]]]
+        self, batch: Sequence[EncodedExample | dict[str, list[int]]]
     ) -> dict[str, torch.Tensor]:
         rows = [
             (b.input_ids, b.labels)

@@ -115,14 +115,14 @@ def evaluate_model(
                 }
             )
     n = max(len(rows), 1)
-    loss = total_loss / max(total_tokens, 1)
+    mean_loss = total_loss / max(total_tokens, 1)
     return {
         "examples": len(rows),
         "exact_match": round(sum(r["exact"] for r in rows) / n, 4),
         "normalised_match": round(sum(r["normalised"] for r in rows) / n, 4),
         "token_f1": round(sum(r["f1"] for r in rows) / n, 4),
         "stopped_at_eos": round(sum(r["stopped_at_eos"] for r in rows) / n, 4),
-        "loss": round(loss, 4),
-        "perplexity": round(math.exp(min(loss, 50)), 3),
+        "loss": round(mean_loss, 4),
+        "perplexity": round(math.exp(min(mean_loss, 50)), 3),
         "rows": rows,
     }

@@ -271,7 +271,7 @@ def train(cfg: SFTConfig, *, callbacks: list[Any] | None = None) -> TrainResult:
     if final.exists():
         shutil.rmtree(final)
     model_to_save = trainer.model
-    model_to_save.save_pretrained(final, safe_serialization=True)  # type: ignore[union-attr]
+    model_to_save.save_pretrained(final, safe_serialization=True)  # type: ignore[union-attr,operator]
     tokenizer.save_pretrained(final)
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     train_losses = [h["loss"] for h in history if "loss" in h]

@@ -213,7 +213,7 @@ class LocalBackend:
             "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
         }
         if do_sample:
-            kwargs["temperature"] = float(temperature)
+            kwargs["temperature"] = float(temperature)  # type: ignore[arg-type]
             if body.get("top_p") is not None:
                 kwargs["top_p"] = float(body["top_p"])
         else:
