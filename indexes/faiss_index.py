@@ -7,15 +7,23 @@
   index until there are enough to train on, then switch.
 * moved to the GPU when faiss reports one (flat indexes; others stay on CPU).
 
+A single query is searched on one OpenMP thread: the service runs many single-query searches
+side by side, each on its own worker thread, and waking a thread team for one query costs more
+than it saves while the embedding model holds the cores (measured right after an encode on two
+cores: 200 vectors 0.40 -> 0.12 ms, 10k 3.1 -> 1.8 ms, 100k 23 -> 19 ms). Batches of queries
+and index builds keep every thread.
+
 Not thread-safe: the caller serialises writers against readers (see ``rag_service.knowledge``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,20 @@ __all__ = ["FaissIndex", "validate_factory"]
 log = logging.getLogger(__name__)
 
 _TRAIN_POINTS_PER_LIST = 39
+
+
+@contextlib.contextmanager
+def _omp_threads(n: int | None) -> Iterator[None]:
+    """OpenMP threads for FAISS calls made by this thread (the setting is per thread)."""
+    if n is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def validate_factory(factory: str, dimension: int) -> None:
@@ -176,9 +198,10 @@ class FaissIndex:
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self._staging is not None:
-            return self._search_one(self._staging, queries, k, allowed, exact=True)
-        return self._search_one(self._main, queries, k, allowed, exact=False)
+        with _omp_threads(1 if len(queries) == 1 else None):
+            if self._staging is not None:
+                return self._search_one(self._staging, queries, k, allowed, exact=True)
+            return self._search_one(self._main, queries, k, allowed, exact=False)
 
     def _params(self, selector: Any, exact: bool) -> Any:
         inner = self._inner

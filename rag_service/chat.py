@@ -8,7 +8,6 @@ once still gets a proper HTTP error status; later failures end the stream with a
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -209,6 +208,7 @@ class ChatService:
             sources,
             template=self.template,
             count_tokens=self.backend.count_tokens,
+            upper_bound=self.backend.token_upper_bound,
             budget=self.backend.context_window - completion,
             rag=rag,
         )
@@ -302,4 +302,4 @@ class ChatService:
 
 
 def _event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -69,21 +70,26 @@ class Metrics:
             registry=r,
         )
         self._worst_lag = 0.0
+        self._lag_epoch = 0
 
     def reset_loop_lag_max(self) -> None:
         """Forget the worst lag so far (called once the service is ready: start-up imports
-        and model loading are not request-time stalls)."""
+        and model loading are not request-time stalls). A sample in flight is dropped too,
+        as it may span the start-up work."""
         self._worst_lag = 0.0
+        self._lag_epoch += 1
         self.loop_lag_max.set(0.0)
 
     async def watch_event_loop(self, interval: float = 0.01) -> None:
         """Run forever: record how late the loop wakes from a short sleep (a stall detector)."""
-        loop = asyncio.get_running_loop()
         self._worst_lag = 0.0
         while True:
-            started = loop.time()
+            epoch = self._lag_epoch
+            started = time.perf_counter()  # uvloop's loop.time() has millisecond resolution
             await asyncio.sleep(interval)
-            lag = max(0.0, loop.time() - started - interval)
+            lag = max(0.0, time.perf_counter() - started - interval)
+            if epoch != self._lag_epoch:
+                continue
             self.loop_lag.observe(lag)
             if lag > self._worst_lag:
                 self._worst_lag = lag

@@ -108,8 +108,13 @@ def fit_prompt(
     count_tokens: Callable[[list[dict[str, Any]]], int],
     budget: int,
     rag: bool,
+    upper_bound: Callable[[list[dict[str, Any]]], int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[PromptSource]]:
-    """Messages to send and the sources they cite, within ``budget`` prompt tokens."""
+    """Messages to send and the sources they cite, within ``budget`` prompt tokens.
+
+    ``upper_bound``, when given, is a cheap count never below ``count_tokens`` (for example one
+    token per byte): a prompt it already fits is not tokenized at all.
+    """
     kept = sorted(sources, key=lambda s: s.score, reverse=True)
     history = list(messages)
 
@@ -119,6 +124,8 @@ def fit_prompt(
         return _with_context(history, system_message(_renumber(kept), template))
 
     out = build()
+    if upper_bound is not None and upper_bound(out) <= budget:
+        return out, _renumber(kept)
     while count_tokens(out) > budget:
         if kept:
             kept.pop()  # the weakest source

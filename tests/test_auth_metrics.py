@@ -76,3 +76,31 @@ def test_prometheus_metrics(client):
     assert 'rag_index_vectors{collection="kb"} 1.0' in text
     assert 'rag_documents_upserted_total{status="created"} 1.0' in text
     assert 'rag_search_duration_seconds_count{mode="dense"} 1.0' in text
+
+
+def test_event_loop_lag_monitor_counts_stalls_after_readiness_only():
+    import asyncio
+    import time
+
+    from rag_service.metrics import Metrics
+
+    metrics = Metrics()
+
+    def worst() -> float:
+        return metrics.registry.get_sample_value("rag_event_loop_lag_max_seconds") or 0.0
+
+    async def scenario() -> tuple[float, float]:
+        watcher = asyncio.create_task(metrics.watch_event_loop(0.01))
+        await asyncio.sleep(0.03)
+        time.sleep(0.3)  # start-up work blocking the loop...
+        metrics.reset_loop_lag_max()  # ...up to readiness: the sample in flight is dropped
+        await asyncio.sleep(0.05)
+        before = worst()
+        time.sleep(0.15)  # a stall while serving
+        await asyncio.sleep(0.05)
+        watcher.cancel()
+        return before, worst()
+
+    before, after = asyncio.run(scenario())
+    assert before < 0.1
+    assert 0.14 <= after < 0.3

@@ -355,3 +355,65 @@ def test_fit_prompt_drops_weakest_sources_then_oldest_turns():
         fit_prompt(
             history, sources, template="S:\n{sources}", count_tokens=count, budget=3, rag=True
         )
+
+
+def test_fit_prompt_skips_counting_when_the_upper_bound_fits():
+    sources = [PromptSource(i, f"d{i}", i, "word " * 50, 1.0 - i / 10, {}) for i in range(1, 5)]
+    history = [{"role": "user", "content": "the last question"}]
+    counted: list[int] = []
+
+    def count(messages):
+        counted.append(1)
+        return sum(len(str(m["content"]).split()) for m in messages)
+
+    def bound(messages):
+        return sum(len(str(m["content"])) for m in messages)
+
+    full = bound(
+        fit_prompt(
+            history, sources, template="{sources}", count_tokens=count, budget=10**6, rag=True
+        )[0]
+    )
+    counted.clear()
+    _, used = fit_prompt(
+        history,
+        sources,
+        template="{sources}",
+        count_tokens=count,
+        budget=full,
+        rag=True,
+        upper_bound=bound,
+    )
+    assert len(used) == 4 and counted == []
+    # The bound is over budget but the exact count is not: nothing is dropped.
+    _, used = fit_prompt(
+        history,
+        sources,
+        template="{sources}",
+        count_tokens=count,
+        budget=full - 1,
+        rag=True,
+        upper_bound=bound,
+    )
+    assert len(used) == 4 and counted == [1]
+
+
+def test_upstream_upper_bound_is_never_below_its_estimate(embedder):
+    from rag_service.backends.upstream import UpstreamBackend
+
+    backend = UpstreamBackend(
+        Settings(upstream_url="http://127.0.0.1:9/v1"),
+        count_text_tokens=lambda t: len(embedder.tokenizer.encode(t, add_special_tokens=False).ids),
+    )
+    texts = [
+        "plain English words",
+        "ünïcödé äöü ß",
+        "数据库连接池配置",
+        "emoji 🙂🙃 mix",
+        "x" * 5000,
+        "a\nb\tc  d",
+        "",
+    ]
+    for text in texts:
+        messages = [{"role": "user", "content": text}, {"role": "system", "content": text[::-1]}]
+        assert backend.token_upper_bound(messages) >= backend.count_tokens(messages)

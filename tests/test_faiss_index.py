@@ -93,3 +93,23 @@ def test_ivf_trains_once_enough_vectors():
 def test_validate_factory_rejects(bad):
     with pytest.raises(ValueError):
         validate_factory(bad, DIM)
+
+
+def test_single_query_search_runs_on_one_thread_and_restores_the_setting(index, monkeypatch):
+    import faiss
+
+    vecs = unit(300)
+    index.add(np.arange(300, dtype=np.int64), vecs)
+    seen: list[int] = []
+    real_search = type(index)._search_one
+
+    def spy(self, *args, **kwargs):
+        seen.append(faiss.omp_get_max_threads())
+        return real_search(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(index), "_search_one", spy)
+    faiss.omp_set_num_threads(2)
+    index.search(vecs[:1], 3)
+    index.search(vecs[:4], 3)
+    assert seen == [1, 2]
+    assert faiss.omp_get_max_threads() == 2

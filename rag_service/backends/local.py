@@ -190,6 +190,9 @@ class LocalBackend:
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         return len(self.prompt_ids(messages))
 
+    def token_upper_bound(self, messages: list[dict[str, Any]]) -> int:
+        return self.count_tokens(messages)  # exact and local: no cheaper bound worth keeping
+
     # ---- generation --------------------------------------------------------------------
     def _generate(
         self, body: dict[str, Any], on_text: Any, cancel: threading.Event

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import msgspec
 
 from rag_service.chat_schemas import message_text
 from rag_service.errors import UpstreamError, UpstreamRejected, UpstreamTimeout
@@ -47,6 +48,7 @@ class UpstreamBackend:
         self._models: list[str] = [settings.upstream_model] if settings.upstream_model else []
         self._adapters: dict[str, tuple[str, str]] = {}  # name -> (served name, path)
         self._confirmed: dict[str, float] = {}
+        self._chat_url_cache: httpx.URL | None = None
 
     @property
     def context_window(self) -> int:
@@ -58,6 +60,11 @@ class UpstreamBackend:
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         """An estimate (the upstream's tokenizer is unknown here), padded by 10%."""
         raw = sum(self._count_text(message_text(m)) + 4 for m in messages)
+        return int(raw * 1.1) + 8
+
+    def token_upper_bound(self, messages: list[dict[str, Any]]) -> int:
+        """``count_tokens`` with one token per UTF-8 byte: no tokenizer makes more tokens."""
+        raw = sum(len(message_text(m).encode()) + 4 for m in messages)
         return int(raw * 1.1) + 8
 
     async def start(self) -> None:
@@ -84,6 +91,13 @@ class UpstreamBackend:
         log.info(
             "upstream backend %s, model %s", self.settings.upstream_url, self._models or "unknown"
         )
+
+    @property
+    def _chat_url(self) -> httpx.URL:
+        assert self._client is not None
+        if self._chat_url_cache is None:  # resolved once: no URL parsing per request
+            self._chat_url_cache = self._client.base_url.join("chat/completions")
+        return self._chat_url_cache
 
     async def close(self) -> None:
         if self._client is not None and self._owns_client:
@@ -151,7 +165,12 @@ class UpstreamBackend:
     # ---- requests ------------------------------------------------------------------------
     async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
         assert self._client is not None
-        request = self._client.build_request("POST", "chat/completions", json=body)
+        request = self._client.build_request(
+            "POST",
+            self._chat_url,
+            content=msgspec.json.encode(body),
+            headers={"Content-Type": "application/json"},
+        )
         attempt = 0
         while True:
             try:
@@ -198,8 +217,8 @@ class UpstreamBackend:
         if response.status_code >= 400:
             raise self._error_for(response, response.content)
         try:
-            data = response.json()
-        except ValueError as exc:
+            data = msgspec.json.decode(response.content)
+        except msgspec.DecodeError as exc:
             raise UpstreamError("upstream answered with invalid JSON") from exc
         if not isinstance(data, dict) or "choices" not in data:
             raise UpstreamError("upstream answer is not a chat.completion object")
@@ -221,8 +240,8 @@ class UpstreamBackend:
                 if data == "[DONE]":
                     return
                 try:
-                    chunk = json.loads(data)
-                except ValueError as exc:
+                    chunk = msgspec.json.decode(data)
+                except msgspec.DecodeError as exc:
                     raise UpstreamError(
                         f"malformed event stream from upstream: {data[:100]!r}"
                     ) from exc
