@@ -1,9 +1,10 @@
 """D1/D2: adapters in the running service (local backend, bundled SmolLM2 on CPU).
 
 * D1: chat throughput with requests alternating two adapters and the base, against all base
-  (same prompts, greedy, 8 clients). In-process, the two ways of serving mixed adapters are
-  also timed on the same prompts: switching with ``set_adapter`` one request at a time (what the
-  service does) and one batched ``generate`` with per-row ``adapter_names``.
+  (same prompts, greedy, 8 clients), for each way the local backend can serve mixed adapters:
+  ``serial`` (one request at a time, ``set_adapter`` before each: RAG_GENERATION_BATCH_SIZE=1),
+  ``switch`` (batches of one adapter each, ``set_adapter`` per batch) and ``rows`` (batches
+  mixing adapters through PEFT's per-row ``adapter_names``). The default is the fastest.
 * D2: an adapter is loaded while 16 chats stream: failed requests (must be 0), load time, and
   the longest gap between stream chunks while it loaded.
 """
@@ -118,10 +119,8 @@ async def _d2(url: str, streams: int, tokens: int) -> dict[str, Any]:
                             # for its turn on the (one-at-a-time) local model is not a gap.
                             if generating:
                                 gaps.append(now - last)
-                            generating = (
-                                generating
-                                or ('"content": "' in line
-                                and ('"content": ""' not in line))
+                            generating = generating or (
+                                '"content": "' in line and ('"content": ""' not in line)
                             )
                             last = now
                             ok = ok or line == "data: [DONE]"
@@ -144,100 +143,63 @@ async def _d2(url: str, streams: int, tokens: int) -> dict[str, Any]:
     }
 
 
-def in_process_modes(base: Path, root: Path, tokens: int) -> dict[str, Any]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    tok.padding_side = "left"
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base), root / "alpha", adapter_name="alpha"
-    )
-    model.load_adapter(root / "beta", adapter_name="beta")
-    model.eval()
-    names = ["alpha", "__base__", "beta"] * 2
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": PROMPTS[i % 4]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for i in range(len(names))
-    ]
-    kwargs = {
-        "max_new_tokens": tokens,
-        "min_new_tokens": tokens,
-        "do_sample": False,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-        "pad_token_id": tok.eos_token_id,
-    }
-    with torch.inference_mode():
-        started = time.perf_counter()
-        for name, text in zip(names, texts, strict=True):
-            ids = tok(text, return_tensors="pt")
-            if name == "__base__":
-                with model.disable_adapter():
-                    model.generate(**ids, **kwargs)
-            else:
-                model.set_adapter(name)
-                model.generate(**ids, **kwargs)
-        sequential = time.perf_counter() - started
-        batch = tok(texts, return_tensors="pt", padding=True)
-        started = time.perf_counter()
-        model.generate(**batch, adapter_names=names, **kwargs)
-        batched = time.perf_counter() - started
-    total = tokens * len(names)
-    return {
-        "requests": len(names),
-        "tokens_each": tokens,
-        "set_adapter_sequential_tokens_per_s": round(total / sequential, 2),
-        "adapter_names_batched_tokens_per_s": round(total / batched, 2),
-    }
+MODES: dict[str, dict[str, str]] = {
+    "serial": {"RAG_GENERATION_BATCH_SIZE": "1", "RAG_ADAPTER_MIXING": "switch"},
+    "switch": {"RAG_ADAPTER_MIXING": "switch"},
+    "rows": {"RAG_ADAPTER_MIXING": "rows"},
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
 
     from rag_service.backends.local import materialize_bundled_model
+    from rag_service.settings import Settings
 
+    default_mode = Settings().adapter_mixing
+    d1: dict[str, Any] = {}
+    d2: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         base = materialize_bundled_model(data / "models")
         adapters = Path(tmp) / "adapters"
         make_adapters(base, adapters)
-        env = {"RAG_BACKEND": "local", "RAG_ADAPTERS_DIR": str(adapters)}
-        with Server(data, env) as server:
-            for name in ("alpha", "beta"):
-                httpx.post(
-                    server.url + "/v1/adapters", json={"name": name, "path": name}, timeout=120
-                ).raise_for_status()
-            mixed_models: list[str | None] = ["alpha", None, "beta"] * (args.requests // 3)
-            base_only: list[str | None] = [None] * len(mixed_models)
-            asyncio.run(_run(server.url, [None, "alpha"], args.tokens, 2))  # warm up
-            all_base = asyncio.run(_run(server.url, base_only, args.tokens, args.clients))
-            mixed = asyncio.run(_run(server.url, mixed_models, args.tokens, args.clients))
-            d2 = asyncio.run(_d2(server.url, args.streams, args.tokens))
-        modes = in_process_modes(base, adapters, args.tokens)
+        mixed_models: list[str | None] = ["alpha", None, "beta"] * (args.requests // 3)
+        base_only: list[str | None] = [None] * len(mixed_models)
+        for mode in args.modes:
+            env = {"RAG_BACKEND": "local", "RAG_ADAPTERS_DIR": str(adapters), **MODES[mode]}
+            with Server(data, env) as server:
+                for name in ("alpha", "beta"):
+                    httpx.post(
+                        server.url + "/v1/adapters", json={"name": name, "path": name}, timeout=120
+                    ).raise_for_status()
+                asyncio.run(_run(server.url, [None, "alpha"], args.tokens, 2))  # warm up
+                all_base = asyncio.run(_run(server.url, base_only, args.tokens, args.clients))
+                mixed = asyncio.run(_run(server.url, mixed_models, args.tokens, args.clients))
+                d1[mode] = {
+                    "all_base": all_base,
+                    "alternating_two_adapters_and_base": mixed,
+                    "mixed_over_base_tokens_per_s": round(
+                        mixed["tokens_per_s"] / all_base["tokens_per_s"], 3
+                    ),
+                }
+                if mode == default_mode:
+                    d2 = asyncio.run(_d2(server.url, args.streams, args.tokens))
+    mixed_rates = {m: r["alternating_two_adapters_and_base"]["tokens_per_s"] for m, r in d1.items()}
     write_result(
         "d1_d2_adapters",
         vars(args),
         {
-            "d1_throughput": {
-                "all_base": all_base,
-                "alternating_two_adapters_and_base": mixed,
-                "mixed_over_base_tokens_per_s": round(
-                    mixed["tokens_per_s"] / all_base["tokens_per_s"], 3
-                ),
-            },
-            "d1_serving_modes_in_process": modes,
+            "d1_throughput": d1,
+            "d1_mixed_tokens_per_s": mixed_rates,
+            "d1_fastest_mixed_mode": max(mixed_rates, key=mixed_rates.__getitem__),
+            "default_mode": default_mode,
             "d2_load_during_streams": d2,
         },
     )

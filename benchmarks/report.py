@@ -182,19 +182,29 @@ def render() -> str:
         ]
     if ad := _load("d1_d2_adapters"):
         f = ad["figures"]
-        d1, d2, modes = (
-            f["d1_throughput"],
-            f["d2_load_during_streams"],
-            f["d1_serving_modes_in_process"],
-        )
+        d1, d2 = f["d1_throughput"], f["d2_load_during_streams"]
+        names = {
+            "serial": "one request at a time, set_adapter before each",
+            "switch": "batches of one adapter, set_adapter per batch",
+            "rows": "batches mixing adapters, per-row adapter_names",
+        }
         lines += [
-            f"**D1/D2, adapters in the service** ({_where(ad)}; local backend, CPU): "
-            f"{d1['all_base']['tokens_per_s']} tokens/s all base vs "
-            f"{d1['alternating_two_adapters_and_base']['tokens_per_s']} alternating two adapters "
-            f"and the base (ratio {d1['mixed_over_base_tokens_per_s']}). In-process on the same "
-            f"prompts: switching with set_adapter {modes['set_adapter_sequential_tokens_per_s']} "
-            f"tokens/s, one batched generate with per-row adapter_names "
-            f"{modes['adapter_names_batched_tokens_per_s']} tokens/s. Loading an adapter while "
+            f"**D1/D2, adapters in the service** ({_where(ad)}; local backend, CPU, "
+            f"{ad['params']['clients']} clients, {ad['params']['tokens']} tokens each):",
+            "",
+            "| serving mode | all base tokens/s | alternating 2 adapters + base | mixed / base |",
+            "|---|---|---|---|",
+        ]
+        for mode, r in d1.items():
+            default = " (default)" if mode == f["default_mode"] else ""
+            lines.append(
+                f"| {mode}: {names.get(mode, mode)}{default} | {r['all_base']['tokens_per_s']} | "
+                f"{r['alternating_two_adapters_and_base']['tokens_per_s']} | "
+                f"{r['mixed_over_base_tokens_per_s']} |"
+            )
+        lines += [
+            "",
+            f"Fastest with mixed adapters: {f['d1_fastest_mixed_mode']}. Loading an adapter while "
             f"{d2['streams']} chats streamed: {d2['failed']} failed, load took "
             f"{d2['load_seconds']} s, longest gap between two tokens of a generating stream "
             f"{d2['max_token_gap_ms']} ms.",

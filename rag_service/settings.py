@@ -20,6 +20,7 @@ ENV_PREFIX = "RAG_"
 Device = Literal["auto", "cpu", "cuda"]
 Synchronous = Literal["NORMAL", "FULL"]
 Backend = Literal["auto", "local", "upstream"]
+AdapterMixing = Literal["rows", "switch"]
 
 
 class SettingsError(ValueError):
@@ -158,6 +159,21 @@ class Settings:
         default=32,
         metadata=_help("Local backend: most chat requests waiting to generate; beyond it 503."),
     )
+    generation_batch_size: int = field(
+        default=8,
+        metadata=_help("Local backend: most chat requests generated together; 1 = one at a time."),
+    )
+    generation_batch_wait_ms: float = field(
+        default=10.0,
+        metadata=_help("Local backend: how long an idle generator waits for a batch to gather."),
+    )
+    adapter_mixing: AdapterMixing = field(
+        default="rows",
+        metadata=_help(
+            "Local backend: 'rows' = one batch mixes adapters (PEFT adapter_names per row); "
+            "'switch' = one adapter per batch, made active with set_adapter."
+        ),
+    )
     max_new_tokens: int = field(
         default=512, metadata=_help("Default max_tokens when a chat request sets none.")
     )
@@ -208,6 +224,8 @@ class Settings:
             "max_body_bytes",
             "hnsw_ef_search",
             "ivf_nprobe",
+            "generation_queue_size",
+            "generation_batch_size",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
@@ -217,6 +235,8 @@ class Settings:
             raise bad("port", "must be a TCP port (0-65535)")
         if self.batch_wait_ms < 0 or self.batch_max_wait_ms < self.batch_wait_ms:
             raise bad("batch_max_wait_ms", "must be >= RAG_BATCH_WAIT_MS >= 0")
+        if self.generation_batch_wait_ms < 0:
+            raise bad("generation_batch_wait_ms", "must be >= 0")
         if self.snapshot_interval_s <= 0:
             raise bad("snapshot_interval_s", "must be positive")
         if self.queue_size < self.max_batch_size:

@@ -6,9 +6,10 @@ the package, loaded by transformers through ``gguf_file=``, and converted once i
 safetensors directory under ``<data_dir>/models`` so later starts load in about a second. Any
 local Hugging Face causal LM directory works instead (``RAG_LOCAL_MODEL``).
 
-One thread owns the model and generates one request at a time; waiting requests queue up to
-``RAG_GENERATION_QUEUE_SIZE`` (503 beyond). Streams are produced token by token; a client that
-goes away stops its generation at the next token.
+One thread owns the model and generates waiting requests together, in batches of up to
+``RAG_GENERATION_BATCH_SIZE`` (see :mod:`rag_service.backends.generation`); requests queue up
+to ``RAG_GENERATION_QUEUE_SIZE`` (503 beyond). Streams are produced token by token; a client
+that goes away stops its row at the next token.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from rag_service.backends.base import completion_id
+from rag_service.backends.generation import BatchGenerator, GenerationRequest, GenerationResult
 from rag_service.chat_schemas import message_text
 from rag_service.errors import InvalidRequest, Overloaded
 from rag_service.settings import Settings
@@ -94,10 +95,6 @@ def _drop_gguf_quantization(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-class _Cancelled(Exception):
-    pass
-
-
 class LocalBackend:
     name = "local"
 
@@ -115,7 +112,6 @@ class LocalBackend:
         self.model_name = model_name or (
             Path(settings.local_model).name if settings.local_model else BUNDLED_NAME
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         # Adapter loads/unloads go ahead of queued generations: they wait only for the one
         # generation running now (the model is changed only between generations).
         self._model_lock = threading.Lock()
@@ -123,6 +119,17 @@ class LocalBackend:
         self._admin_pending = 0
         self._waiting = 0
         self._peft: Any = None  # the PeftModel once an adapter is loaded
+        self.generator = BatchGenerator(
+            model=lambda: self.model,
+            tokenizer=lambda: self.tokenizer,
+            prompt_ids=self.prompt_ids,
+            turn=self._turn,
+            adapter_scope=self._adapter_scope,
+            has_adapters=lambda: self._peft is not None,
+            max_batch=settings.generation_batch_size,
+            wait_s=settings.generation_batch_wait_ms / 1000,
+            mixing=settings.adapter_mixing,
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------
     def load(self) -> None:
@@ -153,7 +160,7 @@ class LocalBackend:
             await asyncio.to_thread(self.load)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.generator.close()
 
     @property
     def context_window(self) -> int:
@@ -194,73 +201,25 @@ class LocalBackend:
         return self.count_tokens(messages)  # exact and local: no cheaper bound worth keeping
 
     # ---- generation --------------------------------------------------------------------
-    def _generate(
-        self, body: dict[str, Any], on_text: Any, cancel: threading.Event
-    ) -> tuple[str, str, int, int]:
-        """Blocking: (text, finish_reason, prompt_tokens, completion_tokens)."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
-
-        ids = self.prompt_ids(body["messages"])
-        input_ids = torch.tensor([ids], device=self.model.device)
+    def _request(self, body: dict[str, Any], on_text: Any, on_done: Any) -> GenerationRequest:
         max_new = int(
             body.get("max_completion_tokens")
             or body.get("max_tokens")
             or self.settings.max_new_tokens
         )
         temperature = body.get("temperature")
-        do_sample = temperature is not None and temperature > 0
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new,
-            "do_sample": do_sample,
-            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-        }
-        if do_sample:
-            kwargs["temperature"] = float(temperature)  # type: ignore[arg-type]
-            if body.get("top_p") is not None:
-                kwargs["top_p"] = float(body["top_p"])
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        stops = body.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else list(stops)
-        if stops:
-            kwargs["stop_strings"] = stops
-            kwargs["tokenizer"] = self.tokenizer
-        if body.get("seed") is not None:
-            torch.manual_seed(int(body["seed"]))
-
-        class Cancel(StoppingCriteria):
-            def __call__(self, *_: Any, **__: Any) -> bool:
-                return cancel.is_set()
-
-        parts: list[str] = []
-
-        class Streamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    parts.append(text)
-                    on_text(text)
-
-        streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        adapter = body.get("model")
-        with self._turn(), torch.inference_mode(), self._adapter_scope(adapter):
-            out = self.model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([Cancel()]),
-                **kwargs,
-            )
-        if cancel.is_set():
-            raise _Cancelled
-        new = out[0][len(ids) :].tolist()
-        text = "".join(parts)
-        finish = "length" if len(new) >= max_new else "stop"
-        for stop in stops:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-        return text, finish, len(ids), len(new)
+        model = body.get("model")
+        return GenerationRequest(
+            messages=body["messages"],
+            max_new_tokens=max_new,
+            adapter=None if model in (None, self.model_name) else str(model),
+            on_text=on_text,
+            on_done=on_done,
+            temperature=float(temperature) if temperature is not None else None,
+            top_p=float(body["top_p"]) if body.get("top_p") is not None else None,
+            stop=tuple(_stops(body)),
+            seed=int(body["seed"]) if body.get("seed") is not None else None,
+        )
 
     # ---- adapters ------------------------------------------------------------------------
     # One generation at a time holds the model; an adapter is active only for the request that
@@ -379,22 +338,23 @@ class LocalBackend:
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         self._admit()
-        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[GenerationResult] = loop.create_future()
+        request = self._request(body, lambda _t: None, _resolver(loop, done))
         try:
-            loop = asyncio.get_running_loop()
-            text, finish, prompt, completion = await loop.run_in_executor(
-                self._executor, self._generate, body, lambda _t: None, cancel
-            )
+            self.generator.submit(request)
+            result = await done
         finally:
-            cancel.set()
+            request.cancel.set()  # the caller went away: stop at the next token
             self._waiting -= 1
-        return self._response(body, text, finish, prompt, completion)
+        text, finish = _cut_at_stop(result.text, result.finish_reason, request.stop)
+        return self._response(body, text, finish, result.prompt_tokens, result.completion_tokens)
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         self._admit()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        cancel = threading.Event()
+        done: asyncio.Future[GenerationResult] = loop.create_future()
         cid, created = completion_id(), int(time.time())
 
         def on_text(text: str) -> None:
@@ -411,12 +371,12 @@ class LocalBackend:
                 ],
             }
 
-        task = loop.run_in_executor(self._executor, self._generate, body, on_text, cancel)
-        task.add_done_callback(lambda _f: loop.call_soon_threadsafe(queue.put_nowait, None))
-        stops = body.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else list(stops)
+        request = self._request(body, on_text, _resolver(loop, done))
+        done.add_done_callback(lambda _f: queue.put_nowait(None))
+        stops = request.stop
         hold = max((len(s) for s in stops), default=1) - 1
         try:
+            self.generator.submit(request)
             yield chunk({"role": "assistant", "content": ""})
             sent, buffer = 0, ""
             while True:
@@ -430,21 +390,50 @@ class LocalBackend:
                     yield chunk({"content": buffer[sent:limit]})
                     sent = limit
                 if cut >= 0:
-                    cancel.set()
+                    request.cancel.set()
                     break
-            text, finish, prompt, completion = await task
+            result = await done
+            text, finish = _cut_at_stop(result.text, result.finish_reason, stops)
             if len(text) > sent:
                 yield chunk({"content": text[sent:]})
             final = chunk({}, finish)
             final["usage"] = {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": result.prompt_tokens + result.completion_tokens,
             }
             yield final
         finally:
-            cancel.set()
+            request.cancel.set()
             self._waiting -= 1
-            if not task.done():
-                with contextlib.suppress(_Cancelled, Exception):
-                    await asyncio.shield(task)
+
+
+def _stops(body: dict[str, Any]) -> list[str]:
+    stops = body.get("stop") or []
+    return [stops] if isinstance(stops, str) else [str(s) for s in stops]
+
+
+def _cut_at_stop(text: str, finish: str, stops: tuple[str, ...]) -> tuple[str, str]:
+    """The text up to the first stop string (which the model may have generated past)."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if cuts:
+        return text[: min(cuts)], "stop"
+    return text, finish
+
+
+def _resolver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[GenerationResult]) -> Any:
+    """``on_done`` for a request: hands the result (or error) to ``future`` on the loop."""
+
+    def settle(outcome: GenerationResult | BaseException) -> None:
+        if future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def on_done(outcome: GenerationResult | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, outcome)
+
+    return on_done

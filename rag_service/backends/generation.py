@@ -1,0 +1,321 @@
+"""Batched generation for the local backend: one thread, requests generated together.
+
+Requests wait in a queue. The generation thread takes the oldest one and every waiting
+request that can share its batch, up to ``max_batch`` rows, and runs one ``generate`` call over
+them: prompts left-padded, per-row token limits, per-row cancellation, and each row's text
+streamed as it is produced. A batch is formed from requests with the same sampling settings
+and stop strings; a request with a seed runs alone (its sampling must not depend on others).
+
+Adapters: with ``mixing="rows"`` a batch mixes adapters, one per row, through PEFT's
+``adapter_names`` (``"__base__"`` for the base model); with ``mixing="switch"`` a batch holds
+one adapter, made active with ``set_adapter`` for that batch. ``rows`` is the default: on the
+CPU it measured faster (benchmarks/bench_adapters.py, D1).
+
+Static batching: a request that arrives while a batch runs waits for the next batch. When the
+thread is idle, the first request waits ``wait_s`` for others to join it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["BASE_ADAPTER", "BatchGenerator", "GenerationRequest", "GenerationResult", "Mixing"]
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
+Mixing = Literal["rows", "switch"]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One chat's generation. ``on_text`` and ``on_done`` are called from the generation
+    thread; ``cancel`` stops the row at its next token."""
+
+    messages: list[dict[str, Any]]
+    max_new_tokens: int
+    adapter: str | None  # None = the base model
+    on_text: Callable[[str], None]
+    on_done: Callable[[GenerationResult | BaseException], None]
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature is not None and self.temperature > 0
+
+    def batch_key(self, mixing: Mixing) -> Hashable:
+        """Requests with equal keys can share a batch."""
+        if self.seed is not None:
+            return ("alone", id(self))
+        sampling = ("sample", self.temperature, self.top_p) if self.sampled else ("greedy",)
+        adapter = (self.adapter,) if mixing == "switch" else ()
+        return (*sampling, self.stop, *adapter)
+
+
+class _Row:
+    """A request inside a running batch: its tokens, text and whether it is finished."""
+
+    def __init__(self, request: GenerationRequest, prompt_len: int, streamer: Any) -> None:
+        self.request = request
+        self.prompt_len = prompt_len
+        self.streamer = streamer
+        self.generated = 0
+        self.finish: str | None = None
+
+    def take(self, token: int, eos: frozenset[int]) -> None:
+        if self.finish is not None:
+            return
+        self.generated += 1
+        if token in eos:
+            self.finish = "stop"
+            return
+        self.streamer.put_token(token)
+        if self.generated >= self.request.max_new_tokens:
+            self.finish = "length"
+        elif self.request.cancel.is_set():
+            self.finish = "cancelled"
+
+
+class BatchGenerator:
+    """The generation thread and its queue.
+
+    ``model`` and ``tokenizer`` are read through callables at each batch, so the backend can
+    swap the model (a PEFT wrapper appears with the first adapter) between batches. ``turn``
+    is the backend's hold on the model for one batch (adapter loads go between batches).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Callable[[], Any],
+        tokenizer: Callable[[], Any],
+        prompt_ids: Callable[[list[dict[str, Any]]], list[int]],
+        turn: Callable[[], contextlib.AbstractContextManager[Any]],
+        adapter_scope: Callable[[str | None], contextlib.AbstractContextManager[Any]],
+        has_adapters: Callable[[], bool],
+        max_batch: int = 8,
+        wait_s: float = 0.01,
+        mixing: Mixing = "rows",
+    ) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._prompt_ids = prompt_ids
+        self._turn = turn
+        self._adapter_scope = adapter_scope
+        self._has_adapters = has_adapters
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.mixing: Mixing = mixing
+        self._queue: list[GenerationRequest] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.batches = 0  # batches run, and rows in them (for metrics and tests)
+        self.rows = 0
+
+    # ---- queue ---------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the generator is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
+                self._thread.start()
+            self._queue.append(request)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            pending, self._queue = self._queue, []
+            self._cond.notify_all()
+        for request in pending:
+            request.on_done(RuntimeError("the local model is shutting down"))
+
+    def _next_batch(self) -> list[GenerationRequest] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            if self.wait_s > 0 and len(self._queue) < self.max_batch:
+                # An idle generator gives a burst a moment to arrive together.
+                deadline = time.monotonic() + self.wait_s
+                while len(self._queue) < self.max_batch and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            first = self._queue[0]
+            key = first.batch_key(self.mixing)
+            batch = [r for r in self._queue if r.batch_key(self.mixing) == key][: self.max_batch]
+            taken = set(map(id, batch))
+            self._queue = [r for r in self._queue if id(r) not in taken]
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            live = [r for r in batch if not r.cancel.is_set()]
+            for r in batch:
+                if r.cancel.is_set():
+                    r.on_done(RuntimeError("cancelled before it started"))
+            if not live:
+                continue
+            try:
+                with self._turn():
+                    results = self._generate(live)
+            except Exception as exc:  # a failed batch fails its requests, not the thread
+                log.exception("generation of a batch of %d failed", len(live))
+                for r in live:
+                    r.on_done(exc)
+                continue
+            self.batches += 1
+            self.rows += len(live)
+            for r, result in zip(live, results, strict=True):
+                r.on_done(result)
+
+    # ---- one batch -----------------------------------------------------------------------
+    def _generate(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        model, tokenizer = self._model(), self._tokenizer()
+        prompts = [self._prompt_ids(r.messages) for r in batch]
+        width = max(map(len, prompts))
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(prompts):  # left padding: every row ends at the same column
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            mask[i, width - len(ids) :] = 1
+        rows = [
+            _Row(r, len(ids), _RowText(tokenizer, r.on_text))
+            for r, ids in zip(batch, prompts, strict=True)
+        ]
+        eos = _eos_ids(model, tokenizer) | {pad}  # a row stopped by HF gets pad tokens after
+
+        class Rows(BaseStreamer):
+            """Receives each step's token for every row (the first call is the prompt)."""
+
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                for row, token in zip(rows, value.reshape(-1).tolist(), strict=True):
+                    row.take(int(token), eos)
+
+            def end(self) -> None:
+                for row in rows:
+                    row.streamer.flush()
+
+        class RowsDone(StoppingCriteria):
+            def __call__(self, ids: Any, scores: Any, **_: Any) -> Any:
+                done = [row.finish is not None or row.request.cancel.is_set() for row in rows]
+                return torch.tensor(done, dtype=torch.bool, device=ids.device)
+
+        first = batch[0]
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(r.max_new_tokens for r in batch),
+            "do_sample": first.sampled,
+            "pad_token_id": pad,
+        }
+        if first.sampled:
+            kwargs["temperature"] = float(first.temperature)  # type: ignore[arg-type]
+            if first.top_p is not None:
+                kwargs["top_p"] = float(first.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if first.stop:
+            kwargs.update(stop_strings=list(first.stop), tokenizer=tokenizer)
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+        scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self._has_adapters():
+            if self.mixing == "rows" and any(r.adapter is not None for r in batch):
+                kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in batch]
+            else:
+                scope = self._adapter_scope(first.adapter)
+        device = model.device
+        with torch.inference_mode(), scope:
+            model.generate(
+                input_ids.to(device),
+                attention_mask=mask.to(device),
+                streamer=Rows(),
+                stopping_criteria=StoppingCriteriaList([RowsDone()]),
+                **kwargs,
+            )
+        results = []
+        for row in rows:
+            finish = row.finish or "stop"  # stopped by a stop string
+            if finish == "cancelled":
+                finish = "stop"
+            results.append(
+                GenerationResult(row.streamer.text, finish, row.prompt_len, row.generated)
+            )
+        return results
+
+
+class _RowText:
+    """Incremental detokenisation of one row: the whole row is decoded at each token and the
+    new end of it emitted, unless it ends inside a multi-byte character (then it waits)."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
+        self._tokenizer = tokenizer
+        self._on_text = on_text
+        self._tokens: list[int] = []
+        self._sent = ""
+
+    def put_token(self, token: int) -> None:
+        self._tokens.append(token)
+        self._send(self.text)
+
+    def flush(self) -> None:
+        self._send(self.text, final=True)
+
+    @property
+    def text(self) -> str:
+        return str(self._tokenizer.decode(self._tokens, skip_special_tokens=True))
+
+    def _send(self, text: str, final: bool = False) -> None:
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self._sent) and len(text) > len(self._sent):
+            self._on_text(text[len(self._sent) :])
+            self._sent = text
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
