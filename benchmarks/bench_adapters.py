@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -116,12 +117,12 @@ async def _d2(url: str, streams: int, tokens: int) -> dict[str, Any]:
                         now = time.perf_counter()
                         if line.startswith("data: "):
                             # Gaps between tokens of a stream that is generating; the wait
-                            # for its turn on the (one-at-a-time) local model is not a gap.
+                            # for its batch to start on the local model is not a gap.
                             if generating:
                                 gaps.append(now - last)
-                            generating = generating or (
-                                '"content": "' in line and ('"content": ""' not in line)
-                            )
+                            if not generating and line.startswith("data: {"):
+                                choices = json.loads(line[6:]).get("choices") or [{}]
+                                generating = bool(choices[0].get("delta", {}).get("content"))
                             last = now
                             ok = ok or line == "data: [DONE]"
                     failures += not ok
@@ -174,7 +175,10 @@ def main() -> None:
         base_only: list[str | None] = [None] * len(mixed_models)
         for mode in args.modes:
             env = {"RAG_BACKEND": "local", "RAG_ADAPTERS_DIR": str(adapters), **MODES[mode]}
-            with Server(data, env) as server:
+            fresh = Path(tmp) / f"data-{mode}"  # no adapter registry from the last mode
+            fresh.mkdir()
+            (fresh / "models").symlink_to(data / "models")
+            with Server(fresh, env) as server:
                 for name in ("alpha", "beta"):
                     httpx.post(
                         server.url + "/v1/adapters", json={"name": name, "path": name}, timeout=120

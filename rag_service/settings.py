@@ -168,10 +168,10 @@ class Settings:
         metadata=_help("Local backend: how long an idle generator waits for a batch to gather."),
     )
     adapter_mixing: AdapterMixing = field(
-        default="rows",
+        default="switch",
         metadata=_help(
-            "Local backend: 'rows' = one batch mixes adapters (PEFT adapter_names per row); "
-            "'switch' = one adapter per batch, made active with set_adapter."
+            "Local backend: 'switch' = one adapter per batch, made active with set_adapter; "
+            "'rows' = one batch mixes adapters (PEFT adapter_names per row)."
         ),
     )
     max_new_tokens: int = field(

@@ -66,7 +66,7 @@ def run_together(backend: LocalBackend, reqs: list[tuple[GenerationRequest, dict
 
 @pytest.mark.parametrize("mixing", ["rows", "switch"])
 def test_batched_rows_equal_each_row_alone(backend, mixing):
-    backend.generator.mixing = mixing
+    previous, backend.generator.mixing = backend.generator.mixing, mixing
     adapters = ["alpha", None, "beta", "alpha"]
     alone = [
         run_together(backend, [request(p, a)])[0] for p, a in zip(PROMPTS, adapters, strict=True)
@@ -83,13 +83,14 @@ def test_batched_rows_equal_each_row_alone(backend, mixing):
         assert many.completion_tokens == one.completion_tokens
         assert many.prompt_tokens == one.prompt_tokens
     assert len({r.text for r in together}) >= 3  # adapters changed the answers
-    backend.generator.mixing = "rows"
+    backend.generator.mixing = previous
 
 
 def test_per_row_token_limits_and_cancel(backend):
-    short, short_box = request(PROMPTS[3], None, max_new_tokens=3)
+    short, short_box = request(PROMPTS[3], "alpha", max_new_tokens=3)
     long, long_box = request(PROMPTS[3], "alpha", max_new_tokens=20)
-    gone, gone_box = request(PROMPTS[3], "beta", max_new_tokens=20)
+    gone, gone_box = request(PROMPTS[3], "alpha", max_new_tokens=20)
+    before = backend.generator.batches
 
     def cancel_after_first_text(text: str, _orig=gone.on_text) -> None:
         _orig(text)
@@ -97,6 +98,7 @@ def test_per_row_token_limits_and_cancel(backend):
 
     gone.on_text = cancel_after_first_text
     results = run_together(backend, [(short, short_box), (long, long_box), (gone, gone_box)])
+    assert backend.generator.batches == before + 1  # one batch, rows stopping on their own
     assert (results[0].completion_tokens, results[0].finish_reason) == (3, "length")
     assert (results[1].completion_tokens, results[1].finish_reason) == (20, "length")
     assert results[2].completion_tokens < 5  # stopped at its next token

@@ -6,10 +6,12 @@ them: prompts left-padded, per-row token limits, per-row cancellation, and each 
 streamed as it is produced. A batch is formed from requests with the same sampling settings
 and stop strings; a request with a seed runs alone (its sampling must not depend on others).
 
-Adapters: with ``mixing="rows"`` a batch mixes adapters, one per row, through PEFT's
-``adapter_names`` (``"__base__"`` for the base model); with ``mixing="switch"`` a batch holds
-one adapter, made active with ``set_adapter`` for that batch. ``rows`` is the default: on the
-CPU it measured faster (benchmarks/bench_adapters.py, D1).
+Adapters: with ``mixing="switch"`` (the default) a batch holds one adapter, made active with
+``set_adapter`` for that batch; with ``mixing="rows"`` a batch mixes adapters, one per row,
+through PEFT's ``adapter_names`` (``"__base__"`` for the base model). Both never cross-talk.
+``switch`` is the default because it measured faster with mixed traffic (benchmarks/
+bench_adapters.py, D1, CPU: PEFT's mixed-batch LoRA forward splits every LoRA layer's input by
+adapter at each decoding step, which costs more than running one batch per adapter).
 
 Static batching: a request that arrives while a batch runs waits for the next batch. When the
 thread is idle, the first request waits ``wait_s`` for others to join it.
@@ -113,7 +115,7 @@ class BatchGenerator:
         has_adapters: Callable[[], bool],
         max_batch: int = 8,
         wait_s: float = 0.01,
-        mixing: Mixing = "rows",
+        mixing: Mixing = "switch",
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
