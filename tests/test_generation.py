@@ -97,11 +97,20 @@ def test_per_row_token_limits_and_cancel(backend):
         gone.cancel.set()
 
     gone.on_text = cancel_after_first_text
+    seen_when_short_done: list[int] = []
+
+    def short_done(outcome, _orig=short.on_done) -> None:
+        seen_when_short_done.append(len(long_box["texts"]))
+        _orig(outcome)
+
+    short.on_done = short_done
     results = run_together(backend, [(short, short_box), (long, long_box), (gone, gone_box)])
     assert backend.generator.batches == before + 1  # one batch, rows stopping on their own
     assert (results[0].completion_tokens, results[0].finish_reason) == (3, "length")
     assert (results[1].completion_tokens, results[1].finish_reason) == (20, "length")
     assert results[2].completion_tokens < 5  # stopped at its next token
+    # The short row was answered as soon as it finished, while the long one still generated.
+    assert seen_when_short_done[0] < len(long_box["texts"])
 
 
 def test_batch_keys():

@@ -80,7 +80,23 @@ class _Row:
         self.prompt_len = prompt_len
         self.streamer = streamer
         self.generated = 0
-        self.finish: str | None = None
+        self.finish: str | None = None  # "stop" | "length" | "cancelled"
+        self.reported = False
+
+    def report(self, error: BaseException | None = None) -> None:
+        """Hand the row's outcome to its request, once: as soon as the row is finished, not
+        when the whole batch is."""
+        if self.reported:
+            return
+        self.reported = True
+        if error is not None:
+            self.request.on_done(error)
+            return
+        self.streamer.flush()
+        finish = self.finish if self.finish in ("stop", "length") else "stop"
+        self.request.on_done(
+            GenerationResult(self.streamer.text, finish, self.prompt_len, self.generated)
+        )
 
     def take(self, token: int, eos: frozenset[int]) -> None:
         if self.finish is not None:
@@ -130,7 +146,7 @@ class BatchGenerator:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.batches = 0  # batches run, and rows in them (for metrics and tests)
+        self.batches = 0  # batches started, and rows in them
         self.rows = 0
 
     # ---- queue ---------------------------------------------------------------------------
@@ -184,21 +200,25 @@ class BatchGenerator:
                     r.on_done(RuntimeError("cancelled before it started"))
             if not live:
                 continue
-            try:
-                with self._turn():
-                    results = self._generate(live)
-            except Exception as exc:  # a failed batch fails its requests, not the thread
-                log.exception("generation of a batch of %d failed", len(live))
-                for r in live:
-                    r.on_done(exc)
-                continue
+            rows: list[_Row] = []
             self.batches += 1
             self.rows += len(live)
-            for r, result in zip(live, results, strict=True):
-                r.on_done(result)
+            try:
+                with self._turn():
+                    self._generate(live, rows)
+            except Exception as exc:  # a failed batch fails its requests, not the thread
+                log.exception("generation of a batch of %d failed", len(live))
+                answered = {id(row.request) for row in rows if row.reported}
+                for r in live:
+                    if id(r) not in answered:
+                        r.on_done(exc)
+                continue
+            for row in rows:
+                row.report()  # rows stopped by a stop string or the batch's last step
 
     # ---- one batch -----------------------------------------------------------------------
-    def _generate(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+    def _generate(self, batch: list[GenerationRequest], rows: list[_Row]) -> None:
+        """Generate ``batch``, filling ``rows``; each row is reported when it finishes."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
@@ -214,7 +234,7 @@ class BatchGenerator:
         for i, ids in enumerate(prompts):  # left padding: every row ends at the same column
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             mask[i, width - len(ids) :] = 1
-        rows = [
+        rows += [
             _Row(r, len(ids), _RowText(tokenizer, r.on_text))
             for r, ids in zip(batch, prompts, strict=True)
         ]
@@ -231,10 +251,11 @@ class BatchGenerator:
                     return
                 for row, token in zip(rows, value.reshape(-1).tolist(), strict=True):
                     row.take(int(token), eos)
+                    if row.finish is not None:
+                        row.report()
 
             def end(self) -> None:
-                for row in rows:
-                    row.streamer.flush()
+                pass  # rows still open are reported by the caller
 
         class RowsDone(StoppingCriteria):
             def __call__(self, ids: Any, scores: Any, **_: Any) -> Any:
@@ -272,15 +293,6 @@ class BatchGenerator:
                 stopping_criteria=StoppingCriteriaList([RowsDone()]),
                 **kwargs,
             )
-        results = []
-        for row in rows:
-            finish = row.finish or "stop"  # stopped by a stop string
-            if finish == "cancelled":
-                finish = "stop"
-            results.append(
-                GenerationResult(row.streamer.text, finish, row.prompt_len, row.generated)
-            )
-        return results
 
 
 class _RowText:
