@@ -145,6 +145,9 @@ async def _load(
             backend = _make_backend(settings, embedder, http_client)
             await backend.start()
             stack.push_async_callback(backend.close)
+        generator = getattr(backend, "generator", None)  # the local model's batch generator
+        if generator is not None:
+            generator.on_batch = metrics_.generation_batch_size.observe
         adapters = AdapterManager(
             settings.adapters_path,
             AdapterRegistry(Path(settings.data_dir) / "adapters.json"),

@@ -41,6 +41,12 @@ class Metrics:
             registry=r,
         )
         self.queue = Gauge("rag_embedding_queue_depth", "Texts waiting for embedding", registry=r)
+        self.generation_batch_size = Histogram(
+            "rag_generation_batch_size",
+            "Chat requests the local model generated together in one batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.index_vectors = Gauge(
             "rag_index_vectors", "Vectors in each collection's index", ["collection"], registry=r
         )

@@ -59,6 +59,8 @@ def test_answers_from_ingested_knowledge(client):
     usage = body["usage"]
     assert usage["prompt_tokens"] > 20 and 0 < usage["completion_tokens"] <= 48
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    metrics = client.get("/metrics").text
+    assert "rag_generation_batch_size_count 1.0" in metrics  # one batch of one request
 
 
 def test_stream_token_by_token(client):

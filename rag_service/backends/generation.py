@@ -148,6 +148,7 @@ class BatchGenerator:
         self._closed = False
         self.batches = 0  # batches started, and rows in them
         self.rows = 0
+        self.on_batch: Callable[[int], None] | None = None  # told each batch's size (metrics)
 
     # ---- queue ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -203,6 +204,8 @@ class BatchGenerator:
             rows: list[_Row] = []
             self.batches += 1
             self.rows += len(live)
+            if self.on_batch is not None:
+                self.on_batch(len(live))
             try:
                 with self._turn():
                     self._generate(live, rows)
