@@ -66,6 +66,10 @@ def validate_factory(factory: str, dimension: int) -> None:
         raise ValueError(f"FAISS cannot build index {factory!r}: {first}") from exc
 
 
+def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+
+
 def _gpu_count() -> int:
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get is not None else 0
@@ -104,8 +108,18 @@ class FaissIndex:
         return faiss.IndexIDMap2(base)
 
     @property
+    def _main(self) -> Any:
+        return self._main_index
+
+    @_main.setter
+    def _main(self, index: Any) -> None:
+        # The downcast inner index is looked up once per main index, not on every search.
+        self._main_index = index
+        self._inner_index = faiss.downcast_index(index.index)
+
+    @property
     def _inner(self) -> Any:
-        return faiss.downcast_index(self._main.index)
+        return self._inner_index
 
     @property
     def supports_remove(self) -> bool:
@@ -216,10 +230,9 @@ class FaissIndex:
     def _search_one(
         self, index: Any, queries: np.ndarray, k: int, allowed: np.ndarray | None, *, exact: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        nq = len(queries)
-        empty = (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64))
-        if index.ntotal == 0 or k <= 0:
-            return empty
+        ntotal = int(index.ntotal)
+        if ntotal == 0 or k <= 0:
+            return _empty(len(queries), k)
         selector: Any = None
         keep: list[Any] = []  # selectors must outlive the search call
         if allowed is not None:
@@ -227,28 +240,31 @@ class FaissIndex:
             if self._tombstones:
                 allowed = allowed[~np.isin(allowed, np.fromiter(self._tombstones, np.int64))]
             if len(allowed) == 0:
-                return empty
+                return _empty(len(queries), k)
             selector = faiss.IDSelectorBatch(allowed)
             keep.append(selector)
         elif self._tombstones:
             batch = faiss.IDSelectorBatch(np.fromiter(self._tombstones, np.int64))
             selector = faiss.IDSelectorNot(batch)
             keep += [batch, selector]
-        kk = min(k, int(index.ntotal))
+        kk = min(k, ntotal)
+        inner = self._inner
         if self.on_gpu and index is self._main:
             scores, ids = self._gpu_search(queries, kk, allowed)
         elif selector is None:
-            if isinstance(self._inner, faiss.IndexHNSW) and not exact:
-                self._inner.hnsw.efSearch = max(self.ef_search, kk)
-            if isinstance(self._inner, faiss.IndexIVF) and not exact:
-                self._inner.nprobe = self.nprobe
+            if not exact and isinstance(inner, faiss.IndexHNSW):
+                inner.hnsw.efSearch = max(self.ef_search, kk)
+            elif not exact and isinstance(inner, faiss.IndexIVF):
+                inner.nprobe = self.nprobe
             scores, ids = index.search(queries, kk)
         else:
             scores, ids = index.search(queries, kk, params=self._params(selector, exact))
         if kk < k:
             scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
             ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
-        scores = np.where(ids < 0, -np.inf, scores)
+        missing = ids < 0
+        if missing.any():
+            scores[missing] = -np.inf
         return scores, ids
 
     def _gpu_search(
