@@ -95,6 +95,9 @@ class Embedder:
             )
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self._input_names: list[str] = []
+        self._extra_features: dict[str, Any] = {}  # non-tensor entries, e.g. the modality
+        self._batch_tokenizer = self._checked_batch_tokenizer()
         log.info(
             "embedding model %s (dim %d, window %d tokens) on %s",
             self.name,
@@ -102,6 +105,65 @@ class Embedder:
             self.max_seq_length,
             self.device,
         )
+
+    # Probes for the batch tokenizer: padding, truncation, whitespace, accents, CJK, emoji.
+    _PROBES: tuple[tuple[str, ...], ...] = (
+        ("Which floor is meeting room 42 on?",),
+        ("a b", "  Hello   wörld!  ", "Ünïcödé café naïve", "x " * 600),
+        ("東京は日本の首都です。", "emoji 🙂 and tabs\tand\nnewlines", "UPPER lower MiXeD"),
+    )
+
+    def _checked_batch_tokenizer(self) -> Tokenizer | None:
+        """The model's fast tokenizer set up to pad and truncate like sentence-transformers,
+        called directly: its features in ~0.1 ms where the library's preprocessing takes ~0.4
+        (a measurable part of every query's latency). Used only if it reproduces the
+        library's features exactly on the probes; otherwise None and the library is used."""
+        import torch
+
+        hf = getattr(self._model, "tokenizer", None)
+        names = list(getattr(hf, "model_input_names", []))
+        pad_id = getattr(hf, "pad_token_id", None)
+        if hf is None or pad_id is None or getattr(hf, "padding_side", "right") != "right":
+            return None
+        if not set(names) <= {"input_ids", "attention_mask", "token_type_ids"}:
+            return None
+        tok = Tokenizer.from_str(self.tokenizer.to_str())
+        tok.enable_truncation(max_length=self.max_seq_length)
+        tok.enable_padding(pad_id=pad_id, pad_token=hf.pad_token)
+        self._input_names = names
+        try:
+            for probe in self._PROBES:
+                ours = self._features(tok, list(probe))
+                theirs = self._preprocess(list(probe))
+                tensors = {k for k, v in theirs.items() if isinstance(v, torch.Tensor)}
+                if set(names) != tensors or any(not torch.equal(ours[k], theirs[k]) for k in names):
+                    raise ValueError("features differ")
+                self._extra_features = {k: v for k, v in theirs.items() if k not in tensors}
+        except Exception as exc:  # any mismatch: keep the library's own preprocessing
+            log.info("batch tokenizer not used for %s: %s", self.name, exc)
+            return None
+        return tok
+
+    def _features(self, tok: Tokenizer, texts: list[str]) -> dict[str, Any]:
+        import torch
+
+        encodings = tok.encode_batch(texts, add_special_tokens=True)
+        columns = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
+        features: dict[str, Any] = dict(self._extra_features)
+        for name in self._input_names:
+            features[name] = torch.from_numpy(np.asarray(columns[name], dtype=np.int64))
+        return features
+
+    def tokenize_batch(self, texts: list[str]) -> dict[str, Any]:
+        """Model input features for ``texts`` (padded to the longest, window-truncated)."""
+        if self._batch_tokenizer is not None:
+            return self._features(self._batch_tokenizer, texts)
+        with self._tokenize_lock:
+            return dict(self._preprocess(texts))
 
     @property
     def content_window(self) -> int:
@@ -114,7 +176,8 @@ class Embedder:
         With ``tokens`` (each text's token count) the texts are encoded in groups of similar
         length, so a batch mixing short and long texts does not pay for padding. Safe to call
         from two threads at once (the ingest and query lanes): only tokenisation, which
-        mutates the fast tokenizer's settings, is serialised; forward passes run side by side.
+        mutates the library tokenizer's settings, is serialised (the batch tokenizer needs no
+        lock); forward passes run side by side.
         """
         import torch
         from sentence_transformers.util import batch_to_device
@@ -124,14 +187,19 @@ class Embedder:
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         groups = length_groups(tokens) if tokens is not None else [list(range(len(texts)))]
         for group in groups:
-            with self._tokenize_lock:
-                features = self._preprocess([texts[i] for i in group])
-            features = batch_to_device(features, self._model.device)
+            features = batch_to_device(
+                self.tokenize_batch([texts[i] for i in group]), self._model.device
+            )
             with torch.inference_mode():
                 emb = self._model.forward(features)["sentence_embedding"]
                 emb = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
             out[group] = emb.cpu().numpy()
         return out
+
+    def estimate_tokens(self, text: str) -> int:
+        """A cheap token estimate (about four characters a token, plus the special tokens,
+        window-capped) for where a count only steers batching."""
+        return min(len(text) // 4 + 3, self.max_seq_length)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens the model will see for each text (special tokens included, window-capped)."""

@@ -105,3 +105,48 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in metrics")
+
+
+TOKENIZER_TEXTS = [
+    "How do I reset my password?",
+    "",
+    "   padded on both sides   ",
+    "Straße, œuvre, São Paulo, Zürich; 北京市; Ελληνικά; عربى",
+    "code: `def f(x): return x ** 2`  # comment\twith tab",
+    "word " * 400,  # past the 256-token window: truncated
+]
+
+
+def test_batch_tokenizer_reproduces_the_library_features(embedder):
+    import torch
+
+    assert embedder._batch_tokenizer is not None  # the bundled model takes the fast path
+    for batch in (TOKENIZER_TEXTS, TOKENIZER_TEXTS[:1], TOKENIZER_TEXTS[2:4]):
+        ours = embedder.tokenize_batch(batch)
+        theirs = embedder._preprocess(batch)
+        assert set(ours) == set(theirs)
+        for key, value in theirs.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(ours[key], value), key
+            else:
+                assert ours[key] == value
+    assert embedder.tokenize_batch(TOKENIZER_TEXTS)["input_ids"].shape[1] == 256
+
+
+def test_library_preprocessing_is_kept_when_the_batch_tokenizer_differs(monkeypatch):
+    from rag_service.embedding import Embedder
+
+    reference = Embedder(Settings().embedding_model_path, device="cpu")
+    tokens = reference.count_tokens(TOKENIZER_TEXTS)
+    expected = reference.encode(TOKENIZER_TEXTS, tokens)
+    real = Embedder._features
+
+    def off_by_one(self, tok, texts):
+        features = real(self, tok, texts)
+        features["input_ids"] = features["input_ids"] + 1
+        return features
+
+    monkeypatch.setattr(Embedder, "_features", off_by_one)
+    fallback = Embedder(Settings().embedding_model_path, device="cpu")
+    assert fallback._batch_tokenizer is None
+    assert np.allclose(fallback.encode(TOKENIZER_TEXTS, tokens), expected, atol=1e-6)
