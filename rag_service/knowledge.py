@@ -82,6 +82,7 @@ class KnowledgeBase:
         self.metrics = metrics
         # One thread applies writes: SQLite has one writer, and this keeps commits ordered.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._searching = 0  # searches in progress
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -372,15 +373,59 @@ class KnowledgeBase:
             raise InvalidRequest(str(exc), param=exc.param) from exc
         rt = self.registry.get(name)
         rt.usable_index()
+        self._searching += 1
+        try:
+            return await self._search(rt, query, top_k, flt, min_score, mode)
+        finally:
+            self._searching -= 1
+
+    async def _search(
+        self,
+        rt: CollectionRuntime,
+        query: str,
+        top_k: int,
+        flt: Filter | None,
+        min_score: float | None,
+        mode: str,
+    ) -> tuple[list[ScoredHit], dict[str, float]]:
         t0 = time.perf_counter()
-        vectors, _ = await self.embed_queries([query])
-        timings = {"embed": _ms(t0)}
-        hits = await asyncio.to_thread(
-            self._search_blocking, rt, vectors, query, top_k, flt, min_score, mode, timings
+        # The query's token count only steers batching, so an estimate saves a tokenizer
+        # pass on the event loop; the encoder tokenizes the query anyway.
+        vectors = await self.batcher.embed(
+            [query], [self.embedder.estimate_tokens(query)], lane="interactive"
         )
+        timings = {"embed": _ms(t0)}
+        args = (rt, vectors, query, top_k, flt, min_score, mode, timings)
+        # Alone, a small search is cheaper on the loop than two thread hand-offs. Searches
+        # that run at the same time go to threads: their queries come back from the encoder
+        # in one batch, and searched inline they would add up to one long stall of the loop.
+        hits = self._search_inline(*args) if self._searching == 1 else None
+        if hits is None:
+            hits = await asyncio.to_thread(self._search_blocking, *args)
         timings["total"] = _ms(t0)
         self.metrics.search_latency.labels(mode).observe(timings["total"] / 1000)
         return hits, timings
+
+    def _search_inline(
+        self,
+        rt: CollectionRuntime,
+        vectors: np.ndarray,
+        query: str,
+        top_k: int,
+        flt: Filter | None,
+        min_score: float | None,
+        mode: str,
+        timings: dict[str, float],
+    ) -> list[ScoredHit] | None:
+        """The search on the event loop when it is sure to be short (dense, unfiltered, a
+        small index, no writer holding or waiting for the collection); None: use a thread."""
+        limit = self.settings.inline_search_max_vectors
+        if mode != "dense" or flt is not None or limit == 0:
+            return None
+        with rt.lock.read_nowait() as acquired:
+            if not acquired or len(rt.usable_index()) > limit:
+                return None
+            return self._search_locked(rt, vectors, query, top_k, flt, min_score, mode, timings)
 
     def _search_blocking(
         self,
@@ -394,33 +439,47 @@ class KnowledgeBase:
         timings: dict[str, float],
     ) -> list[ScoredHit]:
         with rt.lock.read():
-            index = rt.usable_index()
-            allowed = None
-            if flt is not None:
-                t = time.perf_counter()
-                allowed = self.store.filtered_chunk_ids(rt.row.id, flt)
-                timings["filter"] = _ms(t)
-                if len(allowed) == 0:
-                    return []
-            depth = top_k if mode == "dense" else max(top_k * 4, 50)
+            return self._search_locked(rt, vectors, query, top_k, flt, min_score, mode, timings)
+
+    def _search_locked(
+        self,
+        rt: CollectionRuntime,
+        vectors: np.ndarray,
+        query: str,
+        top_k: int,
+        flt: Filter | None,
+        min_score: float | None,
+        mode: str,
+        timings: dict[str, float],
+    ) -> list[ScoredHit]:
+        """Dense (or hybrid) ranking plus the chunk rows; the caller holds the read lock."""
+        index = rt.usable_index()
+        allowed = None
+        if flt is not None:
             t = time.perf_counter()
-            scores, ids = index.search(vectors, depth, allowed)
-            timings["dense"] = _ms(t)
-            dense = [
-                (int(i), float(s))
-                for s, i in zip(scores[0], ids[0], strict=True)
-                if i >= 0 and (min_score is None or s >= min_score)
-            ]
-            if mode == "hybrid":
-                t = time.perf_counter()
-                sparse = self.store.bm25(rt.row.id, query, depth, flt)
-                timings["bm25"] = _ms(t)
-                ranked = _rrf([dense, sparse])[:top_k]
-            else:
-                ranked = dense[:top_k]
+            allowed = self.store.filtered_chunk_ids(rt.row.id, flt)
+            timings["filter"] = _ms(t)
+            if len(allowed) == 0:
+                return []
+        depth = top_k if mode == "dense" else max(top_k * 4, 50)
+        t = time.perf_counter()
+        scores, ids = index.search(vectors, depth, allowed)
+        timings["dense"] = _ms(t)
+        dense = [
+            (int(i), float(s))
+            for s, i in zip(scores[0], ids[0], strict=True)
+            if i >= 0 and (min_score is None or s >= min_score)
+        ]
+        if mode == "hybrid":
             t = time.perf_counter()
-            rows = self.store.hydrate([cid for cid, _ in ranked])
-            timings["hydrate"] = _ms(t)
+            sparse = self.store.bm25(rt.row.id, query, depth, flt)
+            timings["bm25"] = _ms(t)
+            ranked = _rrf([dense, sparse])[:top_k]
+        else:
+            ranked = dense[:top_k]
+        t = time.perf_counter()
+        rows = self.store.hydrate([cid for cid, _ in ranked])
+        timings["hydrate"] = _ms(t)
         return [ScoredHit(rows[cid], score) for cid, score in ranked if cid in rows]
 
 

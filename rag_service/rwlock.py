@@ -36,6 +36,25 @@ class RWLock:
                     self._cond.notify_all()
 
     @contextmanager
+    def read_nowait(self) -> Iterator[bool]:
+        """The read side if it is free right now (yields True), else nothing (yields False).
+
+        For callers that must not block, such as the event loop: on False they go the slow way.
+        """
+        with self._cond:
+            acquired = not (self._writer or self._writers_waiting)
+            if acquired:
+                self._readers += 1
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+    @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1

@@ -102,6 +102,13 @@ class Settings:
         default=8192, metadata=_help("Longest search query or embedding input, in characters.")
     )
     max_top_k: int = field(default=100, metadata=_help("Largest top_k a search may ask for."))
+    inline_search_max_vectors: int = field(
+        default=4096,
+        metadata=_help(
+            "Dense searches without a filter in collections up to this many vectors run on the "
+            "event loop (well under a millisecond) instead of a worker thread; 0 turns this off."
+        ),
+    )
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata=_help("Largest request body accepted, in bytes.")
     )
@@ -229,6 +236,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
+        if self.inline_search_max_vectors < 0:
+            raise bad("inline_search_max_vectors", "must be >= 0")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:
             raise bad("chunk_overlap", "must be >= 0 and smaller than RAG_CHUNK_TOKENS")
         if not 0 <= self.port <= 65535:

@@ -117,3 +117,130 @@ def test_search_unknown_collection(client):
     resp = client.post("/v1/collections/missing/search", json={"query": "x"})
     assert resp.status_code == 404
     assert error_of(resp)["code"] == "collection_not_found"
+
+
+def _thread_searches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record each search that goes to a worker thread (rather than running on the loop)."""
+    from rag_service import knowledge
+
+    calls: list[str] = []
+    real = knowledge.asyncio.to_thread
+
+    async def spy(fn, *args, **kwargs):
+        calls.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(knowledge.asyncio, "to_thread", spy)
+    return calls
+
+
+QUERIES = ["Which programming language did Guido write?", "river in Africa", "XJ-4417"]
+
+
+def test_small_dense_searches_run_inline_and_match_the_thread_path(
+    make_client, tmp_path, monkeypatch
+):
+    docs = [
+        {"id": i, "text": t, "metadata": {"topic": topic, "n": n}}
+        for n, (i, t, topic) in enumerate(FACTS)
+    ]
+    inline = make_client(data_dir=tmp_path / "a")
+    threaded = make_client(data_dir=tmp_path / "b", inline_search_max_vectors=0)
+    for c in (inline, threaded):
+        upsert(c, docs)
+    calls = _thread_searches(monkeypatch)
+    fast = [search(inline, q, top_k=3) for q in QUERIES]
+    assert calls == []  # dense, unfiltered, 6 vectors: no thread hand-off
+    slow = [search(threaded, q, top_k=3) for q in QUERIES]
+    assert calls == ["_search_blocking"] * 3
+    assert fast == slow
+    # Filtered and hybrid searches always take a thread.
+    calls.clear()
+    search(inline, "river", filter={"topic": "geo"})
+    search(inline, "river", mode="hybrid")
+    assert calls == ["_search_blocking"] * 2
+
+
+def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch):
+    """With a writer holding the collection, a search goes to a thread and waits there."""
+    import threading
+
+    calls = _thread_searches(monkeypatch)
+    rt = kb.app.state["kb"].registry.get("kb")
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with rt.lock.write():
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    held.wait(5)
+    threading.Timer(0.3, release.set).start()
+    results = search(kb, "river in Africa", top_k=1)
+    t.join(5)
+    assert results[0]["document_id"] == "nile"
+    assert calls == ["_search_blocking"]
+
+
+def test_read_nowait():
+    import threading
+
+    from rag_service.rwlock import RWLock
+
+    lock = RWLock()
+    with lock.read(), lock.read_nowait() as got:
+        assert got  # readers share
+    entered = threading.Event()
+    done = threading.Event()
+
+    def write() -> None:
+        with lock.write():
+            entered.set()
+            done.wait(5)
+
+    t = threading.Thread(target=write)
+    t.start()
+    entered.wait(5)
+    with lock.read_nowait() as got:
+        assert not got  # a writer holds it
+    done.set()
+    t.join(5)
+    with lock.read_nowait() as got:
+        assert got
+    with lock.write():  # released: a writer can still get in
+        pass
+
+
+def test_concurrent_searches_go_to_threads(tmp_path, embedder, fake_server, monkeypatch):
+    """Queries embedded in one batch come back together: searched inline, one after the
+    other, they would stall the loop, so only a lone search runs inline."""
+    import asyncio
+
+    import httpx
+
+    from rag_service.settings import Settings
+    from tests.conftest import free_port, running_server
+
+    settings = Settings(data_dir=tmp_path / "d", port=free_port(), upstream_url=fake_server.url)
+    with running_server(settings, embedder) as url:
+        docs = [{"id": i, "text": t} for i, t, _ in FACTS]
+        httpx.post(f"{url}/v1/collections/kb/documents", json={"documents": docs}, timeout=60)
+        calls = _thread_searches(monkeypatch)
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                resps = await asyncio.gather(
+                    *(
+                        c.post("/v1/collections/kb/search", json={"query": f"river {i}"})
+                        for i in range(8)
+                    )
+                )
+            return [r.status_code for r in resps]
+
+        assert asyncio.run(burst()) == [200] * 8
+        assert len(calls) >= 6  # all but a search that may have finished before others came
+        calls.clear()
+        assert httpx.post(f"{url}/v1/collections/kb/search", json={"query": "river"}).is_success
+        assert calls == []  # alone again: inline
