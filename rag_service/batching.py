@@ -228,7 +228,8 @@ class MicroBatcher:
                 lane.wakeup.clear()
                 await lane.wakeup.wait()
             if lane.name == "interactive":
-                await asyncio.sleep(0)  # let requests that are already readable land
+                if lane.linger_gain > 0.2:  # bursty traffic lately
+                    await asyncio.sleep(0)  # let requests that are already readable land
                 if lane.waiting > 1 or lane.linger_gain > 0.2:
                     before = lane.waiting
                     await self._linger(lane, loop)
@@ -241,8 +242,19 @@ class MicroBatcher:
             texts = [t for req, a, b in batch for t in req.texts[a:b]]
             tokens = [n for req, a, b in batch for n in req.tokens[a:b]]
             started = loop.time()
+
+            def encode_and_deliver(
+                batch: list[tuple[_Request, int, int]] = batch,
+                texts: list[str] = texts,
+                tokens: list[int] = tokens,
+            ) -> None:
+                # The worker thread hands the vectors straight to the waiting requests: they
+                # resume one loop iteration sooner than if this task delivered them.
+                vectors = lane.encode(texts, tokens)
+                loop.call_soon_threadsafe(self._deliver, batch, vectors)
+
             try:
-                vectors = await loop.run_in_executor(lane.executor, lane.encode, texts, tokens)
+                await loop.run_in_executor(lane.executor, encode_and_deliver)
             except Exception as exc:
                 log.exception("embedding batch of %d texts failed", len(texts))
                 for req, _, _ in batch:
@@ -254,11 +266,14 @@ class MicroBatcher:
                 continue
             if self._observer is not None:
                 self._observer.batch_done(len(texts), sum(tokens), loop.time() - started)
-            row = 0
-            for req, a, b in batch:
-                for i in range(a, b):
-                    req.rows[i] = vectors[row]
-                    row += 1
-                req.remaining -= b - a
-                if req.remaining == 0 and not req.future.done():
-                    req.future.set_result(np.stack(req.rows))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _deliver(batch: list[tuple[_Request, int, int]], vectors: np.ndarray) -> None:
+        row = 0
+        for req, a, b in batch:
+            for i in range(a, b):
+                req.rows[i] = vectors[row]
+                row += 1
+            req.remaining -= b - a
+            if req.remaining == 0 and not req.future.done():
+                req.future.set_result(np.stack(req.rows))  # type: ignore[arg-type]
