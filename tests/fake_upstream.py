@@ -23,12 +23,14 @@ MODEL = "fake-llm"
 @dataclass
 class FakeUpstream:
     url: str = ""
-    mode: str = "ok"  # ok | slow | error400 | error500 | bad_json | bad_sse_first | bad_sse_mid
+    # ok | slow | error400 | error500 | bad_json | bad_sse_first | bad_sse_mid | talk_after_done
+    mode: str = "ok"
     delay_s: float = 0.0
     chunk_delay_s: float = 0.0
     reply: str = "Paris is the capital of France [1]."
     repeat: int = 1
     requests: list[dict[str, Any]] = field(default_factory=list)
+    peers: list[int] = field(default_factory=list)  # client port of each chat request
     streams_started: int = 0
     streams_finished: int = 0  # sent everything
     streams_aborted: int = 0  # the client went away first
@@ -39,6 +41,7 @@ class FakeUpstream:
         self.mode, self.delay_s, self.chunk_delay_s = "ok", 0.0, 0.0
         self.reply, self.repeat = "Paris is the capital of France [1].", 1
         self.requests.clear()
+        self.peers.clear()
         self.streams_started = self.streams_finished = self.streams_aborted = 0
         self.loras.clear()
         self.lora_calls.clear()
@@ -134,6 +137,10 @@ class FakeUpstream:
                 )
             yield b"data: [DONE]\n\n"
             finished = True
+            if self.mode == "talk_after_done":  # a broken server that never ends its body
+                for _ in range(100):
+                    await asyncio.sleep(0.1)
+                    yield b": still here\n\n"
         finally:
             if finished:
                 self.streams_finished += 1
@@ -168,6 +175,7 @@ class FakeUpstream:
         async def chat(request: Request[Any, Any, Any]) -> Any:
             body = await request.json()
             fake.requests.append(body)
+            fake.peers.append(request.client.port if request.client else 0)
             if fake.delay_s:
                 await asyncio.sleep(fake.delay_s)
             if fake.mode == "error400":

@@ -284,6 +284,32 @@ def test_client_disconnect_cancels_upstream_stream(server, fake_upstream):
     assert time.monotonic() - started < 5  # long before the 10 s stream would have ended
 
 
+def test_finished_streams_reuse_the_upstream_connection(server, fake_upstream):
+    msg = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=server, timeout=30) as client:
+        for _ in range(3):
+            with client.stream("POST", "/v1/chat/completions", json=msg) as resp:
+                assert resp.status_code == 200
+                assert list(resp.iter_lines())[-2:] == ["data: [DONE]", ""]
+        client.post("/v1/chat/completions", json={**msg, "stream": False}).raise_for_status()
+    # One connection carried all four: each stream was read to its end, not dropped.
+    assert len(fake_upstream.peers) == 4 and len(set(fake_upstream.peers)) == 1
+
+
+def test_stream_ends_even_if_the_upstream_keeps_talking_after_done(server, fake_upstream):
+    fake_upstream.mode = "talk_after_done"  # would keep the body open for 10 s
+    msg = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    started = time.monotonic()
+    with httpx.stream("POST", server + "/v1/chat/completions", json=msg, timeout=30) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert not any(line.startswith(":") for line in lines)
+    assert time.monotonic() - started < 3
+    fake_upstream.mode = "ok"
+    ok = httpx.post(server + "/v1/chat/completions", json={**msg, "stream": False}, timeout=30)
+    assert ok.status_code == 200  # the cut connection was replaced
+
+
 def test_models_list(sdk):
     models = sdk.models.list()
     assert [m.id for m in models.data] == [MODEL]

@@ -10,6 +10,7 @@ Closing a stream (the client went away) closes the upstream response and frees i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,6 +29,9 @@ __all__ = ["UpstreamBackend"]
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 8192
+# After [DONE], how long the end of the upstream's body may take to arrive before the
+# connection is closed instead of going back to the pool.
+DRAIN_TIMEOUT_S = 0.25
 
 
 class UpstreamBackend:
@@ -229,7 +233,8 @@ class UpstreamBackend:
         try:
             if response.status_code >= 400:
                 raise self._error_for(response, await response.aread())
-            async for line in response.aiter_lines():
+            lines = response.aiter_lines()
+            async for line in lines:
                 if not line or line.startswith(":"):
                     continue
                 if not line.startswith("data:"):
@@ -238,6 +243,7 @@ class UpstreamBackend:
                     raise UpstreamError(f"malformed event stream from upstream: {line[:100]!r}")
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    await _drain(lines)
                     return
                 try:
                     chunk = msgspec.json.decode(data)
@@ -254,3 +260,14 @@ class UpstreamBackend:
             raise UpstreamError(f"upstream stream broke: {exc}") from exc
         finally:
             await response.aclose()
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read what follows ``[DONE]`` (normally only the end of the chunked body) so that the
+    connection is reused: a response closed before its end closes its connection, and the
+    next request would pay a new TCP (or TLS) connect. An upstream that keeps sending is cut
+    off after DRAIN_TIMEOUT_S."""
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            async for _ in lines:
+                pass
