@@ -232,5 +232,6 @@ def create_app(
         middleware=[_metrics_middleware],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
+        logging_config=None,  # logging belongs to the process (rag_service.logs), not the app
         debug=False,
     )

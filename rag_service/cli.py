@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -76,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from rag_service.app import create_app
+    from rag_service.logs import start_logging
     from rag_service.settings import Settings, SettingsError, parse_value
 
     overrides: dict[str, Any] = {}
@@ -88,18 +88,19 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"rag-service: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs every upstream request at INFO; the access log already has one line per request.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
-    )
+    listener = start_logging(settings.log_level)
+    try:
+        # log_config=None: uvicorn's loggers (the access log included) propagate to ours.
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+            log_config=None,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        listener.stop()
     return 0
 
 

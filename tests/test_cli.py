@@ -113,3 +113,35 @@ def test_serve_rejects_bad_setting():
     )
     assert proc.returncode == 2
     assert "RAG_PORT: expected int" in proc.stderr
+
+
+def test_serve_logging_writes_from_a_listener_thread(capsys):
+    import logging
+    import threading
+
+    from rag_service.logs import start_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    threads: list[str] = []
+
+    class Marker:  # formatted lazily: shows which thread did the formatting
+        def __str__(self) -> str:
+            threads.append(threading.current_thread().name)
+            return "marker"
+
+    try:
+        listener = start_logging("info")
+        logging.getLogger("rag_service.test.access").info('%s - "GET /" %d', "1.2.3.4", 200)
+        logging.getLogger("rag_service.test").info("value %s", Marker())
+        logging.getLogger("rag_service.test").debug("not shown")
+        logging.getLogger("httpx").info("upstream request line, not shown")
+        listener.stop()
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith('INFO rag_service.test.access: 1.2.3.4 - "GET /" 200')
+    assert err[1].endswith("INFO rag_service.test: value marker")
+    assert len(err) == 2
+    assert threads and threads[0] != threading.current_thread().name
