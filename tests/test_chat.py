@@ -443,3 +443,37 @@ def test_upstream_upper_bound_is_never_below_its_estimate(embedder):
     for text in texts:
         messages = [{"role": "user", "content": text}, {"role": "system", "content": text[::-1]}]
         assert backend.token_upper_bound(messages) >= backend.count_tokens(messages)
+
+
+def test_event_stream_writes_the_first_event_before_listening_for_disconnect():
+    import asyncio
+
+    from rag_service.streaming import EventStream
+
+    log: list[str] = []
+
+    async def events():
+        yield b"data: 1\n\n"
+        yield b"data: 2\n\n"
+
+    async def run() -> None:
+        ended = asyncio.Event()
+
+        async def receive():
+            log.append("receive")
+            await ended.wait()  # as servers do: the connection is done once the body is
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            log.append(message["type"] + ":" + message.get("body", b"-").decode())
+            if message["type"] == "http.response.body" and not message["more_body"]:
+                ended.set()
+
+        response = EventStream(events(), headers={"Cache-Control": "no-cache"})
+        asgi = response.to_asgi_response(None, None)
+        await asyncio.wait_for(asgi({"type": "http"}, receive, send), 10)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    assert log[:2] == ["http.response.start:-", "http.response.body:data: 1\n\n"]
+    assert log.index("receive") > 1
+    assert log[-2:] == ["http.response.body:data: 2\n\n", "http.response.body:"]

@@ -7,11 +7,11 @@ from typing import Any
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK
 
 from rag_service.chat import ChatService, parse_chat_request
 from rag_service.dependencies import provide_chat
+from rag_service.streaming import EventStream
 
 __all__ = ["ChatController", "list_models"]
 
@@ -23,17 +23,13 @@ class ChatController(Controller):
     @post("/", status_code=HTTP_200_OK)
     async def create(
         self, request: Request[Any, Any, State], chat: ChatService
-    ) -> Response[Any] | Stream:
+    ) -> Response[Any] | EventStream:
         parsed, body = parse_chat_request(await request.body())
         prepared = await chat.prepare(parsed, body)
         if not prepared.stream:
             return Response(await chat.complete(prepared))
         events = await chat.open_stream(prepared)
-        return Stream(
-            events,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return EventStream(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @get(
