@@ -75,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from rag_service.app import create_app
+    from rag_service.http_protocol import CoalescingHttpToolsProtocol
     from rag_service.logs import start_logging
     from rag_service.settings import Settings, SettingsError, parse_value
 
@@ -98,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_level=settings.log_level.lower(),
             log_config=None,
             timeout_graceful_shutdown=10,
+            http=CoalescingHttpToolsProtocol,
         )
     finally:
         listener.stop()
