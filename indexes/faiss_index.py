@@ -53,17 +53,59 @@ def _omp_threads(n: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def validate_factory(factory: str, dimension: int) -> None:
-    """Raise ValueError with a readable message if FAISS cannot build ``factory``."""
-    if not re.fullmatch(r"[A-Za-z0-9_,.x=+-]{1,64}", factory):
-        raise ValueError("index must be a FAISS index_factory string such as 'Flat' or 'HNSW32'")
-    if "IDMap" in factory:
-        raise ValueError("index must not contain IDMap: ids are managed by the service")
-    try:
-        faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-        raise ValueError(f"FAISS cannot build index {factory!r}: {first}") from exc
+MAX_HNSW_M = 128
+MAX_PQ_BITS = 12
+_ENCODING = re.compile(r"Flat|SQ8|SQ4|SQfp16|PQ(?P<m>[0-9]{1,4})(?:x(?P<bits>[0-9]{1,2}))?")
+_FACTORY = re.compile(
+    r"Flat"
+    r"|HNSW(?P<hnsw>[0-9]{1,4})(?:[,_](?P<hnsw_enc>[A-Za-z0-9]+))?"
+    r"|IVF(?P<nlist>[0-9]{1,9})(?:_HNSW(?P<coarse>[0-9]{1,4}))?,(?P<ivf_enc>[A-Za-z0-9]+)"
+    r"|(?P<plain_enc>SQ8|SQ4|SQfp16|PQ[0-9]{1,4}(?:x[0-9]{1,2})?)"
+)
+
+
+def validate_factory(factory: str, dimension: int, *, max_nlist: int = 65536) -> None:
+    """Raise ValueError (saying what is allowed) unless ``factory`` is a bounded index.
+
+    The grammar is a closed list of families, so no string can make FAISS allocate without
+    bound: ``Flat``; ``HNSW<M>[,Flat|SQ8|SQ4|SQfp16|PQ<m>[x<bits>]]`` with M <= 128;
+    ``IVF<nlist>[_HNSW<M>],<encoding>`` with nlist <= ``max_nlist``; ``SQ8``/``SQ4``/``SQfp16``;
+    ``PQ<m>[x<bits>]`` with m dividing the dimension and bits <= 12. Nothing is built here.
+    """
+    allowed = (
+        "index must be one of Flat, HNSW<M>[,<encoding>], IVF<nlist>[_HNSW<M>],<encoding>, "
+        "SQ8, SQ4, SQfp16, PQ<m>[x<bits>] (encoding: Flat, SQ8, SQ4, SQfp16, PQ<m>[x<bits>])"
+    )
+    match = _FACTORY.fullmatch(factory)
+    if match is None:
+        raise ValueError(f"{allowed}; got {factory[:64]!r}")
+
+    def check_m(text: str | None) -> None:
+        if text is not None and not 4 <= int(text) <= MAX_HNSW_M:
+            raise ValueError(f"HNSW M must be between 4 and {MAX_HNSW_M}, got {text}")
+
+    def check_encoding(text: str | None) -> None:
+        if text is None:
+            return
+        enc = _ENCODING.fullmatch(text)
+        if enc is None:
+            raise ValueError(f"{allowed}; got encoding {text!r}")
+        if enc["m"] is not None:
+            m = int(enc["m"])
+            if m < 1 or dimension % m:
+                raise ValueError(f"PQ{m}: m must divide the dimension {dimension}")
+            bits = int(enc["bits"] or 8)
+            if not 1 <= bits <= MAX_PQ_BITS:
+                raise ValueError(f"PQ bits must be between 1 and {MAX_PQ_BITS}, got {bits}")
+
+    check_m(match["hnsw"])
+    check_m(match["coarse"])
+    check_encoding(match["hnsw_enc"] or match["ivf_enc"] or match["plain_enc"])
+    if match["nlist"] is not None and not 1 <= int(match["nlist"]) <= max_nlist:
+        raise ValueError(
+            f"IVF nlist must be between 1 and {max_nlist} (RAG_MAX_IVF_NLIST), "
+            f"got {int(match['nlist'])}"
+        )
 
 
 def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,17 +37,22 @@ from rag_service.controllers.collections import CollectionController
 from rag_service.controllers.documents import DocumentController
 from rag_service.controllers.embeddings import EmbeddingsController
 from rag_service.controllers.health import health, metrics, ready
-from rag_service.dependencies import provide_settings, require_api_key
+from rag_service.controllers.keys import KeyController
+from rag_service.dependencies import provide_principal, provide_settings, require_api_key
 from rag_service.embedding import Embedder
 from rag_service.errors import exception_handlers
+from rag_service.keys import KeyStore
 from rag_service.knowledge import KnowledgeBase
 from rag_service.metrics import Metrics
 from rag_service.registry import Registry
+from rag_service.request_body import BoundedRequest
 from rag_service.settings import Settings
 
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+_PARAM_TYPE = re.compile(r"\{(\w+):[^}]+\}")
 
 
 def _metrics_middleware(app: ASGIApp) -> ASGIApp:
@@ -72,6 +78,37 @@ def _metrics_middleware(app: ASGIApp) -> ASGIApp:
             route = scope.get("path_template") or "unmatched"  # type: ignore[typeddict-item]
             method = scope["method"]  # type: ignore[typeddict-item]
             m.http_latency.labels(method, route, str(status)).observe(time.perf_counter() - started)
+
+    return middleware
+
+
+def _allow_middleware(app: ASGIApp) -> ASGIApp:
+    """Answer OPTIONS with every method of the path: Litestar's generated OPTIONS handler keeps
+    the methods of the first route registered for a path (``GET`` and ``POST`` on one path
+    come from two decorators, so it named only one of them)."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "OPTIONS":  # type: ignore[typeddict-item]
+            await app(scope, receive, send)
+            return
+        template = _PARAM_TYPE.sub(r"{\1}", scope.get("path_template") or "")  # type: ignore[typeddict-item]
+        handlers = next(
+            (
+                methods
+                for path, methods in scope["litestar_app"].route_handler_method_map.items()
+                if _PARAM_TYPE.sub(r"{\1}", path) == template
+            ),
+            {},
+        )
+        allow = ", ".join(sorted({*handlers, "OPTIONS"} - {"asgi", "websocket"})).encode()
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start" and handlers:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                message = {**message, "headers": [*headers, (b"allow", allow)]}  # type: ignore[typeddict-item]
+            await send(message)
+
+        await app(scope, receive, send_wrapper)
 
     return middleware
 
@@ -105,6 +142,11 @@ async def _load(
 ) -> None:
     state = app.state
     try:
+        keys = await asyncio.to_thread(KeyStore, settings.data_dir / "keys.sqlite3")
+        stack.callback(keys.close)
+        state["keys"] = keys
+        if settings.api_key is None and len(keys):
+            log.warning("%d API keys are stored but unused: RAG_API_KEY is not set", len(keys))
         if embedder is None:
             embedder = await asyncio.to_thread(
                 Embedder, settings.embedding_model_path, device=settings.device
@@ -205,6 +247,7 @@ def create_app(
                 app.state.pop("kb", None)
                 app.state.pop("chat", None)
                 app.state.pop("adapters", None)
+                app.state.pop("keys", None)
                 for task in (loader, watcher):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -219,8 +262,10 @@ def create_app(
             ChatController,
             list_models,
             AdapterController,
+            KeyController,
         ],
         guards=[require_api_key],
+        dependencies={"principal": Provide(provide_principal, sync_to_thread=False)},
     )
     state: dict[str, Any] = {"settings": settings, "metrics": Metrics()}
     return Litestar(
@@ -229,8 +274,9 @@ def create_app(
         state=State(state),
         dependencies={"settings": Provide(provide_settings, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
-        middleware=[_metrics_middleware],
+        middleware=[_metrics_middleware, _allow_middleware],
         request_max_body_size=settings.max_body_bytes,
+        request_class=BoundedRequest,
         openapi_config=None,
         logging_config=None,  # logging belongs to the process (rag_service.logs), not the app
         debug=False,

@@ -32,7 +32,7 @@ import numpy as np
 
 from rag_service.errors import Overloaded
 
-__all__ = ["BatchObserver", "Encoder", "MicroBatcher"]
+__all__ = ["BatchObserver", "Encoder", "Lane", "MicroBatcher"]
 
 log = logging.getLogger(__name__)
 

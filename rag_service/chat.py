@@ -8,8 +8,9 @@ once still gets a proper HTTP error status; later failures end the stream with a
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,42 +20,36 @@ import msgspec
 
 from rag_service.adapters import AdapterManager
 from rag_service.backends.base import ChatBackend
-from rag_service.chat_schemas import ChatRequest, RagOptions
+from rag_service.chat_schemas import ChatRequest, RagOptions, message_text
 from rag_service.errors import (
     CollectionNotFound,
     InvalidRequest,
     ModelNotFound,
+    PayloadTooLarge,
     RagError,
     UpstreamError,
     error_body,
 )
+from rag_service.keys import Principal
 from rag_service.knowledge import KnowledgeBase
 from rag_service.prompting import DEFAULT_TEMPLATE, PromptSource, fit_prompt, retrieval_query
+from rag_service.request_body import decode_body, validate
 from rag_service.settings import Settings
 
 __all__ = ["ChatService", "PreparedChat", "parse_chat_request"]
 
 log = logging.getLogger(__name__)
 
-_PATH = re.compile(r"at `\$\.?(.*)`$")
+# Conversations (with their sources) up to this size are fitted on the event loop.
+INLINE_PROMPT_CHARS = 16_000
 
 
 def parse_chat_request(raw: bytes) -> tuple[ChatRequest, dict[str, Any]]:
     """Validate the body and keep it as a dict for forwarding; errors name the field."""
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from exc
+    body = decode_body(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object")
-    try:
-        request = msgspec.convert(body, ChatRequest)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = _PATH.search(message)
-        param = match.group(1) if match else None
-        raise InvalidRequest(message, param=param or None) from exc
-    return request, body
+    return validate(body, ChatRequest), body
 
 
 @dataclass(slots=True)
@@ -145,6 +140,20 @@ class ChatService:
             return limit
         return min(self.settings.max_new_tokens, window // 2)
 
+    def _check_size(self, request: ChatRequest) -> int:
+        """Characters in the conversation; past ``max_chat_chars`` the request is refused."""
+        limit = self.settings.max_chat_chars
+        chars = 0
+        for m in request.messages:
+            chars += len(message_text(m))
+            if chars > limit:
+                raise PayloadTooLarge(
+                    f"the messages hold more than {limit} characters (RAG_MAX_CHAT_CHARS); "
+                    "shorten the conversation",
+                    param="messages",
+                )
+        return chars
+
     @staticmethod
     def _check_local(request: ChatRequest) -> None:
         """The local model takes text turns of system, user and assistant only."""
@@ -161,11 +170,13 @@ class ChatService:
                 )
 
     async def _retrieve(
-        self, body: dict[str, Any], options: RagOptions
+        self, body: dict[str, Any], options: RagOptions, principal: Principal | None = None
     ) -> tuple[bool, list[PromptSource]]:
         if not options.enabled:
             return False, []
         collection = options.collection or self.settings.rag_collection
+        if principal is not None:  # before the lookup, so a refusal says nothing of existence
+            principal.require("read", collection, param="rag.collection")
         if self.kb.registry.find(collection) is None:
             if options.collection is not None:
                 raise CollectionNotFound(
@@ -195,23 +206,34 @@ class ChatService:
             for i, h in enumerate(hits, start=1)
         ]
 
-    async def prepare(self, request: ChatRequest, body: dict[str, Any]) -> PreparedChat:
+    async def prepare(
+        self, request: ChatRequest, body: dict[str, Any], *, principal: Principal | None = None
+    ) -> PreparedChat:
+        """Check and build the request for the backend; ``principal`` (None: no key checks)
+        must be able to read the collection retrieval searches."""
         model = self._model(request)
         completion = self._completion_budget(request)
         if not any(m.role == "user" for m in request.messages):
             raise InvalidRequest("messages must contain a user message", param="messages")
         if self.backend.name == "local":
             self._check_local(request)
-        rag, sources = await self._retrieve(body, request.rag or RagOptions())
-        messages, used = fit_prompt(
+        chars = self._check_size(request)
+        rag, sources = await self._retrieve(body, request.rag or RagOptions(), principal)
+        fit = functools.partial(
+            fit_prompt,
             list(body["messages"]),
             sources,
             template=self.template,
             count_tokens=self.backend.count_tokens,
             upper_bound=self.backend.token_upper_bound,
+            count_texts=self.backend.count_texts,
             budget=self.backend.context_window - completion,
             rag=rag,
         )
+        # Counting tokens is linear in the conversation; a long one is counted on a worker
+        # thread so it never stalls the event loop, a short one costs less than the hand-off.
+        chars += sum(len(s.text) for s in sources)
+        messages, used = await asyncio.to_thread(fit) if chars > INLINE_PROMPT_CHARS else fit()
         out = {k: v for k, v in body.items() if k != "rag"}
         out["messages"] = messages
         if model is not None:

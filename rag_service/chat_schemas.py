@@ -11,9 +11,11 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from rag_service.schemas import NAME_PATTERN
+
 __all__ = ["ChatMessage", "ChatRequest", "RagOptions", "StreamOptions", "message_text"]
 
-CollectionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+CollectionName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
@@ -55,7 +57,7 @@ class ChatRequest(msgspec.Struct, forbid_unknown_fields=False):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
     user: str | None = None
     rag: RagOptions | None = None

@@ -4,8 +4,10 @@
 
     RagError                      500 server_error
     ├── InvalidRequest            400 invalid_request_error   (param names the field)
-    │   └── IndexConfigError      400 bad index option for a collection
+    │   ├── IndexConfigError      400 bad index option for a collection
+    │   └── PayloadTooLarge       413 a request past a size limit (the limit is named)
     ├── Unauthorized              401 authentication_error
+    ├── Forbidden                 403 permission_error        (a valid key without the scope)
     ├── NotFound                  404 not_found_error
     │   ├── CollectionNotFound
     │   ├── DocumentNotFound
@@ -37,12 +39,14 @@ __all__ = [
     "Conflict",
     "DocumentNotFound",
     "EmbeddingMismatch",
+    "Forbidden",
     "IndexConfigError",
     "InvalidRequest",
     "ModelNotFound",
     "NotFound",
     "NotReady",
     "Overloaded",
+    "PayloadTooLarge",
     "RagError",
     "Unauthorized",
     "UpstreamError",
@@ -78,10 +82,21 @@ class IndexConfigError(InvalidRequest):
     code = "invalid_index"
 
 
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
 class Unauthorized(RagError):
     status_code = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(RagError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "insufficient_permissions"
 
 
 class NotFound(RagError):

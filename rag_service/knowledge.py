@@ -31,8 +31,8 @@ from indexes.docstore import (
     canonical_json,
     content_hash,
 )
-from indexes.faiss_index import validate_factory
-from rag_service.batching import MicroBatcher
+from indexes.faiss_index import FaissIndex, validate_factory
+from rag_service.batching import Lane, MicroBatcher
 from rag_service.chunking import ChunkingConfig, chunk_offsets
 from rag_service.embedding import Embedder
 from rag_service.errors import (
@@ -40,10 +40,11 @@ from rag_service.errors import (
     DocumentNotFound,
     IndexConfigError,
     InvalidRequest,
+    PayloadTooLarge,
 )
 from rag_service.metrics import Metrics
 from rag_service.registry import CollectionRuntime, Registry
-from rag_service.schemas import DocumentIn
+from rag_service.schemas import DocumentIn, check_collection_name
 from rag_service.settings import Settings
 
 __all__ = ["KnowledgeBase", "ScoredHit", "UpsertOutcome"]
@@ -98,6 +99,7 @@ class KnowledgeBase:
         chunk_tokens: int | None = None,
         chunk_overlap: int | None = None,
     ) -> dict[str, Any]:
+        check_collection_name(name)
         window = self.embedder.content_window
         tokens = (
             chunk_tokens if chunk_tokens is not None else min(self.settings.chunk_tokens, window)
@@ -117,7 +119,7 @@ class KnowledgeBase:
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="chunk_overlap") from exc
         try:
-            validate_factory(index, self.embedder.dimension)
+            validate_factory(index, self.embedder.dimension, max_nlist=self.settings.max_ivf_nlist)
         except ValueError as exc:
             raise IndexConfigError(str(exc), param="index") from exc
         return {
@@ -141,11 +143,23 @@ class KnowledgeBase:
         async with self.registry.creation_lock:
             if self.registry.find(name) is not None:
                 raise CollectionExists(f"collection {name!r} already exists", param="name")
+            # Built once, off the event loop, before anything is written: a factory FAISS
+            # refuses leaves no row behind.
+            built = await asyncio.to_thread(self._build_index, options)
             row = await self._write(lambda: self.store.create_collection(**options))
             if row is None:
                 raise CollectionExists(f"collection {name!r} already exists", param="name")
-            self.registry.register(row, self.registry.new_index(row))
+            self.registry.register(row, built)
             return row
+
+    def _build_index(self, options: dict[str, Any]) -> FaissIndex:
+        try:
+            return self.registry.new_index(_row_from(options))
+        except RuntimeError as exc:  # FAISS's own refusal, past the grammar check
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+            raise IndexConfigError(
+                f"FAISS cannot build index {options['index_factory']!r}: {first}", param="index"
+            ) from exc
 
     def list_collections(self) -> list[CollectionRow]:
         return self.store.list_collections()
@@ -249,7 +263,9 @@ class KnowledgeBase:
                 offset += len(chunks)
             writes.append(DocumentWrite(doc.id, doc.text, doc.metadata, hashes[i], chunks, vecs))
         t = time.perf_counter()
-        new_index = self.registry.new_index(_row_from(create)) if create is not None else None
+        new_index = (
+            await asyncio.to_thread(self._build_index, create) if create is not None else None
+        )
 
         def apply() -> tuple[Any, CollectionRow]:
             staged, collection_row = self.store.stage_upsert(row, create, writes)
@@ -345,9 +361,29 @@ class KnowledgeBase:
 
     # ---- search --------------------------------------------------------------------------
     async def embed_queries(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
-        tokens = self.embedder.count_tokens(list(texts))
-        vectors = await self.batcher.embed(texts, tokens, lane="interactive")
-        return vectors, sum(tokens)
+        """Vectors for an embeddings request, and the tokens it used.
+
+        A request with more than ``interactive_max_texts`` inputs (or more tokens than one
+        bulk batch) is encoded on the bulk lane, in bounded batches beside ingest, so a search
+        waits behind at most one small batch of it. Past ``max_embedding_tokens`` it is
+        refused (413) before anything is encoded.
+        """
+        s = self.settings
+        small = len(texts) <= s.interactive_max_texts
+        if small:
+            tokens = self.embedder.count_tokens(list(texts))
+        else:  # tokenizing thousands of inputs would stall the event loop
+            tokens = await asyncio.to_thread(self.embedder.count_tokens, list(texts))
+        total = sum(tokens)
+        if total > s.max_embedding_tokens:
+            raise PayloadTooLarge(
+                f"the input holds {total} tokens; one request may hold at most "
+                f"{s.max_embedding_tokens} (RAG_MAX_EMBEDDING_TOKENS): split it",
+                param="input",
+            )
+        lane: Lane = "interactive" if small and total <= s.max_bulk_tokens else "bulk"
+        vectors = await self.batcher.embed(texts, tokens, lane=lane)
+        return vectors, total
 
     async def search(
         self,

@@ -109,11 +109,18 @@ def fit_prompt(
     budget: int,
     rag: bool,
     upper_bound: Callable[[list[dict[str, Any]]], int] | None = None,
+    count_texts: Callable[[list[str]], list[int]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[PromptSource]]:
     """Messages to send and the sources they cite, within ``budget`` prompt tokens.
 
     ``upper_bound``, when given, is a cheap count never below ``count_tokens`` (for example one
     token per byte): a prompt it already fits is not tokenized at all.
+
+    Otherwise every message and every source is counted once (``count_texts``, batched, when
+    given), and what to drop is worked out with arithmetic: the prompt's exact count minus
+    the sum of its parts is the template's share, and each drop subtracts its part. The result
+    is checked with one exact count; if the parts under-estimated it, the difference is added
+    to the template's share and dropping goes on. Work is linear in the conversation's size.
     """
     kept = sorted(sources, key=lambda s: s.score, reverse=True)
     history = list(messages)
@@ -126,25 +133,50 @@ def fit_prompt(
     out = build()
     if upper_bound is not None and upper_bound(out) <= budget:
         return out, _renumber(kept)
-    while count_tokens(out) > budget:
-        if kept:
-            kept.pop()  # the weakest source
-        else:
-            # The oldest turn that is neither a system message nor the last user message.
-            last_user = max(i for i, m in enumerate(history) if m.get("role") == "user")
-            droppable = [
-                i
-                for i, m in enumerate(history)
-                if i != last_user and m.get("role") not in ("system", "developer")
-            ]
-            if not droppable:
-                raise InvalidRequest(
-                    f"the conversation needs {count_tokens(out)} tokens but the model's window "
-                    f"leaves {budget} for the prompt; shorten the last message or lower "
-                    "max_tokens",
-                    param="messages",
-                )
-            history.pop(droppable[0])
+    exact = count_tokens(out)
+    if exact <= budget:
+        return out, _renumber(kept)
+
+    # Parts: each source (as listed in the system message) and each droppable turn.
+    source_texts = [f"[{s.index}] (from {s.document_id})\n{s.text.strip()}" for s in kept]
+    turn_texts = [message_text(m) for m in history]
+    if count_texts is not None:
+        counts = count_texts(source_texts + turn_texts)
+    else:
+        counts = [count_tokens([{"role": "user", "content": t}]) for t in source_texts]
+        counts += [count_tokens([m]) for m in history]
+    source_cost = counts[: len(source_texts)]
+    turn_cost = counts[len(source_texts) :]
+    last_user = max((i for i, m in enumerate(history) if m.get("role") == "user"), default=-1)
+    droppable = [
+        i
+        for i, m in enumerate(history)
+        if i != last_user and m.get("role") not in ("system", "developer")
+    ]
+    n_sources = len(kept)  # sources kept: the strongest n_sources
+    n_dropped = 0  # turns dropped: the oldest n_dropped of ``droppable``
+    estimate = exact
+    while True:
+        while estimate > budget:
+            if n_sources:
+                n_sources -= 1
+                estimate -= source_cost[n_sources]
+            elif n_dropped < len(droppable):
+                estimate -= turn_cost[droppable[n_dropped]]
+                n_dropped += 1
+            else:
+                break
+        gone = set(droppable[:n_dropped])
+        history = [m for i, m in enumerate(messages) if i not in gone]
+        kept = kept[:n_sources]
         out = build()
-    used = _renumber(kept)
-    return out, used
+        exact = count_tokens(out)
+        if exact <= budget:
+            return out, _renumber(kept)
+        if not n_sources and n_dropped >= len(droppable):
+            raise InvalidRequest(
+                f"the conversation needs {exact} tokens but the model's window leaves "
+                f"{budget} for the prompt; shorten the last message or lower max_tokens",
+                param="messages",
+            )
+        estimate = exact  # the parts under-estimated: go on from the exact count

@@ -7,11 +7,16 @@ configured values; the static bounds here are the hard ceilings.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from rag_service.errors import InvalidRequest
+
 __all__ = [
+    "DOC_ID_PATTERN",
+    "NAME_PATTERN",
     "CollectionCreate",
     "CollectionInfo",
     "CollectionList",
@@ -28,14 +33,29 @@ __all__ = [
     "UpsertRequest",
     "UpsertResponse",
     "Usage",
+    "check_collection_name",
 ]
 
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Any text but control characters, not starting or ending with "/" nor holding "//" (ids are
+# addressed in URL paths, where routing drops those slashes).
+DOC_ID_PATTERN = r"^(?!.*//)[^/\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^/\x00-\x1f\x7f])?$"
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=DOC_ID_PATTERN)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=10_000_000)]
 Query = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)]
 Metadata = Annotated[dict[str, Any], msgspec.Meta(max_length=64)]
 FilterSpec = Annotated[dict[str, Any], msgspec.Meta(max_length=32)]
+
+
+def check_collection_name(name: str) -> None:
+    """The one rule for collection names, for explicit creation and creation on upsert."""
+    if re.fullmatch(NAME_PATTERN, name) is None:
+        raise InvalidRequest(
+            "collection names are 1-64 characters of letters, digits, '_', '.' and '-', "
+            f"starting with a letter or digit; got {name[:80]!r}",
+            param="name",
+        )
 
 
 class CollectionCreate(msgspec.Struct, forbid_unknown_fields=True):

@@ -50,7 +50,17 @@ class Settings:
     port: int = field(default=8000, metadata=_help("TCP port to listen on."))
     api_key: str | None = field(
         default=None,
-        metadata=_help("When set, every /v1 route needs 'Authorization: Bearer <key>'."),
+        metadata=_help(
+            "When set, every /v1 route and /metrics need 'Authorization: Bearer <key>'; this "
+            "key is the admin key, which also issues scoped keys (/v1/keys)."
+        ),
+    )
+    metrics_public: bool = field(
+        default=False,
+        metadata=_help(
+            "Serve /metrics without a key even when RAG_API_KEY is set (for a scraper on a "
+            "trusted network; the metrics name collections)."
+        ),
     )
     embedding_model: str = field(
         default="",
@@ -102,6 +112,26 @@ class Settings:
         default=8192, metadata=_help("Longest search query or embedding input, in characters.")
     )
     max_top_k: int = field(default=100, metadata=_help("Largest top_k a search may ask for."))
+    max_chat_chars: int = field(
+        default=1_000_000,
+        metadata=_help(
+            "Most characters in one chat request's messages (all turns together); beyond it "
+            "413. Bounds the prompt work a single request can cause."
+        ),
+    )
+    max_embedding_tokens: int = field(
+        default=300_000,
+        metadata=_help(
+            "Most tokens in one /v1/embeddings request (as OpenAI's API); beyond it 413."
+        ),
+    )
+    interactive_max_texts: int = field(
+        default=16,
+        metadata=_help(
+            "/v1/embeddings requests with more inputs than this are encoded on the bulk lane, "
+            "so a search never waits behind a large embeddings request."
+        ),
+    )
     inline_search_max_vectors: int = field(
         default=4096,
         metadata=_help(
@@ -127,6 +157,13 @@ class Settings:
         default=64, metadata=_help("efSearch for HNSW collections (recall vs speed).")
     )
     ivf_nprobe: int = field(default=16, metadata=_help("nprobe for IVF collections."))
+    max_ivf_nlist: int = field(
+        default=65536,
+        metadata=_help(
+            "Largest IVF nlist a collection's index may ask for (its centroids take "
+            "nlist x dimension x 4 bytes)."
+        ),
+    )
     backend: Backend = field(
         default="auto",
         metadata=_help(
@@ -228,9 +265,13 @@ class Settings:
             "max_document_chars",
             "max_query_chars",
             "max_top_k",
+            "max_chat_chars",
+            "max_embedding_tokens",
+            "interactive_max_texts",
             "max_body_bytes",
             "hnsw_ef_search",
             "ivf_nprobe",
+            "max_ivf_nlist",
             "generation_queue_size",
             "generation_batch_size",
         ):

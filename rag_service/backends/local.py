@@ -200,6 +200,13 @@ class LocalBackend:
     def token_upper_bound(self, messages: list[dict[str, Any]]) -> int:
         return self.count_tokens(messages)  # exact and local: no cheaper bound worth keeping
 
+    def count_texts(self, texts: list[str]) -> list[int]:
+        """Token counts of plain texts in one batched pass of the fast tokenizer."""
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(ids) + 5 for ids in encoded]  # + the chat template's per-turn markers
+
     # ---- generation --------------------------------------------------------------------
     def _request(self, body: dict[str, Any], on_text: Any, on_done: Any) -> GenerationRequest:
         max_new = int(

@@ -66,6 +66,10 @@ class UpstreamBackend:
         raw = sum(self._count_text(message_text(m)) + 4 for m in messages)
         return int(raw * 1.1) + 8
 
+    def count_texts(self, texts: list[str]) -> list[int]:
+        """Per-text estimates, each counted once, for fitting a prompt with arithmetic."""
+        return [int((self._count_text(t) + 4) * 1.1) + 1 for t in texts]
+
     def token_upper_bound(self, messages: list[dict[str, Any]]) -> int:
         """``count_tokens`` with one token per UTF-8 byte: no tokenizer makes more tokens."""
         raw = sum(len(message_text(m).encode()) + 4 for m in messages)

@@ -34,18 +34,20 @@ class AdapterController(Controller):
     path = "/adapters"
     dependencies = {"adapters": Provide(provide_adapters, sync_to_thread=False)}
 
-    @get("/", sync_to_thread=False)
+    @get("/", sync_to_thread=False, opt={"access": "key"})  # what /v1/models shows too
     def list_adapters(self, adapters: AdapterManager) -> dict[str, Any]:
         return {
             "object": "list",
             "data": [{**a.to_dict(), "object": "adapter"} for a in adapters.registry.list()],
         }
 
-    @post("/", status_code=HTTP_201_CREATED)
+    @post("/", status_code=HTTP_201_CREATED, opt={"access": "admin", "collection": "*"})
     async def load(self, data: AdapterLoad, adapters: AdapterManager) -> dict[str, Any]:
         info = await adapters.load(data.name, data.path)
         return {**info.to_dict(), "object": "adapter"}
 
-    @delete("/{name:str}", status_code=HTTP_204_NO_CONTENT)
+    @delete(
+        "/{name:str}", status_code=HTTP_204_NO_CONTENT, opt={"access": "admin", "collection": "*"}
+    )
     async def unload(self, name: str, adapters: AdapterManager) -> None:
         await adapters.unload(name)

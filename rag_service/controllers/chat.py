@@ -11,6 +11,7 @@ from litestar.status_codes import HTTP_200_OK
 
 from rag_service.chat import ChatService, parse_chat_request
 from rag_service.dependencies import provide_chat
+from rag_service.keys import Principal
 from rag_service.streaming import EventStream
 
 __all__ = ["ChatController", "list_models"]
@@ -20,12 +21,12 @@ class ChatController(Controller):
     path = "/chat/completions"
     dependencies = {"chat": Provide(provide_chat, sync_to_thread=False)}
 
-    @post("/", status_code=HTTP_200_OK)
+    @post("/", status_code=HTTP_200_OK, opt={"access": "key"})  # retrieval checks read access
     async def create(
-        self, request: Request[Any, Any, State], chat: ChatService
+        self, request: Request[Any, Any, State], chat: ChatService, principal: Principal
     ) -> Response[Any] | EventStream:
         parsed, body = parse_chat_request(await request.body())
-        prepared = await chat.prepare(parsed, body)
+        prepared = await chat.prepare(parsed, body, principal=principal)
         if not prepared.stream:
             return Response(await chat.complete(prepared))
         events = await chat.open_stream(prepared)
@@ -36,6 +37,7 @@ class ChatController(Controller):
     "/models",
     dependencies={"chat": Provide(provide_chat, sync_to_thread=False)},
     sync_to_thread=False,
+    opt={"access": "key"},
 )
 def list_models(chat: ChatService) -> dict[str, Any]:
     return {"object": "list", "data": chat.models()}

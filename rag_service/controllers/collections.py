@@ -8,6 +8,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from indexes.docstore import CollectionRow
 from rag_service.dependencies import provide_kb
+from rag_service.keys import Principal
 from rag_service.knowledge import KnowledgeBase
 from rag_service.schemas import CollectionCreate, CollectionInfo, CollectionList
 
@@ -32,12 +33,17 @@ class CollectionController(Controller):
     path = "/collections"
     dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
 
-    @get("/", sync_to_thread=True)
-    def list_collections(self, kb: KnowledgeBase) -> CollectionList:
-        return CollectionList(data=[collection_info(r) for r in kb.list_collections()])
+    @get("/", sync_to_thread=True, opt={"access": "key"})
+    def list_collections(self, kb: KnowledgeBase, principal: Principal) -> CollectionList:
+        """The collections this key can read."""
+        rows = [r for r in kb.list_collections() if principal.allows("read", r.name)]
+        return CollectionList(data=[collection_info(r) for r in rows])
 
-    @post("/", status_code=HTTP_201_CREATED)
-    async def create_collection(self, data: CollectionCreate, kb: KnowledgeBase) -> CollectionInfo:
+    @post("/", status_code=HTTP_201_CREATED, opt={"access": "key"})
+    async def create_collection(
+        self, data: CollectionCreate, kb: KnowledgeBase, principal: Principal
+    ) -> CollectionInfo:
+        principal.require("admin", data.name, param="name")
         row = await kb.create_collection(
             data.name,
             index=data.index,
@@ -46,6 +52,6 @@ class CollectionController(Controller):
         )
         return collection_info(row)
 
-    @delete("/{name:str}", status_code=HTTP_204_NO_CONTENT)
+    @delete("/{name:str}", status_code=HTTP_204_NO_CONTENT, opt={"access": "admin"})
     async def delete_collection(self, name: str, kb: KnowledgeBase) -> None:
         await kb.delete_collection(name)

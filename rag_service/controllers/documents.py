@@ -41,7 +41,7 @@ class DocumentController(Controller):
     path = "/collections/{name:str}"
     dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
 
-    @post("/documents", status_code=HTTP_200_OK)
+    @post("/documents", status_code=HTTP_200_OK, opt={"access": "write"})
     async def upsert(
         self, name: str, data: UpsertRequest, kb: KnowledgeBase, debug: bool = False
     ) -> UpsertResponse:
@@ -55,7 +55,7 @@ class DocumentController(Controller):
             timings_ms=outcome.timings_ms if debug else None,
         )
 
-    @get("/documents", sync_to_thread=True)
+    @get("/documents", sync_to_thread=True, opt={"access": "read"})
     def list_documents(
         self,
         name: str,
@@ -71,15 +71,15 @@ class DocumentController(Controller):
             last_id=docs[-1].id if docs else None,
         )
 
-    @get("/documents/{doc_id:path}", sync_to_thread=True)
+    @get("/documents/{doc_id:path}", sync_to_thread=True, opt={"access": "read"})
     def get_document(self, name: str, doc_id: str, kb: KnowledgeBase) -> DocumentOut:
-        return _document_out(kb.get_document(name, doc_id.lstrip("/")), with_text=True)
+        return _document_out(kb.get_document(name, doc_id[1:]), with_text=True)
 
-    @delete("/documents/{doc_id:path}", status_code=HTTP_204_NO_CONTENT)
+    @delete("/documents/{doc_id:path}", status_code=HTTP_204_NO_CONTENT, opt={"access": "write"})
     async def delete_document(self, name: str, doc_id: str, kb: KnowledgeBase) -> None:
-        await kb.delete_document(name, doc_id.lstrip("/"))
+        await kb.delete_document(name, doc_id[1:])  # the path param keeps its leading "/"
 
-    @post("/search", status_code=HTTP_200_OK)
+    @post("/search", status_code=HTTP_200_OK, opt={"access": "read"})
     async def search(self, name: str, data: SearchRequest, kb: KnowledgeBase) -> SearchResponse:
         hits, timings = await kb.search(
             name,

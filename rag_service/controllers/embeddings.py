@@ -20,7 +20,7 @@ class EmbeddingsController(Controller):
     path = "/embeddings"
     dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
 
-    @post("/", status_code=HTTP_200_OK)
+    @post("/", status_code=HTTP_200_OK, opt={"access": "key"})
     async def create(self, data: EmbeddingsRequest, kb: KnowledgeBase) -> EmbeddingsResponse:
         name = kb.embedder.name
         if data.model and data.model not in (name, name.rsplit("/", 1)[-1]):

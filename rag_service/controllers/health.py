@@ -7,6 +7,7 @@ from typing import Any
 from litestar import Response, get
 from litestar.datastructures import State
 
+from rag_service.dependencies import require_metrics_key
 from rag_service.errors import error_body
 
 __all__ = ["health", "metrics", "ready"]
@@ -38,7 +39,13 @@ def ready(state: State) -> Response[Any]:
     )
 
 
-@get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
+@get(
+    "/metrics",
+    sync_to_thread=False,
+    media_type="text/plain; version=0.0.4",
+    guards=[require_metrics_key],
+    opt={"access": "admin", "collection": "*"},  # the metrics name every collection
+)
 def metrics(state: State) -> bytes:
     data: bytes = state["metrics"].render()
     return data
