@@ -44,6 +44,7 @@ from rag_service.errors import exception_handlers
 from rag_service.keys import KeyStore
 from rag_service.knowledge import KnowledgeBase
 from rag_service.metrics import Metrics
+from rag_service.openapi import StrictStructSchemaPlugin, openapi_config
 from rag_service.registry import Registry
 from rag_service.request_body import BoundedRequest
 from rag_service.settings import Settings
@@ -277,7 +278,8 @@ def create_app(
         middleware=[_metrics_middleware, _allow_middleware],
         request_max_body_size=settings.max_body_bytes,
         request_class=BoundedRequest,
-        openapi_config=None,
+        openapi_config=openapi_config(),
+        plugins=[StrictStructSchemaPlugin()],
         logging_config=None,  # logging belongs to the process (rag_service.logs), not the app
         debug=False,
     )

@@ -33,23 +33,14 @@ from rag_service.errors import (
 from rag_service.keys import Principal
 from rag_service.knowledge import KnowledgeBase
 from rag_service.prompting import DEFAULT_TEMPLATE, PromptSource, fit_prompt, retrieval_query
-from rag_service.request_body import decode_body, validate
 from rag_service.settings import Settings
 
-__all__ = ["ChatService", "PreparedChat", "parse_chat_request"]
+__all__ = ["ChatService", "PreparedChat"]
 
 log = logging.getLogger(__name__)
 
 # Conversations (with their sources) up to this size are fitted on the event loop.
 INLINE_PROMPT_CHARS = 16_000
-
-
-def parse_chat_request(raw: bytes) -> tuple[ChatRequest, dict[str, Any]]:
-    """Validate the body and keep it as a dict for forwarding; errors name the field."""
-    body = decode_body(raw)
-    if not isinstance(body, dict):
-        raise InvalidRequest("Request body must be a JSON object")
-    return validate(body, ChatRequest), body
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import msgspec
+from litestar.params import Parameter
 
 from rag_service.errors import InvalidRequest
 
@@ -27,6 +28,7 @@ __all__ = [
     "EmbeddingData",
     "EmbeddingsRequest",
     "EmbeddingsResponse",
+    "NamePath",
     "SearchRequest",
     "SearchResponse",
     "SearchResult",
@@ -41,10 +43,14 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # addressed in URL paths, where routing drops those slashes).
 DOC_ID_PATTERN = r"^(?!.*//)[^/\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^/\x00-\x1f\x7f])?$"
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+# A collection (or adapter) name in a URL path, with the same rule, named in the schema.
+NamePath = Annotated[str, Parameter(pattern=NAME_PATTERN, max_length=64)]
 DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=DOC_ID_PATTERN)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=10_000_000)]
-Query = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)]
+Query = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, pattern=r"\S")]
 Metadata = Annotated[dict[str, Any], msgspec.Meta(max_length=64)]
+# Holds a non-blank character; the configured RAG_MAX_QUERY_CHARS is checked by the service.
+InputText = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, pattern=r"\S")]
 FilterSpec = Annotated[dict[str, Any], msgspec.Meta(max_length=32)]
 
 
@@ -152,7 +158,7 @@ class SearchResponse(msgspec.Struct, omit_defaults=True):
 class EmbeddingsRequest(msgspec.Struct):
     """OpenAI embeddings request. Unknown fields are ignored, as OpenAI clients send extras."""
 
-    input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=2048)]
+    input: InputText | Annotated[list[InputText], msgspec.Meta(min_length=1, max_length=2048)]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None

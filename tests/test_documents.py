@@ -117,7 +117,7 @@ def test_ids_with_slashes(client):
         ({"documents": [{"id": "a", "text": "   \n "}]}, "documents[0].text"),
         ({"documents": [{"id": "a", "text": 5}]}, "documents[0].text"),
         ({"documents": [{"id": "", "text": "x"}]}, "documents[0].id"),
-        ({"documents": [{"text": "x"}]}, "documents[0]"),
+        ({"documents": [{"text": "x"}]}, "documents[0].id"),
         ({"documents": [{"id": "a", "text": "x", "metadata": [1]}]}, "documents[0].metadata"),
         ({"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, "documents[1].id"),
         ({"documents": []}, "documents"),

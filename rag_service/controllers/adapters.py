@@ -13,6 +13,8 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from rag_service.adapters import AdapterManager
 from rag_service.dependencies import provide_chat
 from rag_service.errors import NotReady
+from rag_service.openapi import error_responses
+from rag_service.schemas import NamePath
 
 __all__ = ["AdapterController", "AdapterLoad"]
 
@@ -34,20 +36,29 @@ class AdapterController(Controller):
     path = "/adapters"
     dependencies = {"adapters": Provide(provide_adapters, sync_to_thread=False)}
 
-    @get("/", sync_to_thread=False, opt={"access": "key"})  # what /v1/models shows too
+    # Any key may list them: /v1/models shows the same adapters.
+    @get("/", sync_to_thread=False, opt={"access": "key"}, responses=error_responses())
     def list_adapters(self, adapters: AdapterManager) -> dict[str, Any]:
         return {
             "object": "list",
             "data": [{**a.to_dict(), "object": "adapter"} for a in adapters.registry.list()],
         }
 
-    @post("/", status_code=HTTP_201_CREATED, opt={"access": "admin", "collection": "*"})
+    @post(
+        "/",
+        status_code=HTTP_201_CREATED,
+        opt={"access": "admin", "collection": "*"},
+        responses=error_responses(404, 409, 502, 504),
+    )
     async def load(self, data: AdapterLoad, adapters: AdapterManager) -> dict[str, Any]:
         info = await adapters.load(data.name, data.path)
         return {**info.to_dict(), "object": "adapter"}
 
     @delete(
-        "/{name:str}", status_code=HTTP_204_NO_CONTENT, opt={"access": "admin", "collection": "*"}
+        "/{name:str}",
+        status_code=HTTP_204_NO_CONTENT,
+        opt={"access": "admin", "collection": "*"},
+        responses=error_responses(404, 502, 504),
     )
-    async def unload(self, name: str, adapters: AdapterManager) -> None:
+    async def unload(self, name: NamePath, adapters: AdapterManager) -> None:
         await adapters.unload(name)

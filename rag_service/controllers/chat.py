@@ -9,9 +9,11 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.status_codes import HTTP_200_OK
 
-from rag_service.chat import ChatService, parse_chat_request
+from rag_service.chat import ChatService
+from rag_service.chat_schemas import ChatRequest
 from rag_service.dependencies import provide_chat
 from rag_service.keys import Principal
+from rag_service.openapi import StreamingOperation, error_responses
 from rag_service.streaming import EventStream
 
 __all__ = ["ChatController", "list_models"]
@@ -21,12 +23,24 @@ class ChatController(Controller):
     path = "/chat/completions"
     dependencies = {"chat": Provide(provide_chat, sync_to_thread=False)}
 
-    @post("/", status_code=HTTP_200_OK, opt={"access": "key"})  # retrieval checks read access
+    @post(
+        "/",
+        status_code=HTTP_200_OK,
+        opt={"access": "key"},  # retrieval checks read access
+        responses=error_responses(404, 502, 504),
+        operation_class=StreamingOperation,
+    )
     async def create(
-        self, request: Request[Any, Any, State], chat: ChatService, principal: Principal
+        self,
+        data: ChatRequest,
+        request: Request[Any, Any, State],
+        chat: ChatService,
+        principal: Principal,
     ) -> Response[Any] | EventStream:
-        parsed, body = parse_chat_request(await request.body())
-        prepared = await chat.prepare(parsed, body, principal=principal)
+        # ``data`` was validated strictly from the same JSON; the plain dict keeps the fields
+        # this service does not know, to forward them upstream untouched.
+        body: dict[str, Any] = await request.json()
+        prepared = await chat.prepare(data, body, principal=principal)
         if not prepared.stream:
             return Response(await chat.complete(prepared))
         events = await chat.open_stream(prepared)
@@ -38,6 +52,7 @@ class ChatController(Controller):
     dependencies={"chat": Provide(provide_chat, sync_to_thread=False)},
     sync_to_thread=False,
     opt={"access": "key"},
+    responses=error_responses(),
 )
 def list_models(chat: ChatService) -> dict[str, Any]:
     return {"object": "list", "data": chat.models()}

@@ -10,7 +10,8 @@ from indexes.docstore import CollectionRow
 from rag_service.dependencies import provide_kb
 from rag_service.keys import Principal
 from rag_service.knowledge import KnowledgeBase
-from rag_service.schemas import CollectionCreate, CollectionInfo, CollectionList
+from rag_service.openapi import error_responses
+from rag_service.schemas import CollectionCreate, CollectionInfo, CollectionList, NamePath
 
 __all__ = ["CollectionController", "collection_info"]
 
@@ -33,13 +34,18 @@ class CollectionController(Controller):
     path = "/collections"
     dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
 
-    @get("/", sync_to_thread=True, opt={"access": "key"})
+    @get("/", sync_to_thread=True, opt={"access": "key"}, responses=error_responses())
     def list_collections(self, kb: KnowledgeBase, principal: Principal) -> CollectionList:
         """The collections this key can read."""
         rows = [r for r in kb.list_collections() if principal.allows("read", r.name)]
         return CollectionList(data=[collection_info(r) for r in rows])
 
-    @post("/", status_code=HTTP_201_CREATED, opt={"access": "key"})
+    @post(
+        "/",
+        status_code=HTTP_201_CREATED,
+        opt={"access": "key"},
+        responses=error_responses(409),
+    )
     async def create_collection(
         self, data: CollectionCreate, kb: KnowledgeBase, principal: Principal
     ) -> CollectionInfo:
@@ -52,6 +58,11 @@ class CollectionController(Controller):
         )
         return collection_info(row)
 
-    @delete("/{name:str}", status_code=HTTP_204_NO_CONTENT, opt={"access": "admin"})
-    async def delete_collection(self, name: str, kb: KnowledgeBase) -> None:
+    @delete(
+        "/{name:str}",
+        status_code=HTTP_204_NO_CONTENT,
+        opt={"access": "admin"},
+        responses=error_responses(404),
+    )
+    async def delete_collection(self, name: NamePath, kb: KnowledgeBase) -> None:
         await kb.delete_collection(name)

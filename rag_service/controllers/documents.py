@@ -12,10 +12,12 @@ from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 from indexes.docstore import DocumentRow
 from rag_service.dependencies import provide_kb
 from rag_service.knowledge import KnowledgeBase
+from rag_service.openapi import error_responses
 from rag_service.schemas import (
     DocumentList,
     DocumentOut,
     DocumentStatus,
+    NamePath,
     SearchRequest,
     SearchResponse,
     SearchResult,
@@ -41,9 +43,14 @@ class DocumentController(Controller):
     path = "/collections/{name:str}"
     dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
 
-    @post("/documents", status_code=HTTP_200_OK, opt={"access": "write"})
+    @post(
+        "/documents",
+        status_code=HTTP_200_OK,
+        opt={"access": "write"},
+        responses=error_responses(409),
+    )
     async def upsert(
-        self, name: str, data: UpsertRequest, kb: KnowledgeBase, debug: bool = False
+        self, name: NamePath, data: UpsertRequest, kb: KnowledgeBase, debug: bool = False
     ) -> UpsertResponse:
         outcome = await kb.upsert(name, data.documents)
         return UpsertResponse(
@@ -55,10 +62,15 @@ class DocumentController(Controller):
             timings_ms=outcome.timings_ms if debug else None,
         )
 
-    @get("/documents", sync_to_thread=True, opt={"access": "read"})
+    @get(
+        "/documents",
+        sync_to_thread=True,
+        opt={"access": "read"},
+        responses=error_responses(404),
+    )
     def list_documents(
         self,
-        name: str,
+        name: NamePath,
         kb: KnowledgeBase,
         limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
         after: Annotated[str | None, Parameter(max_length=512)] = None,
@@ -71,16 +83,33 @@ class DocumentController(Controller):
             last_id=docs[-1].id if docs else None,
         )
 
-    @get("/documents/{doc_id:path}", sync_to_thread=True, opt={"access": "read"})
-    def get_document(self, name: str, doc_id: str, kb: KnowledgeBase) -> DocumentOut:
+    @get(
+        "/documents/{doc_id:path}",
+        sync_to_thread=True,
+        opt={"access": "read"},
+        responses=error_responses(404),
+    )
+    def get_document(self, name: NamePath, doc_id: str, kb: KnowledgeBase) -> DocumentOut:
         return _document_out(kb.get_document(name, doc_id[1:]), with_text=True)
 
-    @delete("/documents/{doc_id:path}", status_code=HTTP_204_NO_CONTENT, opt={"access": "write"})
-    async def delete_document(self, name: str, doc_id: str, kb: KnowledgeBase) -> None:
+    @delete(
+        "/documents/{doc_id:path}",
+        status_code=HTTP_204_NO_CONTENT,
+        opt={"access": "write"},
+        responses=error_responses(404, 409),
+    )
+    async def delete_document(self, name: NamePath, doc_id: str, kb: KnowledgeBase) -> None:
         await kb.delete_document(name, doc_id[1:])  # the path param keeps its leading "/"
 
-    @post("/search", status_code=HTTP_200_OK, opt={"access": "read"})
-    async def search(self, name: str, data: SearchRequest, kb: KnowledgeBase) -> SearchResponse:
+    @post(
+        "/search",
+        status_code=HTTP_200_OK,
+        opt={"access": "read"},
+        responses=error_responses(404, 409),
+    )
+    async def search(
+        self, name: NamePath, data: SearchRequest, kb: KnowledgeBase
+    ) -> SearchResponse:
         hits, timings = await kb.search(
             name,
             data.query,

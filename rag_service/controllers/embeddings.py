@@ -11,6 +11,7 @@ from litestar.status_codes import HTTP_200_OK
 from rag_service.dependencies import provide_kb
 from rag_service.errors import InvalidRequest, ModelNotFound
 from rag_service.knowledge import KnowledgeBase
+from rag_service.openapi import error_responses
 from rag_service.schemas import EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, Usage
 
 __all__ = ["EmbeddingsController"]
@@ -20,7 +21,12 @@ class EmbeddingsController(Controller):
     path = "/embeddings"
     dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
 
-    @post("/", status_code=HTTP_200_OK, opt={"access": "key"})
+    @post(
+        "/",
+        status_code=HTTP_200_OK,
+        opt={"access": "key"},
+        responses=error_responses(404),
+    )
     async def create(self, data: EmbeddingsRequest, kb: KnowledgeBase) -> EmbeddingsResponse:
         name = kb.embedder.name
         if data.model and data.model not in (name, name.rsplit("/", 1)[-1]):

@@ -9,6 +9,7 @@ from litestar.datastructures import State
 
 from rag_service.dependencies import require_metrics_key
 from rag_service.errors import error_body
+from rag_service.openapi import error_responses
 
 __all__ = ["health", "metrics", "ready"]
 
@@ -18,7 +19,7 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/ready", sync_to_thread=False)
+@get("/ready", sync_to_thread=False, responses=error_responses(503, v1=False))
 def ready(state: State) -> Response[Any]:
     kb = state.get("kb")
     if kb is None:
@@ -45,6 +46,7 @@ def ready(state: State) -> Response[Any]:
     media_type="text/plain; version=0.0.4",
     guards=[require_metrics_key],
     opt={"access": "admin", "collection": "*"},  # the metrics name every collection
+    responses=error_responses(401, 403, v1=False),
 )
 def metrics(state: State) -> bytes:
     data: bytes = state["metrics"].render()

@@ -12,6 +12,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from rag_service.errors import Forbidden, NotReady
 from rag_service.keys import ALL, KeyCreate, KeyCreated, KeyList, KeyStore
+from rag_service.openapi import error_responses
 
 __all__ = ["KeyController"]
 
@@ -35,11 +36,11 @@ class KeyController(Controller):
     path = "/keys"
     dependencies = {"keys": Provide(provide_keys, sync_to_thread=False)}
 
-    @get("/", sync_to_thread=False, opt=ADMIN_ALL)
+    @get("/", sync_to_thread=False, opt=ADMIN_ALL, responses=error_responses())
     def list_keys(self, keys: KeyStore) -> KeyList:
         return KeyList(data=[k.info() for k in keys.list_keys()])
 
-    @post("/", status_code=HTTP_201_CREATED, opt=ADMIN_ALL)
+    @post("/", status_code=HTTP_201_CREATED, opt=ADMIN_ALL, responses=error_responses())
     async def create_key(self, data: KeyCreate, keys: KeyStore) -> KeyCreated:
         key, secret = await asyncio.to_thread(keys.create, data.name, data.scopes)
         info = key.info()
@@ -52,6 +53,11 @@ class KeyController(Controller):
             key=secret,
         )
 
-    @delete("/{key_id:str}", status_code=HTTP_204_NO_CONTENT, opt=ADMIN_ALL)
+    @delete(
+        "/{key_id:str}",
+        status_code=HTTP_204_NO_CONTENT,
+        opt=ADMIN_ALL,
+        responses=error_responses(404),
+    )
     async def delete_key(self, key_id: str, keys: KeyStore) -> None:
         await asyncio.to_thread(keys.delete, key_id)

@@ -1,0 +1,120 @@
+"""The OpenAPI description: configuration, and the error responses each route documents.
+
+Every route lists the statuses it can answer with besides success, each with the one error
+body of :mod:`rag_service.errors`, so the schema at /schema/openapi.json is honest enough for
+schemathesis to hold the service to it (tests/test_fuzz.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
+from litestar.openapi import ResponseSpec
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Schema,
+)
+
+if TYPE_CHECKING:
+    from litestar._openapi.schema_generation import SchemaCreator
+    from litestar.typing import FieldDefinition
+
+__all__ = [
+    "ErrorBody",
+    "ErrorDetail",
+    "StreamingOperation",
+    "StrictStructSchemaPlugin",
+    "error_responses",
+    "openapi_config",
+]
+
+_DESCRIPTIONS = {
+    400: "Invalid request: the body, a parameter or a field (named in `param`) is wrong",
+    401: "Missing or invalid API key",
+    403: "The API key lacks the scope this request needs",
+    404: "Collection, document, model or adapter not found",
+    409: "Conflict: it exists already, or was embedded by another model",
+    413: "The request is past a size limit (named in the message)",
+    502: "The generation server failed or answered malformed data",
+    503: "Loading, overloaded or the store is busy: retry after the Retry-After header",
+    504: "The generation server did not answer in time",
+}
+# What every /v1 route can answer: bad input, keys and scopes, size limits, not ready.
+V1_COMMON = (400, 401, 403, 413, 503)
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(msgspec.Struct):
+    """The OpenAI error shape, used by every error response."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int, v1: bool = True) -> dict[int, ResponseSpec]:
+    """``responses=`` for a route handler: the common /v1 statuses plus ``statuses``."""
+    codes = sorted({*(V1_COMMON if v1 else ()), *statuses})
+    return {
+        code: ResponseSpec(
+            data_container=ErrorBody, description=_DESCRIPTIONS[code], generate_examples=False
+        )
+        for code in codes
+    }
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="rag-service",
+        version="1",
+        description=(
+            "Knowledge over HTTP, OpenAI-compatible chat and embeddings, hot-loaded adapters. "
+            'Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}.'
+        ),
+        path="/schema",
+        render_plugins=[JsonRenderPlugin()],
+    )
+
+
+class StrictStructSchemaPlugin(StructSchemaPlugin):
+    """Structs that refuse unknown fields say so in the schema (``additionalProperties:
+    false``); Litestar's own plugin leaves it open, which would promise clients that extra
+    fields are accepted when the service answers them with a 400."""
+
+    def to_openapi_schema(
+        self, field_definition: FieldDefinition, schema_creator: SchemaCreator
+    ) -> Schema:
+        schema = super().to_openapi_schema(field_definition, schema_creator)
+        if field_definition.type_.__struct_config__.forbid_unknown_fields:
+            schema.additional_properties = False
+        return schema
+
+
+@dataclass
+class StreamingOperation(Operation):
+    """An operation whose 200 is JSON, or an SSE stream when the request asks for one."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse):
+            ok.content = {
+                **(ok.content or {}),
+                "text/event-stream": OpenAPIMediaType(
+                    schema=Schema(
+                        type=OpenAPIType.STRING,
+                        description='"data: {chunk}" events, ending with "data: [DONE]"',
+                    )
+                ),
+            }
