@@ -30,6 +30,7 @@ __all__ = [
     "ROOT",
     "Server",
     "environment",
+    "fake_upstream",
     "faq_pairs",
     "percentiles",
     "python_doc_files",
@@ -184,6 +185,32 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def fake_upstream() -> Iterator[str]:
+    """The fake OpenAI server of the tests (``tests/fake_upstream.py``) in a child process on a
+    free loopback port; yields its base URL (``.../v1``)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_upstream", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"fake upstream exited with {proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(url + "/models", timeout=1)
+                break
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def _extract(deb_glob: str, package: str) -> Path:

@@ -214,6 +214,42 @@ def render() -> str:
             f"{d2['max_token_gap_ms']} ms.",
             "",
         ]
+    if soak := _load("s1_soak"):
+        f, p = soak["figures"], soak["params"]
+        statuses = f["upsert_statuses"]
+        lines += [
+            f"**S1, soak** ({_where(soak)}): {p['clients']} clients for {p['duration']:g} s, "
+            f"each looping over a mix of upserts ({p['batch']} documents with ids from a pool "
+            f"of {p['pool']}), dense and hybrid searches with and without a metadata filter, "
+            f"and RAG chats (plain and streamed) against the fake upstream; "
+            f"{f['seed_documents']} Debian FAQ paragraphs seeded. {f['errors']} errors in "
+            f"{f['requests']:,} requests, {f['requests_per_s_after_warmup']} requests/s; "
+            f"latencies after a {p['warmup']:g} s warm-up:",
+            "",
+            "| route | requests | errors | p50 | p99 |",
+            "|---|---|---|---|---|",
+        ]
+        for route, r in f["routes"].items():
+            lat = r["latency"] or {"p50_ms": "-", "p99_ms": "-"}
+            lines.append(
+                f"| {route} | {r['requests']:,} | {r['errors']} | {lat['p50_ms']} ms | "
+                f"{lat['p99_ms']} ms |"
+            )
+        lines += [
+            "",
+            f"Upserted documents: {statuses.get('created', 0)} created, "
+            f"{statuses.get('updated', 0)} updated, {statuses.get('unchanged', 0)} unchanged. "
+            f"Server RSS {f['rss_ready_mib']} MiB when ready, {f['rss_start_mib']} MiB after "
+            f"seeding, {f['rss_after_warmup_mib']} MiB after the warm-up, {f['rss_end_mib']} MiB "
+            f"at the end: {f['rss_growth_first_half_mib']:+} MiB over the first half of the "
+            f"load, {f['rss_growth_last_half_mib']:+} MiB over the second "
+            f"({'flattening' if f['rss_flattens'] else 'not flattening'}). Largest event-loop "
+            f"stall {f['event_loop_lag_max_ms']} ms "
+            f"({'under the load' if f['event_loop_lag_max_during_load'] else 'while seeding'}"
+            f"); under the load {f['event_loop_ticks_over_100ms']} of "
+            f"{f['event_loop_ticks']:,} 10 ms timer ticks ran over 100 ms late.",
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 

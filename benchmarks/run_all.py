@@ -5,7 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench_embedding", "bench_ingest", "bench_quality", "bench_search", "bench_chat"]
+BENCHMARKS = [
+    "bench_embedding",
+    "bench_ingest",
+    "bench_quality",
+    "bench_search",
+    "bench_chat",
+    "bench_soak",
+]
 
 
 def main() -> int:
