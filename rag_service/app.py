@@ -195,9 +195,7 @@ async def _load(
             settings.adapters_path,
             AdapterRegistry(Path(settings.data_dir) / "adapters.json"),
             backend,
-            max_rank=settings.upstream_max_lora_rank
-            if settings.resolved_backend == "upstream"
-            else None,
+            max_rank=settings.max_lora_rank,
         )
         if hasattr(backend, "load_adapter"):
             restored = await adapters.restore(scan=settings.load_adapters_on_start)

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "bundled_embedding_model"]
 
 ENV_PREFIX = "RAG_"
+ENV_ALIASES = {"max_lora_rank": "RAG_UPSTREAM_MAX_LORA_RANK"}  # field -> its former variable
 
 Device = Literal["auto", "cpu", "cuda"]
 Synchronous = Literal["NORMAL", "FULL"]
@@ -246,9 +247,12 @@ class Settings:
         default=False,
         metadata=_help("Load every adapter directory found in the adapters directory at start."),
     )
-    upstream_max_lora_rank: int = field(
+    max_lora_rank: int = field(
         default=64,
-        metadata=_help("Largest LoRA rank the upstream accepts (vLLM --max-lora-rank)."),
+        metadata=_help(
+            "Largest LoRA rank an adapter may have, for both backends (keep it equal to vLLM's "
+            "--max-lora-rank); also read from RAG_UPSTREAM_MAX_LORA_RANK, its former name."
+        ),
     )
     log_level: str = field(default="INFO", metadata=_help("Python logging level."))
 
@@ -274,6 +278,7 @@ class Settings:
             "max_ivf_nlist",
             "generation_queue_size",
             "generation_batch_size",
+            "max_lora_rank",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
@@ -325,6 +330,8 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = env.get(ENV_PREFIX + f.name.upper())
+            if not raw and f.name in ENV_ALIASES:
+                raw = env.get(ENV_ALIASES[f.name])
             if raw is not None and raw != "":
                 values[f.name] = parse_value(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -93,7 +93,51 @@ def adapters_dir(tmp_path_factory, bundled_model_dir) -> Path:
     outside = tmp_path_factory.mktemp("outside")
     make_adapter(bundled_model_dir, outside / "evil", seed=5)
     os.symlink(outside / "evil", root / "link-out")
+    make_bad_adapters(root / "alpha", root / "bad", outside / "evil")
     return root
+
+
+def make_bad_adapters(good: Path, bad: Path, outside: Path) -> None:
+    """Broken variants of ``good`` under ``bad``, one directory per defect."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    weights = load_file(good / "adapter_model.safetensors")
+    q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+    def put(name: str, config=cfg, tensors=None, raw: bytes | None = None) -> Path:
+        d = bad / name
+        d.mkdir(parents=True)
+        (d / "adapter_config.json").write_text(json.dumps(config))
+        if raw is not None:
+            (d / "adapter_model.safetensors").write_bytes(raw)
+        else:
+            save_file(tensors if tensors is not None else weights, d / "adapter_model.safetensors")
+        return d
+
+    put("list-config", [1, 2])
+    put("r-abc", {**cfg, "r": "abc"})
+    put("r-null", {**cfg, "r": None})
+    put("r-zero", {**cfg, "r": 0})
+    put("targets-5", {**cfg, "target_modules": 5})
+    put("alpha-str", {**cfg, "lora_alpha": "eight"})
+    put("not-lora", {**cfg, "peft_type": "IA3"})
+    put("random-bytes", raw=os.urandom(4096))
+    put("rank-mismatch", {**cfg, "r": 8})
+    put("huge-rank", {**cfg, "r": 4096})
+    put("no-lora-b", tensors={k: v for k, v in weights.items() if k != f"{q0}.lora_B.weight"})
+    put("wrong-dims", tensors={**weights, f"{q0}.lora_A.weight": torch.zeros(4, 100)})
+    renamed = {k.replace("layers.0.", "layers.99."): v for k, v in weights.items()}
+    put("unknown-module", tensors=renamed)
+    # Valid as far as any check before PEFT can tell; PEFT fails half way through the load
+    # (after wrapping the target modules), so only the rollback keeps the model clean.
+    put("fails-in-peft", {**cfg, "trainable_token_indices": {"embed_tokens": [10**8]}})
+    link = put("file-link")
+    (link / "adapter_model.safetensors").unlink()
+    os.symlink(outside / "adapter_model.safetensors", link / "adapter_model.safetensors")
+    link = put("config-link")
+    (link / "adapter_config.json").unlink()
+    os.symlink(outside / "adapter_config.json", link / "adapter_config.json")
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +232,101 @@ def test_refused_adapters(local, path, status, message):
     err = error_of(resp)
     assert message in err["message"] and err["param"] == "path"
     assert client.get("/v1/adapters").json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("bad/list-config", "adapter_config.json must be a JSON object, not list"),
+        ("bad/r-abc", 'r must be a positive integer, got "abc"'),
+        ("bad/r-null", "r must be a positive integer, got null"),
+        ("bad/r-zero", "r must be a positive integer, got 0"),
+        ("bad/targets-5", "target_modules must be"),
+        ("bad/alpha-str", "lora_alpha must be a number"),
+        ("bad/not-lora", "only LoRA adapters are served"),
+        ("bad/random-bytes", "adapter_model.safetensors is not a valid safetensors file"),
+        ("bad/rank-mismatch", "has rank 4 but adapter_config.json says r=8"),
+        ("bad/no-lora-b", "has no lora_B tensor"),
+        ("bad/wrong-dims", "needs [4, 576]"),
+        ("bad/unknown-module", "does not have"),
+        ("bad/huge-rank", "adapter rank 4096 is above RAG_MAX_LORA_RANK (64)"),
+        ("wide", "adapter rank 128 is above RAG_MAX_LORA_RANK (64)"),
+        ("bad/file-link", "adapter_model.safetensors is a symlink leading outside"),
+        ("bad/config-link", "adapter_config.json is a symlink leading outside"),
+        ("bad/fails-in-peft", "does not fit SmolLM2-135M-Instruct"),
+    ],
+)
+def test_broken_adapters_are_400(local, path, message):
+    """Each defect is a 400 naming it (OpenAI error shape), on the local backend, and nothing
+    is registered."""
+    client = local(upstream_url=None, max_lora_rank=64)  # the local backend, not upstream
+    resp = client.post("/v1/adapters", json={"name": "x", "path": path})
+    assert resp.status_code == 400, resp.text
+    err = error_of(resp)
+    assert err["type"] == "invalid_request_error" and err["param"] == "path"
+    assert message in err["message"], err["message"]
+    assert client.get("/v1/adapters").json()["data"] == []
+
+
+def _structure(model) -> list[tuple[str, str]]:
+    return [(name, type(m).__name__) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("bad", ["bad/rank-mismatch", "bad/fails-in-peft"])
+def test_failed_load_leaves_model_as_before(
+    make_client, bundled_model_dir, adapters_dir, tmp_path, expected, bad
+):
+    """A refused load, as the first adapter and beside a loaded one, leaves the model exactly
+    as it was: same modules, same base output, and later loads see no stale PEFT state
+    (no "Already found a peft_config" warning, outputs equal to a fresh load's)."""
+    import warnings
+
+    backend = LocalBackend(Settings(local_model=str(bundled_model_dir)))
+    asyncio.run(backend.start())
+    client = make_client(data_dir=tmp_path / "data", backend=backend, adapters_dir=adapters_dir)
+    base = _structure(backend.model)
+
+    def answer(model):
+        return chat(client, model).json()["choices"][0]["message"]["content"]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert client.post("/v1/adapters", json={"name": "bad", "path": bad}).status_code == 400
+        assert _structure(backend.model) == base
+        assert answer(None) == expected["base"]
+        assert (
+            client.post("/v1/adapters", json={"name": "alpha", "path": "alpha"}).status_code == 201
+        )
+        loaded = _structure(backend.model)
+        resp = client.post("/v1/adapters", json={"name": "bad", "path": bad})
+        assert resp.status_code == 400, resp.text
+        assert _structure(backend.model) == loaded
+        assert answer("alpha") == expected["alpha"]
+        assert answer(None) == expected["base"]
+        assert client.post("/v1/adapters", json={"name": "beta", "path": "beta"}).status_code == 201
+        assert answer("beta") == expected["beta"]
+        assert answer("alpha") == expected["alpha"]
+        assert answer(None) == expected["base"]
+    stray = [
+        str(w.message)
+        for w in caught
+        if not issubclass(w.category, DeprecationWarning | FutureWarning)
+    ]
+    assert stray == []
+    assert [a["name"] for a in client.get("/v1/adapters").json()["data"]] == ["alpha", "beta"]
+    assert client.delete("/v1/adapters/alpha").status_code == 204
+    assert client.delete("/v1/adapters/beta").status_code == 204
+    assert _structure(backend.model) == base
+
+
+def test_max_lora_rank_setting():
+    assert Settings().max_lora_rank == 64
+    assert Settings.from_env({"RAG_MAX_LORA_RANK": "16"}).max_lora_rank == 16
+    assert Settings.from_env({"RAG_UPSTREAM_MAX_LORA_RANK": "32"}).max_lora_rank == 32  # old name
+    both = {"RAG_MAX_LORA_RANK": "16", "RAG_UPSTREAM_MAX_LORA_RANK": "32"}
+    assert Settings.from_env(both).max_lora_rank == 16
+    with pytest.raises(ValueError, match="RAG_MAX_LORA_RANK"):
+        Settings(max_lora_rank=0)
 
 
 def test_bad_adapter_requests(local):
@@ -313,7 +452,7 @@ def upstream(tmp_path, embedder, fake_upstream, adapters_dir):
         port=free_port(),
         upstream_url=fake_upstream.url,
         adapters_dir=adapters_dir,
-        upstream_max_lora_rank=64,
+        max_lora_rank=64,
     )
     with running_server(settings, embedder) as url:
         yield url
@@ -355,4 +494,21 @@ def test_vllm_rank_refused(upstream, fake_upstream):
     resp = httpx.post(upstream + "/v1/adapters", json={"name": "wide", "path": "wide"})
     assert resp.status_code == 400
     assert "--max-lora-rank" in error_of(resp)["message"]
+    assert fake_upstream.lora_calls == []
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("bad/list-config", "must be a JSON object"),
+        ("bad/r-abc", "r must be a positive integer"),
+        ("bad/targets-5", "target_modules must be"),
+        ("bad/random-bytes", "not a valid safetensors file"),
+        ("bad/file-link", "symlink leading outside"),
+    ],
+)
+def test_vllm_broken_adapter_not_forwarded(upstream, fake_upstream, path, message):
+    resp = httpx.post(upstream + "/v1/adapters", json={"name": "x", "path": path})
+    assert resp.status_code == 400, resp.text
+    assert message in error_of(resp)["message"]
     assert fake_upstream.lora_calls == []

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from rag_service.adapters import LORA_KEY, WEIGHTS_FILE, read_tensor_header
 from rag_service.backends.base import completion_id
 from rag_service.backends.generation import BatchGenerator, GenerationRequest, GenerationResult
 from rag_service.chat_schemas import message_text
@@ -256,16 +257,77 @@ class LocalBackend:
                 param="path",
             )
 
+    def _check_weights(self, path: str) -> None:
+        """Refuse, before the model is touched, weights that do not fit it: every tensor must
+        adapt a module the served model has, with that module's dimensions, or replace one of
+        its parameters with the same shape."""
+        header = read_tensor_header(Path(path) / WEIGHTS_FILE, f"{Path(path).name}/{WEIGHTS_FILE}")
+        base = self._peft.get_base_model() if self._peft is not None else self.model
+        modules = {_plain_name(n): m for n, m in base.named_modules() if n}
+        params = {
+            _plain_name(n): tuple(p.shape) for n, p in base.named_parameters(remove_duplicate=False)
+        }
+        for key, (_dtype, shape) in header.items():
+            name = key.removeprefix("base_model.model.")
+            match = LORA_KEY.match(name)
+            if match is None:
+                if name.endswith(".trainable_tokens_delta"):  # trainable token rows
+                    name = name.split(".token_adapter.")[0]
+                    if name in modules:
+                        continue
+                elif params.get(name) == shape:  # modules_to_save: a whole module saved
+                    continue
+                raise InvalidRequest(
+                    f"tensor {key} of shape {list(shape)} matches nothing in the served model "
+                    f"{self.model_name}: the adapter was trained for another base model",
+                    param="path",
+                )
+            module = modules.get(match["module"])
+            if module is None:
+                raise InvalidRequest(
+                    f"tensor {key} adapts module {match['module']}, which the served model "
+                    f"{self.model_name} does not have: it was trained for another base model",
+                    param="path",
+                )
+            expected = _lora_shape(module, match["kind"], match["part"], shape)
+            if expected is not None and expected != shape:
+                raise InvalidRequest(
+                    f"tensor {key} has shape {list(shape)} but module {match['module']} of "
+                    f"{self.model_name} needs {list(expected)}: it was trained for another "
+                    "base model",
+                    param="path",
+                )
+
     def _load_adapter(self, name: str, path: str) -> None:
+        """Load an adapter, or leave the model exactly as it was: PEFT changes the model in
+        place as it goes, so a load that fails half way is undone here."""
         from peft import PeftModel
 
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        self._check_weights(path)
+        first = self._peft is None
+        base = self.model if first else self._peft.get_base_model()
+        tree = [
+            (parent, child_name, child)
+            for parent in base.modules()
+            for child_name, child in parent.named_children()
+        ]
+        had_config = hasattr(base, "peft_config")
+        active = None if first else self._peft.active_adapter
+        try:
+            if first:
+                peft = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                peft.eval()
+                self._peft, self.model = peft, peft
+            else:
+                self._peft.load_adapter(path, adapter_name=name)
             self._peft.eval()
-            self.model = self._peft
-        else:
-            self._peft.load_adapter(path, adapter_name=name)
-        self._peft.eval()
+        except BaseException:
+            _undo_partial_load(base, name, tree, had_config)
+            if self._peft is not None:
+                self._peft.peft_config.pop(name, None)
+                if active is not None:
+                    self._peft.set_adapter(active)
+            raise
 
     def _unload_adapter(self, name: str) -> None:
         if self._peft is None or name not in self._peft.peft_config:
@@ -301,7 +363,7 @@ class LocalBackend:
     async def load_adapter(self, name: str, path: str, version: int) -> None:
         try:
             await asyncio.to_thread(self._exclusive, self._load_adapter, name, path)
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise InvalidRequest(
                 f"adapter {name!r} does not fit {self.model_name}: {str(exc)[:300]}", param="path"
             ) from exc
@@ -413,6 +475,51 @@ class LocalBackend:
         finally:
             request.cancel.set()
             self._waiting -= 1
+
+
+def _plain_name(name: str) -> str:
+    """A module or parameter name as in the plain model, without PEFT's wrapper levels."""
+    return ".".join(p for p in name.split(".") if p not in ("base_layer", "original_module"))
+
+
+def _lora_shape(
+    module: Any, kind: str, part: str | None, shape: tuple[int, ...]
+) -> tuple[int, ...] | None:
+    """The shape a LoRA tensor of ``module`` must have (its rank taken from ``shape``), or
+    None for module types whose dimensions are not checked here."""
+    import torch
+
+    layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if isinstance(layer, torch.nn.Linear):
+        n_in, n_out, pair = layer.in_features, layer.out_features, ("lora_A", "lora_B")
+    elif isinstance(layer, torch.nn.Embedding):
+        n_in, n_out = layer.num_embeddings, layer.embedding_dim
+        pair = ("lora_embedding_A", "lora_embedding_B")
+    else:
+        return None
+    if kind == "lora_magnitude_vector" or part == "bias":
+        return (n_out,)
+    if kind not in pair:
+        return (-1,)  # never matches: a LoRA part of another layer type
+    rank = shape[0] if kind == pair[0] else (shape[1] if len(shape) > 1 else -1)
+    return (rank, n_in) if kind == pair[0] else (n_out, rank)
+
+
+def _undo_partial_load(
+    base: Any, name: str, tree: list[tuple[Any, str, Any]], had_config: bool
+) -> None:
+    """Put ``base`` back as it was before a failed load of adapter ``name``: the modules PEFT
+    wrapped are restored, the parts it added to layers already wrapped are deleted."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for parent, child_name, child in tree:
+        if getattr(parent, child_name, None) is not child:
+            setattr(parent, child_name, child)
+    for module in base.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.delete_adapter(name)  # a no-op where the adapter was not added
+    if not had_config and hasattr(base, "peft_config"):
+        del base.peft_config
 
 
 def _stops(body: dict[str, Any]) -> list[str]:
