@@ -19,6 +19,7 @@
     ├── NotReady                  503 service_unavailable
     └── UpstreamError             502 upstream_error          (the generation server failed)
         ├── UpstreamRejected      the upstream's own 4xx, passed on with its status and message
+        ├── UpstreamIncomplete    its stream ended with no [DONE] and no finish_reason
         └── UpstreamTimeout       504 upstream_timeout
 
 Third-party errors are wrapped where they enter (``raise X(...) from exc``); route handlers
@@ -50,6 +51,7 @@ __all__ = [
     "RagError",
     "Unauthorized",
     "UpstreamError",
+    "UpstreamIncomplete",
     "UpstreamRejected",
     "UpstreamTimeout",
     "error_body",
@@ -170,6 +172,12 @@ class UpstreamRejected(UpstreamError):
         self.status_code = status_code  # type: ignore[misc]
         self.error_type = error_type or "invalid_request_error"  # type: ignore[misc]
         self.code = code  # type: ignore[misc,assignment]
+
+
+class UpstreamIncomplete(UpstreamError):
+    """The upstream's stream ended before its answer did (cut short, not finished)."""
+
+    code = "incomplete_stream"
 
 
 class UpstreamTimeout(UpstreamError):

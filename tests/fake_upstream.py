@@ -23,8 +23,10 @@ MODEL = "fake-llm"
 @dataclass
 class FakeUpstream:
     url: str = ""
-    # ok | slow | error400 | error500 | bad_json | bad_sse_first | bad_sse_mid | talk_after_done
+    # ok | slow | error400 | error500 | bad_json | truncated_json | odd_json | bad_sse_first
+    # | bad_sse_mid | talk_after_done | truncated_sse | empty_sse | no_done
     mode: str = "ok"
+    bad_data: bytes = b"{this is not json"  # what odd_json, bad_sse_first, bad_sse_mid send
     delay_s: float = 0.0
     chunk_delay_s: float = 0.0
     reply: str = "Paris is the capital of France [1]."
@@ -40,6 +42,7 @@ class FakeUpstream:
     def reset(self) -> None:
         self.mode, self.delay_s, self.chunk_delay_s = "ok", 0.0, 0.0
         self.reply, self.repeat = "Paris is the capital of France [1].", 1
+        self.bad_data = b"{this is not json"
         self.requests.clear()
         self.peers.clear()
         self.streams_started = self.streams_finished = self.streams_aborted = 0
@@ -76,7 +79,9 @@ class FakeUpstream:
         finished = False
         try:
             if self.mode == "bad_sse_first":
-                yield b"data: {this is not json\n\n"
+                yield b"data: " + self.bad_data + b"\n\n"
+                return
+            if self.mode == "empty_sse":  # a body that ends before any event
                 return
             yield (
                 b"data: "
@@ -98,7 +103,9 @@ class FakeUpstream:
                 if self.chunk_delay_s:
                     await asyncio.sleep(self.chunk_delay_s)
                 if self.mode == "bad_sse_mid" and i == 1:
-                    yield b"data: {broken\n\n"
+                    yield b"data: " + self.bad_data + b"\n\n"
+                    return
+                if self.mode == "truncated_sse" and i == 2:  # the body ends mid-answer
                     return
                 yield (
                     b"data: "
@@ -135,7 +142,8 @@ class FakeUpstream:
                     ).encode()
                     + b"\n\n"
                 )
-            yield b"data: [DONE]\n\n"
+            if self.mode != "no_done":  # some servers end the body after the last chunk
+                yield b"data: [DONE]\n\n"
             finished = True
             if self.mode == "talk_after_done":  # a broken server that never ends its body
                 for _ in range(100):
@@ -194,6 +202,11 @@ class FakeUpstream:
                 return Response({"error": {"message": "CUDA out of memory"}}, status_code=500)
             if fake.mode == "bad_json":
                 return Response(b"<html>oops</html>", media_type="text/html")
+            if fake.mode == "truncated_json":  # a well-framed body cut mid-object
+                whole = json.dumps(fake._completion(body)).encode()
+                return Response(whole[: len(whole) // 2], media_type="application/json")
+            if fake.mode == "odd_json":
+                return Response(fake.bad_data, media_type="application/json")
             if body.get("model") not in (MODEL, None, *fake.loras):
                 return Response(
                     {

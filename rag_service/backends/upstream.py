@@ -4,6 +4,10 @@ One pooled ``httpx.AsyncClient`` (opened in the lifespan) carries every request.
 passed through event by event as they arrive. Only connection failures, where nothing was sent
 yet, are retried. The upstream's 4xx is passed on in the OpenAI error shape with its status;
 its 5xx, malformed answers and broken streams become 502, silence past the read timeout 504.
+Every answer and stream event is checked where it enters: a stream event must be a
+``chat.completion.chunk`` object, and a stream must end with ``[DONE]`` or with every choice
+it started given a ``finish_reason``; one whose body ends before that was cut short
+(:class:`UpstreamIncomplete`), so its partial answer is never passed on as a complete one.
 Closing a stream (the client went away) closes the upstream response and frees its connection.
 """
 
@@ -21,7 +25,12 @@ import httpx
 import msgspec
 
 from rag_service.chat_schemas import message_text
-from rag_service.errors import UpstreamError, UpstreamRejected, UpstreamTimeout
+from rag_service.errors import (
+    UpstreamError,
+    UpstreamIncomplete,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
 from rag_service.settings import Settings
 
 __all__ = ["UpstreamBackend"]
@@ -228,7 +237,7 @@ class UpstreamBackend:
             data = msgspec.json.decode(response.content)
         except msgspec.DecodeError as exc:
             raise UpstreamError("upstream answered with invalid JSON") from exc
-        if not isinstance(data, dict) or "choices" not in data:
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             raise UpstreamError("upstream answer is not a chat.completion object")
         return data
 
@@ -238,6 +247,8 @@ class UpstreamBackend:
             if response.status_code >= 400:
                 raise self._error_for(response, await response.aread())
             lines = response.aiter_lines()
+            started: set[int] = set()  # choice indexes seen, and those given a finish_reason
+            finished: set[int] = set()
             async for line in lines:
                 if not line or line.startswith(":"):
                     continue
@@ -257,13 +268,39 @@ class UpstreamBackend:
                     ) from exc
                 if isinstance(chunk, dict) and "error" in chunk:
                     raise UpstreamError(f"upstream error mid-stream: {chunk['error']}")
+                _track_choices(chunk, data, started, finished)
                 yield chunk
+            if not started or started != finished:
+                raise UpstreamIncomplete(
+                    "the upstream stream ended early (no [DONE] and no finish_reason): "
+                    "the answer is incomplete"
+                )
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("the upstream server stopped sending") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream stream broke: {exc}") from exc
         finally:
             await response.aclose()
+
+
+def _track_choices(chunk: Any, data: str, started: set[int], finished: set[int]) -> None:
+    """Check that ``chunk`` is a ``chat.completion.chunk`` object (``choices``, when present, a
+    list of objects with integer indexes) and note which choices it starts and finishes."""
+    choices = chunk.get("choices", []) if isinstance(chunk, dict) else None
+    if not isinstance(choices, list):
+        raise UpstreamError(
+            f"malformed event stream from upstream: not a chat.completion.chunk: {data[:100]!r}"
+        )
+    for choice in choices:
+        index = choice.get("index", 0) if isinstance(choice, dict) else None
+        if not isinstance(index, int):
+            raise UpstreamError(
+                f"malformed event stream from upstream: not a chat.completion.chunk choice: "
+                f"{data[:100]!r}"
+            )
+        started.add(index)
+        if choice.get("finish_reason") is not None:
+            finished.add(index)
 
 
 async def _drain(lines: AsyncIterator[str]) -> None:
