@@ -67,7 +67,8 @@ def build_store(
     data_dir: Path, texts: list[str], vectors: np.ndarray, scale: int, factories: list[str]
 ) -> None:
     """Write collections of ``scale`` chunks straight into the document store."""
-    from indexes.docstore import DocumentStore, DocumentWrite, content_hash
+    from indexes.docstore import DocumentStore
+    from indexes.types import Chunk, CollectionOptions, DocumentWrite, content_hash
     from rag_service.embedding import BUNDLED_NAME
 
     store = DocumentStore(data_dir / "rag.sqlite3", synchronous="NORMAL")
@@ -75,14 +76,14 @@ def build_store(
     expanded = expand(texts, vectors, scale)
     for factory in factories:
         name = f"s{scale // 1000}k-{factory.lower()}"
-        create = {
-            "name": name,
-            "embedding_model": BUNDLED_NAME,
-            "dimension": 384,
-            "index_factory": factory,
-            "chunk_tokens": 200,
-            "chunk_overlap": 40,
-        }
+        create = CollectionOptions(
+            name=name,
+            embedding_model=BUNDLED_NAME,
+            dimension=384,
+            index=factory,
+            chunk_tokens=200,
+            chunk_overlap=40,
+        )
         row = None
         for start in range(0, scale, 2000):
             writes = []
@@ -96,7 +97,7 @@ def build_store(
                         text,
                         {"n": i % 10},
                         content_hash(text),
-                        [(0, 0, len(text), text)],
+                        [Chunk(0, 0, len(text), text)],
                         vec[None, :],
                     )
                 )

@@ -11,7 +11,6 @@ connection per thread. WAL lets readers run while a writer holds its transaction
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sqlite3
@@ -24,16 +23,20 @@ from typing import Any
 
 import numpy as np
 
+from indexes.types import (
+    CollectionOptions,
+    CollectionRow,
+    DocumentRow,
+    DocumentWrite,
+    Hit,
+    MetadataFilter,
+    canonical_json,
+)
+
 __all__ = [
-    "CollectionRow",
-    "DocumentRow",
     "DocumentStore",
-    "DocumentWrite",
-    "Filter",
-    "FilterError",
-    "Hit",
     "StagedWrite",
-    "content_hash",
+    "filter_sql",
 ]
 
 SCHEMA_VERSION = 1
@@ -86,129 +89,22 @@ CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
 END;
 """
 
-_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _WORD = re.compile(r"\w+", re.UNICODE)
 _SQL_VARS = 900
 
 
-class FilterError(ValueError):
-    """A metadata filter is malformed; ``param`` names the offending part."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Filter:
-    """Metadata filter: ``{"key": value}`` (equality) or ``{"key": {"$in": [v, ...]}}``.
-
-    Keys are metadata field names; values are strings, numbers or booleans. Conditions AND.
-    """
-
-    sql: str
-    params: tuple[Any, ...]
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any] | None, param: str = "filter") -> Filter | None:
-        if not raw:
-            return None
-        if not isinstance(raw, dict):
-            raise FilterError("filter must be an object of metadata conditions", param)
-        clauses: list[str] = []
-        params: list[Any] = []
-        for key, cond in raw.items():
-            where = f"{param}.{key}"
-            if not _KEY.match(key):
-                raise FilterError(
-                    f"filter key {key!r} is not a valid metadata field name "
-                    "(letters, digits, '_', '.', '-')",
-                    where,
-                )
-            expr = f"json_extract(d.metadata, '$.\"{key}\"')"
-            if isinstance(cond, dict):
-                if set(cond) != {"$in"}:
-                    raise FilterError(
-                        f"filter on {key!r}: only {{'$in': [...]}} is supported as an operator",
-                        where,
-                    )
-                values = cond["$in"]
-                if not isinstance(values, list) or not values or len(values) > 256:
-                    raise FilterError(
-                        f"filter on {key!r}: $in needs a list of 1-256 values", where + ".$in"
-                    )
-                for v in values:
-                    cls._check_scalar(v, key, where + ".$in")
-                clauses.append(f"{expr} IN ({','.join('?' * len(values))})")
-                params.extend(values)
-            else:
-                cls._check_scalar(cond, key, where)
-                clauses.append(f"{expr} = ?")
-                params.append(cond)
-        return cls(" AND ".join(clauses), tuple(params))
-
-    @staticmethod
-    def _check_scalar(value: Any, key: str, where: str) -> None:
-        if not isinstance(value, str | int | float | bool) or value is None:
-            raise FilterError(
-                f"filter on {key!r}: values must be strings, numbers or booleans", where
-            )
-
-
-@dataclass(frozen=True, slots=True)
-class CollectionRow:
-    id: int
-    name: str
-    embedding_model: str
-    dimension: int
-    index_factory: str
-    chunk_tokens: int
-    chunk_overlap: int
-    documents: int
-    chunks: int
-    created_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class DocumentRow:
-    id: str
-    text: str
-    metadata: dict[str, Any]
-    content_hash: str
-    chunks: int
-    created_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    chunk_id: int
-    document_id: str
-    text: str
-    metadata: dict[str, Any]
-    position: int
-    start: int
-    end: int
-
-
-@dataclass(slots=True)
-class DocumentWrite:
-    """One document of an upsert. ``chunks`` is None when only metadata changes."""
-
-    id: str
-    text: str
-    metadata: dict[str, Any]
-    content_hash: str
-    chunks: list[tuple[int, int, int, str]] | None  # (position, start, end, text)
-    vectors: np.ndarray | None = None
+def filter_sql(flt: MetadataFilter) -> tuple[str, tuple[Any, ...]]:
+    """The filter as an SQLite condition on ``d.metadata`` (documents aliased ``d``)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for cond in flt.conditions:
+        expr = f"json_extract(d.metadata, '$.\"{cond.key}\"')"
+        if len(cond.values) == 1:
+            clauses.append(f"{expr} = ?")
+        else:
+            clauses.append(f"{expr} IN ({','.join('?' * len(cond.values))})")
+        params.extend(cond.values)
+    return " AND ".join(clauses), tuple(params)
 
 
 @dataclass(slots=True)
@@ -227,15 +123,21 @@ class StagedWrite:
     def commit(self) -> None:
         try:
             self.conn.execute("COMMIT")
-        finally:
-            self.done = True
-            self.lock.release()
+        except BaseException:
+            self._finish(rollback=True)  # a COMMIT that failed leaves the transaction open
+            raise
+        self._finish(rollback=False)
 
     def rollback(self) -> None:
-        if self.done:
-            return
+        if not self.done:
+            self._finish(rollback=True)
+
+    def _finish(self, *, rollback: bool) -> None:
+        # Only a transaction that began (and that SQLite did not end itself) is rolled back:
+        # after a BEGIN that timed out, ROLLBACK would fail and hide the real error.
         try:
-            self.conn.execute("ROLLBACK")
+            if rollback and self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
         finally:
             self.done = True
             self.lock.release()
@@ -246,10 +148,13 @@ class StagedWrite:
 
 
 class DocumentStore:
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, path: Path, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._writer = self._connect()
@@ -264,13 +169,18 @@ class DocumentStore:
         self._readers_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
+        # How long a statement waits for another connection's lock before SQLite gives up
+        # with "database is locked" (the engine answers that as busy: retry shortly).
         conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=self._busy_timeout_ms / 1000,
         )
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=30000")
         return conn
 
     @property
@@ -311,15 +221,7 @@ class DocumentStore:
         return [CollectionRow(*r) for r in rows]
 
     def create_collection(
-        self,
-        name: str,
-        *,
-        embedding_model: str,
-        dimension: int,
-        index_factory: str,
-        chunk_tokens: int,
-        chunk_overlap: int,
-        conn: sqlite3.Connection | None = None,
+        self, options: CollectionOptions, *, conn: sqlite3.Connection | None = None
     ) -> CollectionRow | None:
         """Insert a collection; None when the name is taken."""
         sql = (
@@ -327,14 +229,15 @@ class DocumentStore:
             "chunk_tokens, chunk_overlap, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(name) DO NOTHING"
         )
+        now = time.time()
         args = (
-            name,
-            embedding_model,
-            dimension,
-            index_factory,
-            chunk_tokens,
-            chunk_overlap,
-            time.time(),
+            options.name,
+            options.embedding_model,
+            options.dimension,
+            options.index,
+            options.chunk_tokens,
+            options.chunk_overlap,
+            now,
         )
         if conn is not None:
             cur = conn.execute(sql, args)
@@ -345,15 +248,15 @@ class DocumentStore:
             return None
         return CollectionRow(
             int(cur.lastrowid or 0),
-            name,
-            embedding_model,
-            dimension,
-            index_factory,
-            chunk_tokens,
-            chunk_overlap,
+            options.name,
+            options.embedding_model,
+            options.dimension,
+            options.index,
+            options.chunk_tokens,
+            options.chunk_overlap,
             0,
             0,
-            args[-1],
+            now,
         )
 
     def delete_collection(self, collection_id: int) -> None:
@@ -366,7 +269,8 @@ class DocumentStore:
                 w.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
                 w.execute("COMMIT")
             except BaseException:
-                w.execute("ROLLBACK")
+                if w.in_transaction:
+                    w.execute("ROLLBACK")
                 raise
 
     # ---- documents ---------------------------------------------------------------------
@@ -406,7 +310,7 @@ class DocumentStore:
     def stage_upsert(
         self,
         collection: CollectionRow | None,
-        create: dict[str, Any] | None,
+        create: CollectionOptions | None,
         docs: Sequence[DocumentWrite],
     ) -> tuple[StagedWrite, CollectionRow]:
         """Run an upsert inside an open transaction; the caller commits or rolls back.
@@ -421,8 +325,8 @@ class DocumentStore:
             w.execute("BEGIN IMMEDIATE")
             if collection is None:
                 assert create is not None
-                made = self.create_collection(conn=w, **create)
-                collection = made or self._collection_in(w, create["name"])
+                made = self.create_collection(create, conn=w)
+                collection = made or self._collection_in(w, create.name)
             now = time.time()
             doc_delta = chunk_delta = 0
             for doc in docs:
@@ -481,11 +385,19 @@ class DocumentStore:
                     doc_delta += 1
                     staged.statuses[doc.id] = "created"
                 vectors = np.ascontiguousarray(doc.vectors, dtype=np.float32)
-                for (position, start, end, text), vec in zip(doc.chunks, vectors, strict=True):
+                for chunk, vec in zip(doc.chunks, vectors, strict=True):
                     cur = w.execute(
                         'INSERT INTO chunks (collection_id, doc_pk, position, start, "end", '
                         "text, embedding) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (collection.id, pk, position, start, end, text, vec.tobytes()),
+                        (
+                            collection.id,
+                            pk,
+                            chunk.position,
+                            chunk.start,
+                            chunk.end,
+                            chunk.text,
+                            vec.tobytes(),
+                        ),
                     )
                     staged.added_ids.append(int(cur.lastrowid or 0))
                 staged.added_vectors.append(vectors)
@@ -557,16 +469,17 @@ class DocumentStore:
                 vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
                 yield got, vecs.reshape(len(rows), dimension)
 
-    def filtered_chunk_ids(self, collection_id: int, flt: Filter) -> np.ndarray:
+    def filtered_chunk_ids(self, collection_id: int, flt: MetadataFilter) -> np.ndarray:
+        sql, params = filter_sql(flt)
         rows = self._reader.execute(
             "SELECT c.id FROM chunks c JOIN documents d ON d.pk = c.doc_pk "
-            f"WHERE c.collection_id = ? AND {flt.sql}",
-            (collection_id, *flt.params),
+            f"WHERE c.collection_id = ? AND {sql}",
+            (collection_id, *params),
         ).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def bm25(
-        self, collection_id: int, query: str, limit: int, flt: Filter | None = None
+        self, collection_id: int, query: str, limit: int, flt: MetadataFilter | None = None
     ) -> list[tuple[int, float]]:
         """Chunk ids ranked by BM25 (FTS5) for the words of ``query``; best first."""
         words = _WORD.findall(query.lower())[:64]
@@ -575,7 +488,8 @@ class DocumentStore:
         match = " OR ".join('"' + w.replace('"', '""') + '"' for w in dict.fromkeys(words))
         where, params = "", ()
         if flt is not None:
-            where, params = f" AND {flt.sql}", flt.params
+            sql, params = filter_sql(flt)
+            where = f" AND {sql}"
         rows = self._reader.execute(
             "SELECT c.id, -bm25(chunks_fts) AS score FROM chunks_fts "
             "JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.pk = c.doc_pk "

@@ -19,6 +19,7 @@ Not thread-safe: the caller serialises writers against readers (see ``rag_servic
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,13 @@ import numpy as np
 
 from indexes.protocol import IndexMeta, IndexMismatchError
 
-__all__ = ["FaissIndex", "validate_factory"]
+__all__ = [
+    "FaissIndex",
+    "SnapshotCorrupt",
+    "max_snapshot_bytes",
+    "validate_factory",
+    "write_snapshot",
+]
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +254,11 @@ class FaissIndex:
             self._tombstones.update(ids[present].tolist())
 
     @property
+    def staged(self) -> bool:
+        """True while vectors wait in the exact staging index for enough to train on."""
+        return self._staging is not None
+
+    @property
     def tombstones(self) -> int:
         return len(self._tombstones)
 
@@ -350,33 +362,171 @@ class FaissIndex:
         write_snapshot(path, self.serialize(), self.meta, staged=self._staging is not None)
 
     @classmethod
-    def load(cls, path: Path, meta: IndexMeta, **kwargs: Any) -> FaissIndex:
-        """Load a snapshot; :class:`IndexMismatchError` if it was made by something else."""
-        meta_path = path.with_suffix(".json")
+    def load(
+        cls,
+        path: Path,
+        meta: IndexMeta,
+        *,
+        expected_vectors: int | None = None,
+        **kwargs: Any,
+    ) -> FaissIndex:
+        """Load a snapshot; :class:`IndexMismatchError` if it was made by something else,
+        :class:`SnapshotCorrupt` (a subclass) if it cannot be trusted.
+
+        Nothing reaches FAISS's reader before the snapshot is checked: the metadata must have
+        the exact shape :func:`write_snapshot` gives it, the file must be no larger than
+        :func:`max_snapshot_bytes` allows for ``expected_vectors`` (the chunks the store holds;
+        None skips that bound) and its bytes must match the recorded SHA-256. A size field
+        damaged inside the file would otherwise make FAISS allocate what it says (gigabytes)
+        before noticing. What FAISS builds must then be an ``IndexIDMap2`` of this dimension,
+        metric and index family.
+        """
+        staged, digest, size = _read_snapshot_meta(path.with_suffix(".json"), meta, str(path))
         try:
-            stored = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise IndexMismatchError(
-                f"index metadata {meta_path} is missing or unreadable"
-            ) from exc
-        meta.check(stored.get("meta", {}), str(path))
-        raw = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
-        if stored.get("staged"):
+            on_disk = path.stat().st_size
+        except OSError as exc:
+            raise SnapshotCorrupt(f"snapshot {path} cannot be read: {exc}") from exc
+        if on_disk != size:
+            raise SnapshotCorrupt(
+                f"snapshot {path} holds {on_disk} bytes, its metadata says {size}"
+            )
+        if expected_vectors is not None:
+            limit = max_snapshot_bytes(meta, expected_vectors)
+            if size > limit:
+                raise SnapshotCorrupt(
+                    f"snapshot {path} holds {size} bytes, more than the {limit} that "
+                    f"{expected_vectors} vectors of dimension {meta.dimension} "
+                    f"({meta.factory}) can take"
+                )
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SnapshotCorrupt(f"snapshot {path} cannot be read: {exc}") from exc
+        if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+            raise SnapshotCorrupt(f"snapshot {path} is damaged: its checksum does not match")
+        try:
+            raw = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except Exception as exc:  # FAISS's C++ errors arrive as RuntimeError, MemoryError, ...
+            raise SnapshotCorrupt(f"FAISS cannot read snapshot {path}: {exc}") from exc
+        del data
+        _check_loaded(raw, meta, staged=staged, expected_vectors=expected_vectors, where=path)
+        if staged:
             index = cls(meta, **kwargs)
+            if index._staging is None:
+                raise SnapshotCorrupt(
+                    f"snapshot {path} is marked staged, but {meta.factory} needs no training"
+                )
             index._staging = raw
             return index
+        # The id map's own flag is not updated when its inner index is trained in place;
+        # left False, the loaded index would hide its vectors behind a fresh staging index.
+        raw.is_trained = True
         return cls(meta, _index=raw, **kwargs)
 
 
+class SnapshotCorrupt(IndexMismatchError):
+    """A snapshot cannot be trusted (damaged, truncated, implausible): rebuild from the store."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_META_BYTES = 64 * 1024
+
+
+def _read_snapshot_meta(meta_path: Path, meta: IndexMeta, where: str) -> tuple[bool, str, int]:
+    """(staged, sha256, size) from a snapshot's metadata, checked against ``meta``."""
+    try:
+        if meta_path.stat().st_size > _MAX_META_BYTES:
+            raise SnapshotCorrupt(f"index metadata {meta_path} is implausibly large")
+        stored = json.loads(meta_path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SnapshotCorrupt(f"index metadata {meta_path} is missing or unreadable") from exc
+    if not isinstance(stored, dict) or not isinstance(stored.get("meta"), dict):
+        raise SnapshotCorrupt(f"index metadata {meta_path} is not a snapshot description")
+    meta.check(stored["meta"], where)
+    staged, digest, size = stored.get("staged"), stored.get("sha256"), stored.get("bytes")
+    if not isinstance(staged, bool):
+        raise SnapshotCorrupt(f"index metadata {meta_path}: 'staged' must be true or false")
+    if not isinstance(digest, str) or _SHA256.fullmatch(digest) is None:
+        raise SnapshotCorrupt(f"index metadata {meta_path} has no valid 'sha256' checksum")
+    if type(size) is not int or size < 0:
+        raise SnapshotCorrupt(f"index metadata {meta_path}: 'bytes' must be a size in bytes")
+    return staged, digest, size
+
+
+def max_snapshot_bytes(meta: IndexMeta, vectors: int) -> int:
+    """The largest snapshot a healthy index of ``vectors`` vectors can take on disk.
+
+    Per vector: its id (twice for IVF lists), a code no larger than the float32 vector, and
+    for HNSW the graph (levels, offsets, about 2M neighbours, bounded by 12M bytes). Fixed:
+    IVF centroids (with their own HNSW graph), PQ codebooks, SQ ranges. The sum is doubled
+    (a snapshot may still hold vectors deleted after it was written, or HNSW tombstones) and
+    1 MiB added for headers, so no healthy snapshot comes near it.
+    """
+    d = meta.dimension
+    match = _FACTORY.fullmatch(meta.factory)
+    groups = match.groupdict() if match is not None else {}
+    hnsw = int(groups.get("hnsw") or 0)
+    coarse = int(groups.get("coarse") or 0)
+    nlist = int(groups.get("nlist") or 0)
+    encoding = _ENCODING.fullmatch(
+        groups.get("hnsw_enc") or groups.get("ivf_enc") or groups.get("plain_enc") or "Flat"
+    )
+    pq_bits = int(encoding["bits"] or 8) if encoding is not None and encoding["m"] else 0
+    per_vector = 16 + 4 * d + (12 * hnsw + 16 if hnsw else 0)
+    fixed = nlist * (4 * d + 12 * coarse + 64) + 8 * d + (4 * d * 2**pq_bits if pq_bits else 0)
+    if match is None:  # not a family this service builds: bound it as the largest one
+        per_vector += 12 * MAX_HNSW_M + 16
+        fixed += 4 * d * 2**MAX_PQ_BITS
+    return 2 * (fixed + max(vectors, 0) * per_vector) + 2**20
+
+
+def _check_loaded(
+    raw: Any, meta: IndexMeta, *, staged: bool, expected_vectors: int | None, where: Path
+) -> None:
+    """Refuse an index that FAISS read but this collection cannot use."""
+    outer = faiss.downcast_index(raw)
+    if not isinstance(outer, faiss.IndexIDMap2):
+        raise SnapshotCorrupt(f"snapshot {where} holds a {type(outer).__name__}, not an IDMap2")
+    inner = faiss.downcast_index(outer.index)
+    if staged:
+        family: Any = faiss.IndexFlat
+    else:
+        family = type(faiss.downcast_index(faiss.index_factory(meta.dimension, meta.factory)))
+    problems = []
+    if outer.d != meta.dimension or inner.d != meta.dimension:
+        problems.append(f"dimension {inner.d}, expected {meta.dimension}")
+    if outer.metric_type != faiss.METRIC_INNER_PRODUCT or inner.metric_type != outer.metric_type:
+        problems.append(f"metric {inner.metric_type}, expected inner product")
+    if not isinstance(inner, family):
+        problems.append(f"a {type(inner).__name__}, expected a {family.__name__}")
+    elif not staged and not inner.is_trained:
+        problems.append("an untrained index")
+    if outer.ntotal != inner.ntotal:
+        problems.append(f"{outer.ntotal} ids for {inner.ntotal} vectors")
+    if expected_vectors is not None and outer.ntotal > 2 * expected_vectors + 1024:
+        problems.append(f"{outer.ntotal} vectors where the store holds {expected_vectors}")
+    if problems:
+        raise SnapshotCorrupt(
+            f"snapshot {where} cannot serve this collection: " + "; ".join(problems)
+        )
+
+
 def write_snapshot(path: Path, data: bytes, meta: IndexMeta, *, staged: bool) -> None:
-    """Write index bytes and their metadata atomically (temp file, fsync, rename)."""
+    """Write index bytes and their metadata atomically (temp file, fsync, rename).
+
+    The metadata records the size and SHA-256 of the bytes, so a damaged file, or index bytes
+    and metadata from two different rounds (a crash between the renames), are refused on load.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    described = {
+        "meta": meta.to_dict(),
+        "staged": staged,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     for target, payload in (
         (path, data),
-        (
-            path.with_suffix(".json"),
-            json.dumps({"meta": meta.to_dict(), "staged": staged}).encode(),
-        ),
+        (path.with_suffix(".json"), json.dumps(described).encode()),
     ):
         tmp = target.with_name(target.name + ".tmp")
         with open(tmp, "wb") as fh:

@@ -1,10 +1,11 @@
-"""The app factory: ``create_app(settings, *, embedder=None, store=None, backend=None,
+"""The app factory: ``create_app(settings, *, embedder=None, engine=None, backend=None,
 http_client=None)``.
 
 Nothing heavy happens at import or in the factory. The lifespan starts loading in the
-background (embedding model, document store, index restore), so /health answers at once and
-/ready turns 200 when everything is loaded; requests that need the knowledge base get 503
-until then. Injected dependencies (tests share one embedder) are used as given and not closed.
+background (embedding model; the storage engine, which restores its indexes or connects to its
+database), so /health answers at once and /ready turns 200 when everything is loaded;
+requests that need the knowledge base get 503 until then. Injected dependencies (tests share
+one embedder) are used as given and not closed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from indexes.docstore import DocumentStore
+from indexes.engine import Engine
 from rag_service.adapters import AdapterManager, AdapterRegistry
 from rag_service.backends.base import ChatBackend
 from rag_service.batching import MicroBatcher
@@ -45,9 +46,9 @@ from rag_service.keys import KeyStore
 from rag_service.knowledge import KnowledgeBase
 from rag_service.metrics import Metrics
 from rag_service.openapi import StrictStructSchemaPlugin, openapi_config
-from rag_service.registry import Registry
 from rag_service.request_body import BoundedRequest
 from rag_service.settings import Settings
+from rag_service.storage import make_engine
 
 __all__ = ["create_app"]
 
@@ -136,7 +137,7 @@ async def _load(
     app: Litestar,
     settings: Settings,
     embedder: Embedder | None,
-    store: DocumentStore | None,
+    engine: Engine | None,
     backend: ChatBackend | None,
     http_client: httpx.AsyncClient | None,
     stack: contextlib.AsyncExitStack,
@@ -152,13 +153,6 @@ async def _load(
             embedder = await asyncio.to_thread(
                 Embedder, settings.embedding_model_path, device=settings.device
             )
-        if store is None:
-            store = await asyncio.to_thread(
-                DocumentStore,
-                settings.data_dir / "rag.sqlite3",
-                synchronous=settings.sqlite_synchronous,
-            )
-            stack.callback(store.close)
         metrics_: Metrics = state["metrics"]
         batcher = MicroBatcher(
             embedder.encode,
@@ -172,18 +166,11 @@ async def _load(
         )
         await batcher.start()
         stack.push_async_callback(batcher.stop)
-        registry = Registry(
-            settings,
-            store,
-            embedding_model=embedder.name,
-            dimension=embedder.dimension,
-            metrics=metrics_,
-        )
-        await asyncio.to_thread(registry.restore_all)
-        registry.start_snapshots()
-        stack.push_async_callback(registry.stop_snapshots)
-        kb = KnowledgeBase(settings, store, embedder, batcher, registry, metrics_)
-        stack.callback(kb.close)
+        if engine is None:
+            engine = make_engine(settings, embedder, metrics_)
+            await engine.open()
+            stack.push_async_callback(engine.close)
+        kb = KnowledgeBase(settings, engine, embedder, batcher, metrics_)
         if backend is None:
             backend = _make_backend(settings, embedder, http_client)
             await backend.start()
@@ -211,7 +198,7 @@ async def _load(
         gc.collect()
         gc.freeze()
         metrics_.reset_loop_lag_max()
-        log.info("ready: %d collections", len(registry.names()))
+        log.info("ready: %s engine, %d collections", engine.name, len(await engine.list()))
     except Exception as exc:
         log.exception("startup failed")
         state["startup_error"] = f"{type(exc).__name__}: {exc}"
@@ -221,7 +208,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     embedder: Embedder | None = None,
-    store: DocumentStore | None = None,
+    engine: Engine | None = None,
     backend: ChatBackend | None = None,
     http_client: httpx.AsyncClient | None = None,
 ) -> Litestar:
@@ -237,7 +224,7 @@ def create_app(
             )
         async with contextlib.AsyncExitStack() as stack:
             loader = asyncio.create_task(
-                _load(app, settings, embedder, store, backend, http_client, stack)
+                _load(app, settings, embedder, engine, backend, http_client, stack)
             )
             watcher = asyncio.create_task(app.state["metrics"].watch_event_loop())
             try:

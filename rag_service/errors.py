@@ -17,11 +17,13 @@
     │   └── EmbeddingMismatch     collection or index made by another embedding model
     ├── Overloaded                503 overloaded_error        (Retry-After header)
     ├── NotReady                  503 service_unavailable
+    ├── StoreDown                 503 the database is unreachable (Retry-After)
     └── UpstreamError             502 upstream_error          (the generation server failed)
         ├── UpstreamRejected      the upstream's own 4xx, passed on with its status and message
         ├── UpstreamIncomplete    its stream ended with no [DONE] and no finish_reason
         └── UpstreamTimeout       504 upstream_timeout
 
+The storage layer's own errors (``indexes.engine``) are translated by :func:`from_storage`.
 Third-party errors are wrapped where they enter (``raise X(...) from exc``); route handlers
 never catch bare ``Exception``. :func:`exception_handlers` is the only place a status is chosen.
 """
@@ -33,6 +35,16 @@ from typing import Any, ClassVar
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+
+from indexes.engine import (
+    CollectionGone,
+    CollectionTaken,
+    IndexUnusable,
+    InvalidIndex,
+    StorageError,
+    StoreBusy,
+    StoreUnavailable,
+)
 
 __all__ = [
     "CollectionExists",
@@ -49,6 +61,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RagError",
+    "StoreDown",
     "Unauthorized",
     "UpstreamError",
     "UpstreamIncomplete",
@@ -56,6 +69,7 @@ __all__ = [
     "UpstreamTimeout",
     "error_body",
     "exception_handlers",
+    "from_storage",
 ]
 
 log = logging.getLogger(__name__)
@@ -148,6 +162,17 @@ class NotReady(RagError):
     status_code = 503
     error_type = "service_unavailable"
     code = "not_ready"
+
+
+class StoreDown(RagError):
+    """The storage engine's database cannot be reached; the replica recovers by itself."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "store_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
 
 
 class UpstreamError(RagError):
@@ -252,9 +277,32 @@ def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     )
 
 
+def from_storage(exc: StorageError) -> RagError:
+    """The storage layer's errors (:mod:`indexes.engine`) in this tree: the one table."""
+    message = str(exc)
+    if isinstance(exc, CollectionGone):
+        return CollectionNotFound(message, param="collection")
+    if isinstance(exc, CollectionTaken):
+        return CollectionExists(message, param="name")
+    if isinstance(exc, InvalidIndex):
+        return IndexConfigError(message, param="index")
+    if isinstance(exc, IndexUnusable):
+        return EmbeddingMismatch(message, param="collection")
+    if isinstance(exc, StoreBusy):
+        return Overloaded(f"{message}; retry shortly", retry_after_s=1)
+    if isinstance(exc, StoreUnavailable):
+        return StoreDown(message)
+    return RagError(message)
+
+
+def _storage_error(request: Request[Any, Any, Any], exc: StorageError) -> Response[Any]:
+    return _rag_error(request, from_storage(exc))
+
+
 def exception_handlers() -> dict[type[Exception] | int, Any]:
     return {
         RagError: _rag_error,
+        StorageError: _storage_error,
         ValidationException: _validation_error,
         HTTPException: _http_exception,
         Exception: _unexpected,

@@ -1,12 +1,15 @@
-"""Knowledge operations: collections, document upsert/delete, search, embeddings.
+"""Knowledge operations: validate -> chunk -> embed -> hand to the storage engine.
 
-Upsert data flow: validate -> skip unchanged documents (content hash) -> chunk -> embed in
-batches (bulk lane) -> one SQLite transaction (old chunks out, new in) -> under the
-collection's write lock: commit, then apply the delta to the index -> acknowledge. Upserts into
-one collection are serialised (``CollectionRuntime.writer``); a failed batch writes nothing.
+The service owns what needs the models and the settings (validation, chunking, embedding,
+the query's vector); the engine's live collection owns consistency (one transaction per
+upsert, its index, its locks). Either engine (``embedded``: SQLite + FAISS, ``postgres``:
+PostgreSQL + pgvector) sits behind the same :class:`~indexes.engine.Engine` protocol.
 
-Search: embed the query (interactive lane) -> under the read lock: metadata filter -> FAISS
-top-k restricted to the allowed ids (and BM25 for hybrid) -> rows from the store.
+Upsert: validate -> skip unchanged documents (content hash, asked of the collection) -> chunk
+-> embed in batches (bulk lane) -> ``collection.upsert`` -> acknowledge. A collection is made
+on first upsert, in the same transaction as the write.
+
+Search: validate -> embed the query (interactive lane) -> ``collection.search``.
 """
 
 from __future__ import annotations
@@ -14,48 +17,40 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from indexes.docstore import (
+from indexes.engine import Collection, CollectionGone, Engine
+from indexes.types import (
+    Chunk,
+    CollectionOptions,
     CollectionRow,
     DocumentRow,
-    DocumentStore,
     DocumentWrite,
-    Filter,
     FilterError,
-    Hit,
+    MetadataFilter,
+    ScoredHit,
+    SearchQuery,
     canonical_json,
     content_hash,
 )
-from indexes.faiss_index import FaissIndex, validate_factory
 from rag_service.batching import Lane, MicroBatcher
 from rag_service.chunking import ChunkingConfig, chunk_offsets
 from rag_service.embedding import Embedder
 from rag_service.errors import (
-    CollectionExists,
+    CollectionNotFound,
     DocumentNotFound,
     IndexConfigError,
     InvalidRequest,
     PayloadTooLarge,
 )
 from rag_service.metrics import Metrics
-from rag_service.registry import CollectionRuntime, Registry
 from rag_service.schemas import DocumentIn, check_collection_name
 from rag_service.settings import Settings
 
 __all__ = ["KnowledgeBase", "ScoredHit", "UpsertOutcome"]
-
-RRF_K = 60
-
-
-@dataclass(frozen=True, slots=True)
-class ScoredHit:
-    hit: Hit
-    score: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,36 +64,33 @@ class KnowledgeBase:
     def __init__(
         self,
         settings: Settings,
-        store: DocumentStore,
+        engine: Engine,
         embedder: Embedder,
         batcher: MicroBatcher,
-        registry: Registry,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.engine = engine
         self.embedder = embedder
         self.batcher = batcher
-        self.registry = registry
         self.metrics = metrics
-        # One thread applies writes: SQLite has one writer, and this keeps commits ordered.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        self._searching = 0  # searches in progress
-
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
-
-    async def _write(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+        self._searching = 0  # searches in progress, from the query's embedding on
 
     # ---- collections ---------------------------------------------------------------------
-    def _collection_options(
+    def collection(self, name: str) -> Collection:
+        found = self.engine.find(name)
+        if found is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist", param="collection")
+        return found
+
+    def options(
         self,
         name: str,
         index: str = "Flat",
         chunk_tokens: int | None = None,
         chunk_overlap: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> CollectionOptions:
+        """Collection options, validated once; errors name the field."""
         check_collection_name(name)
         window = self.embedder.content_window
         tokens = (
@@ -119,17 +111,17 @@ class KnowledgeBase:
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="chunk_overlap") from exc
         try:
-            validate_factory(index, self.embedder.dimension, max_nlist=self.settings.max_ivf_nlist)
+            self.engine.check_index(index, self.embedder.dimension)
         except ValueError as exc:
             raise IndexConfigError(str(exc), param="index") from exc
-        return {
-            "name": name,
-            "embedding_model": self.embedder.name,
-            "dimension": self.embedder.dimension,
-            "index_factory": index,
-            "chunk_tokens": tokens,
-            "chunk_overlap": overlap,
-        }
+        return CollectionOptions(
+            name=name,
+            embedding_model=self.embedder.name,
+            dimension=self.embedder.dimension,
+            index=index,
+            chunk_tokens=tokens,
+            chunk_overlap=overlap,
+        )
 
     async def create_collection(
         self,
@@ -139,37 +131,16 @@ class KnowledgeBase:
         chunk_tokens: int | None = None,
         chunk_overlap: int | None = None,
     ) -> CollectionRow:
-        options = self._collection_options(name, index, chunk_tokens, chunk_overlap)
-        async with self.registry.creation_lock:
-            if self.registry.find(name) is not None:
-                raise CollectionExists(f"collection {name!r} already exists", param="name")
-            # Built once, off the event loop, before anything is written: a factory FAISS
-            # refuses leaves no row behind.
-            built = await asyncio.to_thread(self._build_index, options)
-            row = await self._write(lambda: self.store.create_collection(**options))
-            if row is None:
-                raise CollectionExists(f"collection {name!r} already exists", param="name")
-            self.registry.register(row, built)
-            return row
+        options = self.options(name, index, chunk_tokens, chunk_overlap)
+        collection = await self.engine.create(options)
+        return collection.row
 
-    def _build_index(self, options: dict[str, Any]) -> FaissIndex:
-        try:
-            return self.registry.new_index(_row_from(options))
-        except RuntimeError as exc:  # FAISS's own refusal, past the grammar check
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-            raise IndexConfigError(
-                f"FAISS cannot build index {options['index_factory']!r}: {first}", param="index"
-            ) from exc
-
-    def list_collections(self) -> list[CollectionRow]:
-        return self.store.list_collections()
+    async def list_collections(self) -> list[CollectionRow]:
+        return await self.engine.list()
 
     async def delete_collection(self, name: str) -> None:
-        rt = self.registry.get(name)
-        async with rt.writer:
-            await self._write(self.store.delete_collection, rt.row.id)
-            with rt.lock.write():
-                self.registry.unregister(name)
+        self.collection(name)
+        await self.engine.drop(name)
 
     # ---- documents -----------------------------------------------------------------------
     def _validate_documents(self, docs: Sequence[DocumentIn]) -> None:
@@ -204,44 +175,21 @@ class KnowledgeBase:
         self._validate_documents(docs)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        rt = self.registry.find(name)
-        create: dict[str, Any] | None = None
-        if rt is None:
-            create = self._collection_options(name)
-            async with self.registry.creation_lock:
-                rt = self.registry.find(name)
-                if rt is None:
-                    return await self._upsert_locked(None, create, docs, timings, t0)
-        rt.usable_index()
-        async with rt.writer:
-            if self.registry.find(name) is not rt:  # dropped while we waited
-                return await self.upsert(name, docs)
-            return await self._upsert_locked(rt, None, docs, timings, t0)
-
-    async def _upsert_locked(
-        self,
-        rt: CollectionRuntime | None,
-        create: dict[str, Any] | None,
-        docs: Sequence[DocumentIn],
-        timings: dict[str, float],
-        t0: float,
-    ) -> UpsertOutcome:
-        row = rt.row if rt is not None else None
-        existing = (
-            await asyncio.to_thread(self.store.existing, row.id, [d.id for d in docs])
-            if row is not None
-            else {}
-        )
+        collection = self.engine.find(name)
+        options = self.options(name) if collection is None else None
+        existing = await collection.existing([d.id for d in docs]) if collection else {}
+        row = collection.row if collection is not None else None
         hashes = [content_hash(d.text) for d in docs]
         to_embed = [i for i, d in enumerate(docs) if existing.get(d.id, ("",))[0] != hashes[i]]
-        cfg = ChunkingConfig(
-            row.chunk_tokens if row else create["chunk_tokens"],  # type: ignore[index]
-            row.chunk_overlap if row else create["chunk_overlap"],  # type: ignore[index]
+        cfg = (
+            ChunkingConfig(row.chunk_tokens, row.chunk_overlap)
+            if row is not None
+            else ChunkingConfig(options.chunk_tokens, options.chunk_overlap)  # type: ignore[union-attr]
         )
         t = time.perf_counter()
         chunked = await asyncio.to_thread(self._chunk, [docs[i].text for i in to_embed], cfg)
         timings["chunk"] = _ms(t)
-        flat_texts = [c[3] for chunks, _ in chunked for c in chunks]
+        flat_texts = [c.text for chunks, _ in chunked for c in chunks]
         flat_tokens = [tok for _, toks in chunked for tok in toks]
         t = time.perf_counter()
         vectors = (
@@ -263,101 +211,53 @@ class KnowledgeBase:
                 offset += len(chunks)
             writes.append(DocumentWrite(doc.id, doc.text, doc.metadata, hashes[i], chunks, vecs))
         t = time.perf_counter()
-        new_index = (
-            await asyncio.to_thread(self._build_index, create) if create is not None else None
-        )
-
-        def apply() -> tuple[Any, CollectionRow]:
-            staged, collection_row = self.store.stage_upsert(row, create, writes)
-            index = rt.index if rt is not None else new_index
-            assert index is not None
-            if rt is None:
-                staged.commit()
-                index.remove(np.asarray(staged.removed, np.int64))
-                index.add(np.asarray(staged.added_ids, np.int64), staged.vectors)
-                return staged, collection_row
+        if collection is None:
+            assert options is not None
+            collection, outcome = await self.engine.upsert_new(options, writes)
+        else:
             try:
-                with rt.lock.write():
-                    staged.commit()
-                    index.remove(np.asarray(staged.removed, np.int64))
-                    if staged.added_ids:
-                        index.add(np.asarray(staged.added_ids, np.int64), staged.vectors)
-            except BaseException:
-                staged.rollback()
-                raise
-            return staged, collection_row
-
-        staged, collection_row = await self._write(apply)
+                outcome = await collection.upsert(writes)
+            except CollectionGone:  # dropped while we embedded: start over
+                return await self.upsert(name, docs)
         timings["write"] = _ms(t)
-        if rt is None:
-            assert new_index is not None
-            rt = self.registry.register(collection_row, new_index)
-        rt.dirty = True
-        rt.version += 1
-        self.metrics.index_vectors.labels(rt.row.name).set(len(rt.index or ()))
         statuses = []
         for doc in docs:
-            status = staged.statuses[doc.id]
+            status = outcome.statuses[doc.id]
             self.metrics.documents.labels(status).inc()
-            statuses.append((doc.id, staged.chunk_counts[doc.id], status))
+            statuses.append((doc.id, outcome.chunk_counts[doc.id], status))
         timings["total"] = _ms(t0)
-        return UpsertOutcome(rt.row.name, statuses, timings)
+        return UpsertOutcome(collection.row.name, statuses, timings)
 
-    def _chunk(
-        self, texts: list[str], cfg: ChunkingConfig
-    ) -> list[tuple[list[tuple[int, int, int, str]], list[int]]]:
+    def _chunk(self, texts: list[str], cfg: ChunkingConfig) -> list[tuple[list[Chunk], list[int]]]:
         out = []
         for text, offsets in zip(texts, self.embedder.offsets(texts), strict=True):
             chunks = chunk_offsets(text, offsets, cfg)
             out.append(
                 (
-                    [(c.position, c.start, c.end, c.text) for c in chunks],
+                    [Chunk(c.position, c.start, c.end, c.text) for c in chunks],
                     [min(c.tokens + 2, self.embedder.max_seq_length) for c in chunks],
                 )
             )
         return out
 
-    def get_document(self, name: str, doc_id: str) -> DocumentRow:
-        rt = self.registry.get(name)
-        doc = self.store.get_document(rt.row.id, doc_id)
+    async def get_document(self, name: str, doc_id: str) -> DocumentRow:
+        doc = await self.collection(name).get(doc_id)
         if doc is None:
             raise DocumentNotFound(
                 f"document {doc_id!r} not found in collection {name!r}", param="id"
             )
         return doc
 
-    def list_documents(
+    async def list_documents(
         self, name: str, *, limit: int, after: str | None
     ) -> tuple[list[DocumentRow], bool]:
-        rt = self.registry.get(name)
-        return self.store.list_documents(rt.row.id, limit=limit, after=after)
+        return await self.collection(name).list(limit=limit, after=after)
 
     async def delete_document(self, name: str, doc_id: str) -> None:
-        rt = self.registry.get(name)
-        rt.usable_index()
-        async with rt.writer:
-            index = rt.usable_index()
-
-            def apply() -> bool:
-                staged = self.store.stage_delete(rt.row.id, doc_id)
-                if staged is None:
-                    return False
-                try:
-                    with rt.lock.write():
-                        staged.commit()
-                        index.remove(np.asarray(staged.removed, np.int64))
-                except BaseException:
-                    staged.rollback()
-                    raise
-                return True
-
-            if not await self._write(apply):
-                raise DocumentNotFound(
-                    f"document {doc_id!r} not found in collection {name!r}", param="id"
-                )
-            rt.dirty = True
-            rt.version += 1
-            self.metrics.index_vectors.labels(name).set(len(index))
+        if not await self.collection(name).delete(doc_id):
+            raise DocumentNotFound(
+                f"document {doc_id!r} not found in collection {name!r}", param="id"
+            )
 
     # ---- search --------------------------------------------------------------------------
     async def embed_queries(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
@@ -404,143 +304,45 @@ class KnowledgeBase:
         if not query.strip():
             raise InvalidRequest("query is blank", param="query")
         try:
-            flt = Filter.parse(filter)
+            flt = MetadataFilter.parse(filter)
         except FilterError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from exc
-        rt = self.registry.get(name)
-        rt.usable_index()
+        collection = self.collection(name)
         self._searching += 1
         try:
-            return await self._search(rt, query, top_k, flt, min_score, mode)
+            return await self._search(collection, query, top_k, flt, min_score, mode)
         finally:
             self._searching -= 1
 
     async def _search(
         self,
-        rt: CollectionRuntime,
+        collection: Collection,
         query: str,
         top_k: int,
-        flt: Filter | None,
+        flt: MetadataFilter | None,
         min_score: float | None,
         mode: str,
     ) -> tuple[list[ScoredHit], dict[str, float]]:
         t0 = time.perf_counter()
         # The query's token count only steers batching, so an estimate saves a tokenizer
         # pass on the event loop; the encoder tokenizes the query anyway.
-        vectors = await self.batcher.embed(
+        vector = await self.batcher.embed(
             [query], [self.embedder.estimate_tokens(query)], lane="interactive"
         )
         timings = {"embed": _ms(t0)}
-        args = (rt, vectors, query, top_k, flt, min_score, mode, timings)
-        # Alone, a small search is cheaper on the loop than two thread hand-offs. Searches
-        # that run at the same time go to threads: their queries come back from the encoder
-        # in one batch, and searched inline they would add up to one long stall of the loop.
-        hits = self._search_inline(*args) if self._searching == 1 else None
-        if hits is None:
-            hits = await asyncio.to_thread(self._search_blocking, *args)
+        request = SearchQuery(
+            text=query,
+            vector=vector,
+            top_k=top_k,
+            filter=flt,
+            min_score=min_score,
+            mode="hybrid" if mode == "hybrid" else "dense",
+            alone=self._searching == 1,
+        )
+        hits = await collection.search(request, timings)
         timings["total"] = _ms(t0)
         self.metrics.search_latency.labels(mode).observe(timings["total"] / 1000)
         return hits, timings
-
-    def _search_inline(
-        self,
-        rt: CollectionRuntime,
-        vectors: np.ndarray,
-        query: str,
-        top_k: int,
-        flt: Filter | None,
-        min_score: float | None,
-        mode: str,
-        timings: dict[str, float],
-    ) -> list[ScoredHit] | None:
-        """The search on the event loop when it is sure to be short (dense, unfiltered, a
-        small index, no writer holding or waiting for the collection); None: use a thread."""
-        limit = self.settings.inline_search_max_vectors
-        if mode != "dense" or flt is not None or limit == 0:
-            return None
-        with rt.lock.read_nowait() as acquired:
-            if not acquired or len(rt.usable_index()) > limit:
-                return None
-            return self._search_locked(rt, vectors, query, top_k, flt, min_score, mode, timings)
-
-    def _search_blocking(
-        self,
-        rt: CollectionRuntime,
-        vectors: np.ndarray,
-        query: str,
-        top_k: int,
-        flt: Filter | None,
-        min_score: float | None,
-        mode: str,
-        timings: dict[str, float],
-    ) -> list[ScoredHit]:
-        with rt.lock.read():
-            return self._search_locked(rt, vectors, query, top_k, flt, min_score, mode, timings)
-
-    def _search_locked(
-        self,
-        rt: CollectionRuntime,
-        vectors: np.ndarray,
-        query: str,
-        top_k: int,
-        flt: Filter | None,
-        min_score: float | None,
-        mode: str,
-        timings: dict[str, float],
-    ) -> list[ScoredHit]:
-        """Dense (or hybrid) ranking plus the chunk rows; the caller holds the read lock."""
-        index = rt.usable_index()
-        allowed = None
-        if flt is not None:
-            t = time.perf_counter()
-            allowed = self.store.filtered_chunk_ids(rt.row.id, flt)
-            timings["filter"] = _ms(t)
-            if len(allowed) == 0:
-                return []
-        depth = top_k if mode == "dense" else max(top_k * 4, 50)
-        t = time.perf_counter()
-        scores, ids = index.search(vectors, depth, allowed)
-        timings["dense"] = _ms(t)
-        dense = [
-            (int(i), float(s))
-            for s, i in zip(scores[0], ids[0], strict=True)
-            if i >= 0 and (min_score is None or s >= min_score)
-        ]
-        if mode == "hybrid":
-            t = time.perf_counter()
-            sparse = self.store.bm25(rt.row.id, query, depth, flt)
-            timings["bm25"] = _ms(t)
-            ranked = _rrf([dense, sparse])[:top_k]
-        else:
-            ranked = dense[:top_k]
-        t = time.perf_counter()
-        rows = self.store.hydrate([cid for cid, _ in ranked])
-        timings["hydrate"] = _ms(t)
-        return [ScoredHit(rows[cid], score) for cid, score in ranked if cid in rows]
-
-
-def _rrf(rankings: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: score(id) = sum over rankings of 1 / (RRF_K + rank)."""
-    fused: dict[int, float] = {}
-    for ranking in rankings:
-        for rank, (cid, _) in enumerate(ranking, start=1):
-            fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
-    return sorted(fused.items(), key=lambda kv: kv[1], reverse=True)
-
-
-def _row_from(create: dict[str, Any]) -> CollectionRow:
-    return CollectionRow(
-        0,
-        create["name"],
-        create["embedding_model"],
-        create["dimension"],
-        create["index_factory"],
-        create["chunk_tokens"],
-        create["chunk_overlap"],
-        0,
-        0,
-        0.0,
-    )
 
 
 def _ms(start: float) -> float:

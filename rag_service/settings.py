@@ -47,6 +47,16 @@ class Settings:
         default=Path("data"),
         metadata=_help("Directory for the SQLite store and index snapshots."),
     )
+    database_url: str | None = field(
+        default=None,
+        metadata=_help(
+            "postgresql://... : store everything in PostgreSQL (pgvector), shared by every "
+            "replica; unset = the embedded engine (SQLite + FAISS in RAG_DATA_DIR)."
+        ),
+    )
+    database_pool_size: int = field(
+        default=10, metadata=_help("Most connections one replica opens to the database.")
+    )
     host: str = field(default="127.0.0.1", metadata=_help("Address to listen on."))
     port: int = field(default=8000, metadata=_help("TCP port to listen on."))
     api_key: str | None = field(
@@ -148,6 +158,13 @@ class Settings:
         metadata=_help(
             "SQLite synchronous mode in WAL: FULL survives power loss, NORMAL survives "
             "process crashes."
+        ),
+    )
+    sqlite_busy_timeout_ms: int = field(
+        default=30_000,
+        metadata=_help(
+            "How long a write waits for another process's lock on the SQLite store (ms) "
+            "before it is answered 503 with Retry-After."
         ),
     )
     snapshot_interval_s: float = field(
@@ -276,6 +293,8 @@ class Settings:
             "hnsw_ef_search",
             "ivf_nprobe",
             "max_ivf_nlist",
+            "sqlite_busy_timeout_ms",
+            "database_pool_size",
             "generation_queue_size",
             "generation_batch_size",
             "max_lora_rank",
@@ -302,6 +321,8 @@ class Settings:
             raise bad("upstream_url", "must start with http:// or https://")
         if self.context_window < 0:
             raise bad("context_window", "must be >= 0")
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise bad("database_url", "must start with postgresql://")
         if self.api_key is not None and not self.api_key.strip():
             raise bad("api_key", "must not be blank when set")
 

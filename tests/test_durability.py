@@ -121,7 +121,7 @@ def test_restart_restores_snapshot_without_reembedding(make_client, tmp_path):
     second.delete("/v1/collections/kb/documents/d0")
     meta = json.loads((data / "indexes" / "1.json").read_text())
     assert meta["meta"]["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    second.app.state["kb"].registry._runtimes["kb"].dirty = False  # skip the exit snapshot
+    second.app.state["kb"].engine.get("kb").dirty = False  # skip the exit snapshot
     second.__exit__(None, None, None)
 
     third = make_client(data_dir=data)

@@ -121,16 +121,16 @@ def test_search_unknown_collection(client):
 
 def _thread_searches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record each search that goes to a worker thread (rather than running on the loop)."""
-    from rag_service import knowledge
+    from indexes import embedded
 
     calls: list[str] = []
-    real = knowledge.asyncio.to_thread
+    real = embedded.asyncio.to_thread
 
     async def spy(fn, *args, **kwargs):
         calls.append(fn.__name__)
         return await real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(knowledge.asyncio, "to_thread", spy)
+    monkeypatch.setattr(embedded.asyncio, "to_thread", spy)
     return calls
 
 
@@ -166,7 +166,7 @@ def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch):
     import threading
 
     calls = _thread_searches(monkeypatch)
-    rt = kb.app.state["kb"].registry.get("kb")
+    rt = kb.app.state["kb"].engine.get("kb")
     held, release = threading.Event(), threading.Event()
 
     def writer() -> None:
@@ -187,7 +187,7 @@ def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch):
 def test_read_nowait():
     import threading
 
-    from rag_service.rwlock import RWLock
+    from indexes.rwlock import RWLock
 
     lock = RWLock()
     with lock.read(), lock.read_nowait() as got:

@@ -6,7 +6,7 @@ from litestar import Controller, delete, get, post
 from litestar.di import Provide
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
-from indexes.docstore import CollectionRow
+from indexes.types import CollectionRow
 from rag_service.dependencies import provide_kb
 from rag_service.keys import Principal
 from rag_service.knowledge import KnowledgeBase
@@ -34,10 +34,10 @@ class CollectionController(Controller):
     path = "/collections"
     dependencies = {"kb": Provide(provide_kb, sync_to_thread=False)}
 
-    @get("/", sync_to_thread=True, opt={"access": "key"}, responses=error_responses())
-    def list_collections(self, kb: KnowledgeBase, principal: Principal) -> CollectionList:
+    @get("/", opt={"access": "key"}, responses=error_responses())
+    async def list_collections(self, kb: KnowledgeBase, principal: Principal) -> CollectionList:
         """The collections this key can read."""
-        rows = [r for r in kb.list_collections() if principal.allows("read", r.name)]
+        rows = [r for r in await kb.list_collections() if principal.allows("read", r.name)]
         return CollectionList(data=[collection_info(r) for r in rows])
 
     @post(

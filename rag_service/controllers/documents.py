@@ -9,7 +9,7 @@ from litestar.di import Provide
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 
-from indexes.docstore import DocumentRow
+from indexes.types import DocumentRow
 from rag_service.dependencies import provide_kb
 from rag_service.knowledge import KnowledgeBase
 from rag_service.openapi import error_responses
@@ -64,18 +64,17 @@ class DocumentController(Controller):
 
     @get(
         "/documents",
-        sync_to_thread=True,
         opt={"access": "read"},
         responses=error_responses(404),
     )
-    def list_documents(
+    async def list_documents(
         self,
         name: NamePath,
         kb: KnowledgeBase,
         limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
         after: Annotated[str | None, Parameter(max_length=512)] = None,
     ) -> DocumentList:
-        docs, has_more = kb.list_documents(name, limit=limit, after=after)
+        docs, has_more = await kb.list_documents(name, limit=limit, after=after)
         return DocumentList(
             data=[_document_out(d, with_text=False) for d in docs],
             has_more=has_more,
@@ -85,12 +84,11 @@ class DocumentController(Controller):
 
     @get(
         "/documents/{doc_id:path}",
-        sync_to_thread=True,
         opt={"access": "read"},
         responses=error_responses(404),
     )
-    def get_document(self, name: NamePath, doc_id: str, kb: KnowledgeBase) -> DocumentOut:
-        return _document_out(kb.get_document(name, doc_id[1:]), with_text=True)
+    async def get_document(self, name: NamePath, doc_id: str, kb: KnowledgeBase) -> DocumentOut:
+        return _document_out(await kb.get_document(name, doc_id[1:]), with_text=True)
 
     @delete(
         "/documents/{doc_id:path}",

@@ -35,7 +35,7 @@ def ready(state: State) -> Response[Any]:
             "status": "ready",
             "embedding_model": kb.embedder.name,
             "device": kb.embedder.device,
-            **kb.registry.describe(),
+            **kb.engine.describe(),
         }
     )
 
