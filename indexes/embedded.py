@@ -369,6 +369,9 @@ class EmbeddedEngine:
     def find(self, name: str) -> EmbeddedCollection | None:
         return self._collections.get(name)
 
+    async def lookup(self, name: str) -> EmbeddedCollection | None:
+        return self._collections.get(name)  # one process: what it holds is all there is
+
     def get(self, name: str) -> EmbeddedCollection:
         found = self._collections.get(name)
         if found is None:

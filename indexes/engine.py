@@ -127,6 +127,11 @@ class Engine(Protocol):
         """The live collection called ``name``, or None."""
         ...
 
+    async def lookup(self, name: str) -> Collection | None:
+        """Like :meth:`find`, but also sees a collection another replica made a moment ago
+        (an engine shared by several processes reads through to its store on a miss)."""
+        ...
+
     def get(self, name: str) -> Collection:
         """Like :meth:`find`; raises :class:`CollectionGone`."""
         ...

@@ -168,7 +168,7 @@ class ChatService:
         collection = options.collection or self.settings.rag_collection
         if principal is not None:  # before the lookup, so a refusal says nothing of existence
             principal.require("read", collection, param="rag.collection")
-        if self.kb.engine.find(collection) is None:
+        if await self.kb.engine.lookup(collection) is None:
             if options.collection is not None:
                 raise CollectionNotFound(
                     f"collection {collection!r} does not exist", param="rag.collection"

@@ -42,6 +42,7 @@ from rag_service.embedding import Embedder
 from rag_service.errors import (
     CollectionNotFound,
     DocumentNotFound,
+    EmbeddingMismatch,
     IndexConfigError,
     InvalidRequest,
     PayloadTooLarge,
@@ -77,11 +78,25 @@ class KnowledgeBase:
         self._searching = 0  # searches in progress, from the query's embedding on
 
     # ---- collections ---------------------------------------------------------------------
-    def collection(self, name: str) -> Collection:
-        found = self.engine.find(name)
+    async def collection(self, name: str, *, vectors: bool = False) -> Collection:
+        """The live collection; with ``vectors``, also one this embedding model can search
+        and write (its vectors were made by this model)."""
+        found = await self.engine.lookup(name)
         if found is None:
             raise CollectionNotFound(f"collection {name!r} does not exist", param="collection")
+        if vectors:
+            self._check_model(found.row)
         return found
+
+    def _check_model(self, row: CollectionRow) -> None:
+        if (row.embedding_model, row.dimension) != (self.embedder.name, self.embedder.dimension):
+            raise EmbeddingMismatch(
+                f"collection {row.name!r} was embedded with {row.embedding_model} (dimension "
+                f"{row.dimension}) but this service runs {self.embedder.name} (dimension "
+                f"{self.embedder.dimension}); serve it with RAG_EMBEDDING_MODEL set to that "
+                "model, or re-create the collection",
+                param="collection",
+            )
 
     def options(
         self,
@@ -139,7 +154,7 @@ class KnowledgeBase:
         return await self.engine.list()
 
     async def delete_collection(self, name: str) -> None:
-        self.collection(name)
+        await self.collection(name)
         await self.engine.drop(name)
 
     # ---- documents -----------------------------------------------------------------------
@@ -166,6 +181,14 @@ class KnowledgeBase:
                 )
             if not doc.text.strip():
                 raise InvalidRequest("document text is blank", param=f"documents[{i}].text")
+            if "\x00" in doc.text:
+                raise InvalidRequest(
+                    "document text holds a NUL character (U+0000)", param=f"documents[{i}].text"
+                )
+            if _holds_nul(doc.metadata):
+                raise InvalidRequest(
+                    "metadata holds a NUL character (U+0000)", param=f"documents[{i}].metadata"
+                )
             if len(canonical_json(doc.metadata)) > 65536:
                 raise InvalidRequest(
                     "metadata is larger than 64 KiB", param=f"documents[{i}].metadata"
@@ -175,7 +198,9 @@ class KnowledgeBase:
         self._validate_documents(docs)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        collection = self.engine.find(name)
+        collection = await self.engine.lookup(name)
+        if collection is not None:
+            self._check_model(collection.row)
         options = self.options(name) if collection is None else None
         existing = await collection.existing([d.id for d in docs]) if collection else {}
         row = collection.row if collection is not None else None
@@ -241,7 +266,7 @@ class KnowledgeBase:
         return out
 
     async def get_document(self, name: str, doc_id: str) -> DocumentRow:
-        doc = await self.collection(name).get(doc_id)
+        doc = await (await self.collection(name)).get(doc_id)
         if doc is None:
             raise DocumentNotFound(
                 f"document {doc_id!r} not found in collection {name!r}", param="id"
@@ -251,10 +276,10 @@ class KnowledgeBase:
     async def list_documents(
         self, name: str, *, limit: int, after: str | None
     ) -> tuple[list[DocumentRow], bool]:
-        return await self.collection(name).list(limit=limit, after=after)
+        return await (await self.collection(name)).list(limit=limit, after=after)
 
     async def delete_document(self, name: str, doc_id: str) -> None:
-        if not await self.collection(name).delete(doc_id):
+        if not await (await self.collection(name)).delete(doc_id):
             raise DocumentNotFound(
                 f"document {doc_id!r} not found in collection {name!r}", param="id"
             )
@@ -307,7 +332,7 @@ class KnowledgeBase:
             flt = MetadataFilter.parse(filter)
         except FilterError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from exc
-        collection = self.collection(name)
+        collection = await self.collection(name, vectors=True)
         self._searching += 1
         try:
             return await self._search(collection, query, top_k, flt, min_score, mode)
@@ -343,6 +368,22 @@ class KnowledgeBase:
         timings["total"] = _ms(t0)
         self.metrics.search_latency.labels(mode).observe(timings["total"] / 1000)
         return hits, timings
+
+
+def _holds_nul(value: Any) -> bool:
+    """True if any key or string in a JSON value holds U+0000 (no store keeps it intact)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _ms(start: float) -> float:

@@ -23,6 +23,7 @@ from rag_service.app import create_app
 from rag_service.embedding import Embedder
 from rag_service.settings import Settings
 from tests.fake_upstream import FakeUpstream, serve_fake
+from tests.pg import PgCluster, pg_cluster, pg_url  # noqa: F401  (fixtures)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -67,18 +68,39 @@ def fake_upstream(fake_server: FakeUpstream) -> FakeUpstream:
     return fake_server
 
 
+ENGINES = ["embedded", "postgres"]
+
+
+@pytest.fixture
+def database_url() -> str | None:
+    """The storage engine of ``make_client``: None = embedded. Contract test modules override
+    this with :func:`engine_database_url` to run every test on both engines."""
+    return None
+
+
+def engine_database_url(request: pytest.FixtureRequest) -> str | None:
+    """For a fixture parametrized over :data:`ENGINES`: None (embedded) or a fresh, empty
+    PostgreSQL database on the session's server."""
+    if request.param == "embedded":
+        return None
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    return cluster.create_database()
+
+
 @pytest.fixture
 def make_client(
-    tmp_path: Path, embedder: Embedder, fake_server: FakeUpstream
+    tmp_path: Path, embedder: Embedder, fake_server: FakeUpstream, database_url: str | None
 ) -> Iterator[AppFactory]:
     """``make_client(**settings)`` -> a ready TestClient; closed at teardown. Chat goes to the
-    fake upstream unless the settings or ``backend=`` say otherwise."""
+    fake upstream unless the settings or ``backend=`` say otherwise; storage is the engine the
+    ``database_url`` fixture names."""
     opened: list[TestClient[Litestar]] = []
 
     def factory(
         data_dir: Path | None = None, backend: Any = None, **overrides: Any
     ) -> TestClient[Litestar]:
         overrides.setdefault("upstream_url", fake_server.url)
+        overrides.setdefault("database_url", database_url)
         settings = Settings(data_dir=data_dir or tmp_path / "data", **overrides)
         client = TestClient(create_app(settings, embedder=embedder, backend=backend))
         client.__enter__()

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import error_of
+from tests.conftest import ENGINES, engine_database_url, error_of
+
+
+@pytest.fixture(params=ENGINES)
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Every test of this module runs on both storage engines."""
+    return engine_database_url(request)
 
 
 def test_create_list_delete(client):

@@ -20,7 +20,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode, checks
 
 from rag_service.settings import Settings
-from tests.conftest import free_port, running_server
+from tests.conftest import ENGINES, free_port, running_server
 
 MAX_EXAMPLES = 50
 DOCS = [
@@ -29,11 +29,15 @@ DOCS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def api_url(tmp_path_factory, embedder, fake_server) -> Iterator[str]:
+@pytest.fixture(scope="module", params=ENGINES)
+def api_url(request, tmp_path_factory, embedder, fake_server) -> Iterator[str]:
     import httpx
 
+    database_url = None
+    if request.param == "postgres":
+        database_url = request.getfixturevalue("pg_cluster").create_database()
     settings = Settings(
+        database_url=database_url,
         data_dir=tmp_path_factory.mktemp("fuzz"),
         port=free_port(),
         upstream_url=fake_server.url,

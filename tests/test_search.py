@@ -2,8 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import error_of
+from tests.conftest import ENGINES, engine_database_url, error_of
 from tests.test_documents import search, upsert
+
+
+@pytest.fixture(params=ENGINES)
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Every test of this module runs on both storage engines."""
+    return engine_database_url(request)
+
 
 FACTS = [
     ("paris", "Paris is the capital of France and home to the Eiffel Tower.", "geo"),
@@ -138,8 +145,10 @@ QUERIES = ["Which programming language did Guido write?", "river in Africa", "XJ
 
 
 def test_small_dense_searches_run_inline_and_match_the_thread_path(
-    make_client, tmp_path, monkeypatch
+    make_client, tmp_path, monkeypatch, database_url
 ):
+    if database_url:
+        pytest.skip("the embedded engine's inline search path")
     docs = [
         {"id": i, "text": t, "metadata": {"topic": topic, "n": n}}
         for n, (i, t, topic) in enumerate(FACTS)
@@ -161,7 +170,9 @@ def test_small_dense_searches_run_inline_and_match_the_thread_path(
     assert calls == ["_search_blocking"] * 2
 
 
-def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch):
+def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch, database_url):
+    if database_url:
+        pytest.skip("the embedded engine's readers-writer lock")
     """With a writer holding the collection, a search goes to a thread and waits there."""
     import threading
 
@@ -184,7 +195,9 @@ def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch):
     assert calls == ["_search_blocking"]
 
 
-def test_read_nowait():
+def test_read_nowait(database_url):
+    if database_url:
+        pytest.skip("no storage involved: once is enough")
     import threading
 
     from indexes.rwlock import RWLock
@@ -213,7 +226,11 @@ def test_read_nowait():
         pass
 
 
-def test_concurrent_searches_go_to_threads(tmp_path, embedder, fake_server, monkeypatch):
+def test_concurrent_searches_go_to_threads(
+    tmp_path, embedder, fake_server, monkeypatch, database_url
+):
+    if database_url:
+        pytest.skip("the embedded engine's inline search path")
     """Queries embedded in one batch come back together: searched inline, one after the
     other, they would stall the loop, so only a lone search runs inline."""
     import asyncio

@@ -30,12 +30,24 @@ def ready(state: State) -> Response[Any]:
             status_code=503,
             headers={"Retry-After": "1"},
         )
+    store = kb.engine.describe()
+    if store.get("connected") is False:  # a database engine that lost its database
+        return Response(
+            error_body(
+                "the database is unreachable; retrying",
+                "service_unavailable",
+                None,
+                "store_unavailable",
+            ),
+            status_code=503,
+            headers={"Retry-After": "2"},
+        )
     return Response(
         {
             "status": "ready",
             "embedding_model": kb.embedder.name,
             "device": kb.embedder.device,
-            **kb.engine.describe(),
+            **store,
         }
     )
 

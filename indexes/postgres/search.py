@@ -1,0 +1,106 @@
+"""The postgres engine's retrieval queries: dense (pgvector), sparse (tsvector), hydration.
+
+Each runs on a connection inside the caller's read-only transaction; scores are plain floats,
+rankings are ``[(chunk_id, score)]`` best first. Dense scores are inner products of normalised
+vectors (cosine), as in the embedded engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from psycopg import AsyncConnection
+
+from indexes.postgres.sql import IndexSpec, text_query
+from indexes.types import CollectionRow, Hit
+
+__all__ = ["count_matching", "dense_ranking", "hydrate", "sparse_ranking"]
+
+_EXACT = IndexSpec(hnsw=False)
+
+
+def _scope(row: CollectionRow, flt_sql: str) -> tuple[str, str]:
+    """The FROM-clause join and the WHERE clause restricting chunks to the collection (and to
+    the filter's documents)."""
+    cid = int(row.id)
+    if flt_sql == "TRUE":
+        return "", f"c.collection_id = {cid}"
+    join = " JOIN rag_documents d ON d.pk = c.doc_pk"
+    return join, f"c.collection_id = {cid} AND d.collection_id = {cid} AND {flt_sql}"
+
+
+async def dense_ranking(
+    conn: AsyncConnection,
+    row: CollectionRow,
+    spec: IndexSpec,
+    vector: np.ndarray,
+    depth: int,
+    flt_sql: str,
+    flt_params: list[Any],
+    *,
+    exact: bool,
+) -> list[tuple[int, float]]:
+    """The ``depth`` chunks nearest to ``vector`` by inner product. ``exact`` orders by the bare
+    column, which no HNSW index serves, so the planner computes every (filtered) distance."""
+    expr = (_EXACT if exact else spec).vector_expr(row.dimension)
+    join, where = _scope(row, flt_sql)
+    cur = await conn.execute(
+        f"SELECT c.id, {expr} <#> %b AS dist FROM rag_chunks c{join} "
+        f"WHERE {where} ORDER BY dist LIMIT %s",
+        [vector, *flt_params, depth],
+    )
+    return [(int(r[0]), -float(r[1])) for r in await cur.fetchall()]
+
+
+async def count_matching(
+    conn: AsyncConnection, row: CollectionRow, flt_sql: str, flt_params: list[Any], cap: int
+) -> int:
+    """How many chunks the filter lets through, counting no further than ``cap``."""
+    join, where = _scope(row, flt_sql)
+    cur = await conn.execute(
+        f"SELECT count(*) FROM (SELECT 1 FROM rag_chunks c{join} WHERE {where} LIMIT %s) s",
+        [*flt_params, cap],
+    )
+    got = await cur.fetchone()
+    return int(got[0]) if got else 0
+
+
+async def sparse_ranking(
+    conn: AsyncConnection,
+    row: CollectionRow,
+    text: str,
+    depth: int,
+    flt_sql: str,
+    flt_params: list[Any],
+) -> list[tuple[int, float]]:
+    """Chunks holding any word of ``text``, ranked by ``ts_rank_cd`` (cover density, divided
+    by 1 + log of the chunk's length, a BM25-like length normalisation)."""
+    tsq = text_query(text)
+    if tsq is None:
+        return []
+    expr, words = tsq
+    join, where = _scope(row, flt_sql)
+    cur = await conn.execute(
+        f"SELECT c.id, ts_rank_cd(c.tsv, q.query, 1) AS rank "
+        f"FROM (SELECT {expr} AS query) q, rag_chunks c{join} "
+        f"WHERE {where} AND c.tsv @@ q.query ORDER BY rank DESC, c.id LIMIT %s",
+        [*words, *flt_params, depth],
+    )
+    return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
+
+
+async def hydrate(conn: AsyncConnection, row: CollectionRow, ids: list[int]) -> dict[int, Hit]:
+    """The chunk rows (with their document's id and metadata) for ``ids``."""
+    if not ids:
+        return {}
+    cur = await conn.execute(
+        'SELECT c.id, d.id, c.text, d.metadata, c.position, c.start, c."end" '
+        "FROM rag_chunks c JOIN rag_documents d ON d.pk = c.doc_pk "
+        f"WHERE c.collection_id = {int(row.id)} AND c.id = ANY(%s)",
+        [ids],
+    )
+    return {
+        int(r[0]): Hit(int(r[0]), r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]))
+        for r in await cur.fetchall()
+    }
