@@ -32,6 +32,7 @@ from indexes.types import (
 )
 
 __all__ = [
+    "AdapterStore",
     "Collection",
     "CollectionGone",
     "CollectionTaken",
@@ -156,3 +157,24 @@ class Engine(Protocol):
     def describe(self) -> dict[str, Any]:
         """What /ready reports about the store (restore reports, connection state)."""
         ...
+
+
+@runtime_checkable
+class AdapterStore(Protocol):
+    """An engine that also keeps which adapters every replica serves (postgres does)."""
+
+    async def adapters_list(self) -> builtins.list[Any]:
+        """Records with ``name``, ``path`` (relative to the adapters directory), ``version``."""
+        ...
+
+    async def adapters_put(
+        self,
+        name: str,
+        path: str,
+        *,
+        rank: int | None = None,
+        alpha: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any: ...
+
+    async def adapters_delete(self, name: str) -> bool: ...

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from indexes.engine import AdapterStore
 from rag_service.errors import Conflict, InvalidRequest, NotFound
 
 __all__ = [
@@ -382,12 +383,17 @@ class AdapterManager:
         *,
         max_rank: int | None = None,
         drain_timeout_s: float = 120.0,
+        shared: AdapterStore | None = None,
     ) -> None:
         self.adapters_dir = adapters_dir
         self.registry = registry
         self.backend = backend
         self.max_rank = max_rank
         self.drain_timeout_s = drain_timeout_s
+        # With a shared store (the postgres engine), the database says which adapters every
+        # replica serves: loads and unloads are written there, and each replica follows it.
+        self.shared = shared
+        self._shared_versions: dict[str, int] = {}  # name -> shared version loaded here
         self._lock: Any = None
         self._inflight: dict[str, int] = {}
         self._idle: dict[str, Any] = {}
@@ -438,7 +444,7 @@ class AdapterManager:
         self.backend.check_adapter(config)
         return config
 
-    async def load(self, name: str, raw_path: str) -> AdapterInfo:
+    async def load(self, name: str, raw_path: str, *, share: bool = True) -> AdapterInfo:
         import asyncio
 
         path = resolve_adapter_path(self.adapters_dir, raw_path)
@@ -447,12 +453,29 @@ class AdapterManager:
             info = self.registry.next_info(name, path, config)
             await self.backend.load_adapter(info.name, info.path, info.version)
             self.registry.add(info)
+            if self.shared is not None and share:
+                try:
+                    record = await self.shared.adapters_put(
+                        name,
+                        str(path.relative_to(self.adapters_dir.resolve())),
+                        rank=info.rank,
+                        alpha=float(info.alpha),
+                    )
+                except BaseException:  # not shared, not served: every replica agrees
+                    self.registry.remove(name)
+                    await self.backend.unload_adapter(info.name, info.version)
+                    raise
+                self._shared_versions[name] = int(record.version)
         return info
 
-    async def unload(self, name: str) -> AdapterInfo:
+    async def unload(self, name: str, *, share: bool = True) -> AdapterInfo:
         import asyncio
 
         async with self._mutex():
+            self.registry.get(name)  # 404 before anything changes
+            if self.shared is not None and share:
+                await self.shared.adapters_delete(name)
+            self._shared_versions.pop(name, None)
             info = self.registry.remove(name)
             if self._inflight.get(name):
                 idle = self._idle.setdefault(name, asyncio.Event())
@@ -462,6 +485,50 @@ class AdapterManager:
                     await asyncio.wait_for(idle.wait(), self.drain_timeout_s)
             await self.backend.unload_adapter(info.name, info.version)
         return info
+
+    async def follow_shared(self) -> list[str]:
+        """One pass of following the shared store: load what it lists and this replica does
+        not serve (or serves in an older version), unload what it no longer lists. Returns
+        what changed, as ``+name`` / ``-name``."""
+        import logging
+
+        log = logging.getLogger(__name__)
+        if self.shared is None:
+            return []
+        wanted = {r.name: r for r in await self.shared.adapters_list()}
+        changed = []
+        for name in [n for n in list(self._shared_versions) if n not in wanted]:
+            with contextlib.suppress(AdapterNotFound):
+                await self.unload(name, share=False)
+                changed.append(f"-{name}")
+        for name, record in wanted.items():
+            if self._shared_versions.get(name) == record.version:
+                continue
+            try:
+                if self.registry.find(name) is not None:
+                    await self.unload(name, share=False)
+                await self.load(name, record.path, share=False)
+                self._shared_versions[name] = int(record.version)
+                changed.append(f"+{name}")
+            except Exception as exc:  # one adapter this replica cannot load stops nothing
+                log.error("shared adapter %r from %s not loaded here: %s", name, record.path, exc)
+                self._shared_versions[name] = int(record.version)  # not retried every pass
+        return changed
+
+    async def run_follow(self, interval_s: float = 2.0) -> None:
+        """Follow the shared store for as long as the service runs."""
+        import asyncio
+        import logging
+
+        log = logging.getLogger(__name__)
+        while True:
+            try:
+                changed = await self.follow_shared()
+                if changed:
+                    log.info("adapters following the database: %s", ", ".join(changed))
+            except Exception as exc:  # the database may be away; the next pass retries
+                log.warning("adapters could not follow the database: %s", exc)
+            await asyncio.sleep(interval_s)
 
     def acquire(self, name: str) -> AdapterInfo:
         info = self.registry.get(name)

@@ -27,7 +27,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from indexes.engine import Engine
+from indexes.engine import AdapterStore, Engine
 from rag_service.adapters import AdapterManager, AdapterRegistry
 from rag_service.backends.base import ChatBackend
 from rag_service.batching import MicroBatcher
@@ -178,16 +178,26 @@ async def _load(
         generator = getattr(backend, "generator", None)  # the local model's batch generator
         if generator is not None:
             generator.on_batch = metrics_.generation_batch_size.observe
+        shared = engine if isinstance(engine, AdapterStore) else None
         adapters = AdapterManager(
             settings.adapters_path,
             AdapterRegistry(Path(settings.data_dir) / "adapters.json"),
             backend,
             max_rank=settings.max_lora_rank,
+            shared=shared,
         )
         if hasattr(backend, "load_adapter"):
-            restored = await adapters.restore(scan=settings.load_adapters_on_start)
+            # With a shared store the database is the truth: this replica follows it.
+            restored = (
+                await adapters.follow_shared()
+                if shared is not None
+                else await adapters.restore(scan=settings.load_adapters_on_start)
+            )
             if restored:
                 log.info("adapters loaded: %s", ", ".join(restored))
+            if shared is not None:
+                follower = asyncio.create_task(adapters.run_follow(), name="adapters-follow")
+                stack.push_async_callback(_cancel, follower)
         chat = ChatService(settings, kb, backend, adapters)
         state["kb"] = kb
         state["chat"] = chat
@@ -202,6 +212,12 @@ async def _load(
     except Exception as exc:
         log.exception("startup failed")
         state["startup_error"] = f"{type(exc).__name__}: {exc}"
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -512,3 +513,45 @@ def test_vllm_broken_adapter_not_forwarded(upstream, fake_upstream, path, messag
     assert resp.status_code == 400, resp.text
     assert message in error_of(resp)["message"]
     assert fake_upstream.lora_calls == []
+
+
+def test_replicas_on_one_database_serve_the_same_adapters(
+    tmp_path, embedder, fake_upstream, adapters_dir, pg_cluster
+):
+    """Two replicas of the postgres engine: an adapter loaded through A is served by B (it
+    follows the database), one unloaded through B is gone from A, and a refused load leaves
+    nothing shared."""
+    database_url = pg_cluster.create_database()
+
+    def settings(name: str) -> Settings:
+        return Settings(
+            data_dir=tmp_path / name,
+            port=free_port(),
+            upstream_url=fake_upstream.url,
+            adapters_dir=adapters_dir,
+            max_lora_rank=64,
+            database_url=database_url,
+        )
+
+    def served(url: str) -> list[str]:
+        return [a["name"] for a in httpx.get(url + "/v1/adapters").json()["data"]]
+
+    def wait_for(url: str, names: list[str]) -> None:
+        deadline = time.monotonic() + 20
+        while served(url) != names:
+            assert time.monotonic() < deadline, (url, served(url), names)
+            time.sleep(0.2)
+
+    with running_server(settings("a"), embedder) as a, running_server(settings("b"), embedder) as b:
+        resp = httpx.post(a + "/v1/adapters", json={"name": "alpha", "path": "alpha"})
+        assert resp.status_code == 201, resp.text
+        wait_for(b, ["alpha"])
+        reply = httpx.post(
+            b + "/v1/chat/completions", timeout=30, json={"model": "alpha", "messages": QUESTION}
+        )
+        assert reply.status_code == 200 and reply.json()["model"] == "alpha"
+        bad = httpx.post(a + "/v1/adapters", json={"name": "beta", "path": "bad/r-abc"})
+        assert bad.status_code == 400
+        assert httpx.delete(b + "/v1/adapters/alpha").status_code == 204
+        wait_for(a, [])
+        assert served(b) == []

@@ -140,7 +140,10 @@ class UpstreamBackend:
     async def load_adapter(self, name: str, path: str, version: int) -> None:
         served = self.served_name(name, version)
         resp = await self._lora_call("load_lora_adapter", {"lora_name": served, "lora_path": path})
-        if resp.status_code >= 400:
+        if resp.status_code == 400 and "already" in resp.text.lower():
+            # Another replica sharing this server (and the adapter registry) loaded it first.
+            log.info("upstream already serves %s; using it", served)
+        elif resp.status_code >= 400:
             detail = resp.text[:300]
             if resp.status_code == 404:
                 detail += (
