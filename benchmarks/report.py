@@ -33,6 +33,116 @@ def _ok(value: float, target: str) -> str:
     return f"{value} ({'meets' if good else 'misses'} {target})"
 
 
+def _p(lat: dict[str, Any]) -> str:
+    return f"{lat['p50_ms']} / {lat['p99_ms']} ms"
+
+
+def _b7_name(scale: int, index: str) -> str:
+    """B7's collection names, as ``benchmarks.bench_postgres.collection_name`` makes them."""
+    size = f"{scale // 1000}k" if scale % 1000 == 0 else str(scale)
+    return f"s{size}-{index.lower()}"
+
+
+def _b7(b7: dict[str, Any]) -> list[str]:
+    f = b7["figures"]
+    pg = f["postgres"]
+    lines = [
+        f"**B7, postgres engine vs embedded** ({_where(b7)}; PostgreSQL "
+        f"{pg['server_version']} + pgvector {pg['pgvector']} from `pgserver` on the same cores, "
+        f"shared_buffers {pg['shared_buffers']}; B3's data, top_k 10, sequential queries over "
+        "HTTP, ratios from one run):",
+        "",
+        "| chunks | index | embedded p50 / p99 | postgres p50 / p99 | postgres / embedded p50 | "
+        "HNSW recall@10 vs exact, embedded / postgres |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scale, v in f["search"].items():
+        recall = v["recall_at_10_hnsw_vs_exact"]
+        for index in ("Flat", "HNSW32"):
+            r = v[_b7_name(int(scale), index)]
+            rec = (
+                f"{recall['embedded_faiss_hnsw32']} / {recall['postgres_pgvector_hnsw32']}"
+                if index != "Flat"
+                else f"exact results agree: {v['exact_results_agree_across_engines']}"
+            )
+            lines.append(
+                f"| {int(scale):,} | {index} | {_p(r['embedded'])} | {_p(r['postgres'])} | "
+                f"{r['p50_postgres_over_embedded']} | {rec} |"
+            )
+    lines += [
+        "",
+        "Ingest through each engine's API (precomputed vectors, "
+        f"{b7['params']['batch']} documents per transaction), chunks/s, postgres / embedded "
+        "in brackets. pgvector's HNSW collections are loaded in bulk (index dropped, chunks "
+        "written, the same index built by `CREATE INDEX`); the last column adds "
+        f"{b7['params']['probe']} chunks to the built HNSW collections, an insert each:",
+        "",
+        "| chunks | Flat: embedded / postgres | HNSW32: embedded / postgres bulk | "
+        "insert into built HNSW32: embedded / postgres |",
+        "|---|---|---|---|",
+    ]
+    for scale, v in f["ingest"].items():
+        fl, hn, pr = (
+            v["flat_store_write"],
+            v["hnsw32_store_write"],
+            v["hnsw32_insert_into_built_collection"],
+        )
+        lines.append(
+            f"| {int(scale):,} | {fl['embedded_chunks_per_s']} / {fl['postgres_chunks_per_s']} "
+            f"({fl['postgres_over_embedded']}) | {hn['embedded_chunks_per_s']} / "
+            f"{hn['postgres_bulk_chunks_per_s']} ({hn['postgres_bulk_over_embedded']}) | "
+            f"{pr['embedded_chunks_per_s']} / {pr['postgres_chunks_per_s']} "
+            f"({pr['postgres_over_embedded']}) |"
+        )
+    http = f["ingest_http"]
+    c = f["concurrent_search"]
+    largest = list(f["search"])[-1]
+    big = _b7_name(int(largest), "HNSW32")
+    pg_big = f["store_detail"]["postgres"][big]
+    emb_big = f["store_detail"]["embedded"][big]
+    lines += [
+        "",
+        f"Through HTTP, embedding included ({http['embedded']['documents']} sentences): "
+        f"embedded {http['embedded']['chunks_per_s']} chunks/s, postgres "
+        f"{http['postgres']['chunks_per_s']} ({http['postgres_over_embedded']}). At "
+        f"{int(largest):,} chunks the pgvector HNSW32 index takes "
+        f"{pg_big['hnsw_index_bytes_per_chunk']} bytes per chunk ({pg_big['hnsw_index_mib']} MiB; "
+        f"the partition's heap {pg_big['heap_bytes_per_chunk']} more), the FAISS HNSW32 "
+        f"snapshot {emb_big['faiss_snapshot_bytes_per_chunk']}; `CREATE INDEX` took "
+        f"{pg_big['create_index_seconds']} s.",
+        "",
+        f"{c['clients']} concurrent search clients on `{c['collection']}` "
+        f"({b7['params']['duration']} s each; servers, database and clients on the same cores):",
+        "",
+        "| setup | requests/s | p50 | p99 | errors |",
+        "|---|---|---|---|---|",
+    ]
+    setups = (
+        ("embedded_1_process", "embedded, one process"),
+        ("postgres_1_replica", "postgres, one replica"),
+        ("postgres_2_replicas", "postgres, two replicas (two `serve` processes, one database)"),
+        ("postgres_workers_2", "postgres, `serve --workers 2`"),
+    )
+    for key, label in setups:
+        r = c.get(key)
+        if isinstance(r, dict) and r.get("latency"):
+            lines.append(
+                f"| {label} | {r['requests_per_s']} | {r['latency']['p50_ms']} ms | "
+                f"{r['latency']['p99_ms']} ms | {r['errors']} |"
+            )
+    loads = [s["loadavg_1m_before"] for s in f["steps"]] + [
+        s["loadavg_1m_after"] for s in f["steps"]
+    ]
+    lines += [
+        "",
+        f"Two replicas over one: {c['two_replicas_over_one_throughput']}x the throughput. "
+        f"The machine's 1-minute load average ran from {min(loads)} to {max(loads)} during "
+        "the run.",
+        "",
+    ]
+    return lines
+
+
 def render() -> str:
     lines: list[str] = []
     if b1 := _load("b1_embedding_concurrency"):
@@ -117,6 +227,8 @@ def render() -> str:
             f"{max(r['seconds'] for r in b5['restore_from_snapshots'])} s.",
             "",
         ]
+    if b7 := _load("b7_postgres"):
+        lines += _b7(b7)
     if q := _load("quality_debian_faq"):
         f = q["figures"]
         lines += [

@@ -10,6 +10,7 @@ BENCHMARKS = [
     "bench_ingest",
     "bench_quality",
     "bench_search",
+    "bench_postgres",
     "bench_chat",
     "bench_soak",
 ]
