@@ -1,7 +1,8 @@
 """Command line: ``rag-service serve | ingest | search``.
 
-``serve`` takes every setting as a flag (and from its ``RAG_*`` variable); ``ingest`` and
-``search`` talk to a running service over HTTP.
+``serve`` takes every setting as a flag (and from its ``RAG_*`` variable); ``--workers N``
+runs N processes on one port (postgres engine only). ``ingest`` and ``search`` talk to a
+running service over HTTP.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "worker_app"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -74,36 +75,61 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from rag_service.app import create_app
     from rag_service.http_protocol import CoalescingHttpToolsProtocol
     from rag_service.logs import start_logging
-    from rag_service.settings import Settings, SettingsError, parse_value
+    from rag_service.settings import ENV_PREFIX, Settings, SettingsError, parse_value
 
     overrides: dict[str, Any] = {}
+    flags: dict[str, str] = {}
     try:
         for f in dataclasses.fields(Settings):
             raw = getattr(args, f.name)
             if raw is not None:
                 overrides[f.name] = parse_value(f, raw)
+                flags[ENV_PREFIX + f.name.upper()] = raw
         settings = Settings.from_env(**overrides)
     except SettingsError as exc:
         print(f"rag-service: {exc}", file=sys.stderr)
         return 2
     listener = start_logging(settings.log_level)
+    # log_config=None: uvicorn's loggers (the access log included) propagate to ours.
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "log_config": None,
+        "timeout_graceful_shutdown": 10,
+        "http": CoalescingHttpToolsProtocol,
+    }
     try:
-        # log_config=None: uvicorn's loggers (the access log included) propagate to ours.
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            log_config=None,
-            timeout_graceful_shutdown=10,
-            http=CoalescingHttpToolsProtocol,
-        )
+        if settings.workers == 1:
+            from rag_service.app import create_app
+
+            uvicorn.run(create_app(settings), **options)
+        else:
+            # Each worker is a fresh (spawned) process that builds its app with worker_app,
+            # from the environment: the flags given here travel there as their RAG_* variables.
+            os.environ.update(flags)
+            uvicorn.run(
+                "rag_service.cli:worker_app", factory=True, workers=settings.workers, **options
+            )
     finally:
         listener.stop()
     return 0
+
+
+def worker_app() -> Any:
+    """The app of one ``serve --workers N`` process: settings from the environment, logging
+    of its own (a spawned process inherits no handlers)."""
+    import atexit
+
+    from rag_service.app import create_app
+    from rag_service.logs import start_logging
+    from rag_service.settings import Settings
+
+    settings = Settings.from_env()
+    atexit.register(start_logging(settings.log_level).stop)
+    return create_app(settings)
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -59,6 +59,13 @@ class Settings:
     )
     host: str = field(default="127.0.0.1", metadata=_help("Address to listen on."))
     port: int = field(default=8000, metadata=_help("TCP port to listen on."))
+    workers: int = field(
+        default=1,
+        metadata=_help(
+            "Server processes sharing the port (postgres engine only: the embedded engine is "
+            "one process, which owns its SQLite writer and FAISS indexes)."
+        ),
+    )
     api_key: str | None = field(
         default=None,
         metadata=_help(
@@ -295,6 +302,7 @@ class Settings:
             "max_ivf_nlist",
             "sqlite_busy_timeout_ms",
             "database_pool_size",
+            "workers",
             "generation_queue_size",
             "generation_batch_size",
             "max_lora_rank",
@@ -323,6 +331,13 @@ class Settings:
             raise bad("context_window", "must be >= 0")
         if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
             raise bad("database_url", "must start with postgresql://")
+        if self.workers > 1 and not self.database_url:
+            raise bad(
+                "workers",
+                "more than 1 needs RAG_DATABASE_URL: the embedded engine is single-process "
+                "(each worker would hold its own FAISS indexes and SQLite writer); run one "
+                "process, or point every worker at PostgreSQL",
+            )
         if self.api_key is not None and not self.api_key.strip():
             raise bad("api_key", "must not be blank when set")
 

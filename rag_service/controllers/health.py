@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from litestar import Response, get
@@ -45,6 +46,7 @@ def ready(state: State) -> Response[Any]:
     return Response(
         {
             "status": "ready",
+            "pid": os.getpid(),  # which process answered (several with serve --workers N)
             "embedding_model": kb.embedder.name,
             "device": kb.embedder.device,
             **store,
