@@ -39,6 +39,7 @@ __all__ = [
     "Engine",
     "IndexUnusable",
     "InvalidIndex",
+    "KeyRowStore",
     "StorageError",
     "StoreBusy",
     "StoreUnavailable",
@@ -178,3 +179,15 @@ class AdapterStore(Protocol):
     ) -> Any: ...
 
     async def adapters_delete(self, name: str) -> bool: ...
+
+
+@runtime_checkable
+class KeyRowStore(Protocol):
+    """An engine that also keeps the service's API keys (rows of id, name, SHA-256 digest,
+    hint, scopes JSON, created_at), shared by every replica (postgres does)."""
+
+    async def api_keys_load(self) -> builtins.list[tuple[str, str, bytes, str, str, float]]: ...
+
+    async def api_keys_insert(self, row: tuple[str, str, bytes, str, str, float]) -> None: ...
+
+    async def api_keys_delete(self, key_id: str) -> bool: ...

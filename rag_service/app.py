@@ -27,7 +27,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from indexes.engine import AdapterStore, Engine
+from indexes.engine import AdapterStore, Engine, KeyRowStore, StoreUnavailable
 from rag_service.adapters import AdapterManager, AdapterRegistry
 from rag_service.backends.base import ChatBackend
 from rag_service.batching import MicroBatcher
@@ -42,7 +42,7 @@ from rag_service.controllers.keys import KeyController
 from rag_service.dependencies import provide_principal, provide_settings, require_api_key
 from rag_service.embedding import Embedder
 from rag_service.errors import exception_handlers
-from rag_service.keys import KeyStore
+from rag_service.keys import EngineKeyRows, KeyRows, KeyStore, SqliteKeyRows
 from rag_service.knowledge import KnowledgeBase
 from rag_service.metrics import Metrics
 from rag_service.openapi import StrictStructSchemaPlugin, openapi_config
@@ -144,11 +144,6 @@ async def _load(
 ) -> None:
     state = app.state
     try:
-        keys = await asyncio.to_thread(KeyStore, settings.data_dir / "keys.sqlite3")
-        stack.callback(keys.close)
-        state["keys"] = keys
-        if settings.api_key is None and len(keys):
-            log.warning("%d API keys are stored but unused: RAG_API_KEY is not set", len(keys))
         if embedder is None:
             embedder = await asyncio.to_thread(
                 Embedder, settings.embedding_model_path, device=settings.device
@@ -168,9 +163,22 @@ async def _load(
         stack.push_async_callback(batcher.stop)
         if engine is None:
             engine = make_engine(settings, embedder, metrics_)
-            await engine.open()
+            await _open_engine(engine, state)
             stack.push_async_callback(engine.close)
         kb = KnowledgeBase(settings, engine, embedder, batcher, metrics_)
+        rows: KeyRows = (
+            EngineKeyRows(engine)
+            if isinstance(engine, KeyRowStore)
+            else await asyncio.to_thread(SqliteKeyRows, settings.data_dir / "keys.sqlite3")
+        )
+        keys = KeyStore(rows)
+        stack.callback(keys.close)
+        await keys.open()
+        refresher = asyncio.create_task(keys.run_refresh(), name="keys-refresh")
+        stack.push_async_callback(_cancel, refresher)
+        state["keys"] = keys
+        if settings.api_key is None and len(keys):
+            log.warning("%d API keys are stored but unused: RAG_API_KEY is not set", len(keys))
         if backend is None:
             backend = _make_backend(settings, embedder, http_client)
             await backend.start()
@@ -212,6 +220,24 @@ async def _load(
     except Exception as exc:
         log.exception("startup failed")
         state["startup_error"] = f"{type(exc).__name__}: {exc}"
+
+
+async def _open_engine(engine: Engine, state: State) -> None:
+    """Open the storage engine; a database that is not reachable yet is waited for (the
+    replica answers 503 meanwhile and comes up by itself once it is)."""
+    delay = 1.0
+    while True:
+        try:
+            await engine.open()
+            state.pop("waiting_for", None)
+            return
+        except StoreUnavailable as exc:
+            state["waiting_for"] = f"waiting for the database: {exc}"
+            log.warning("storage engine not reachable, retrying in %.0f s: %s", delay, exc)
+            with contextlib.suppress(Exception):
+                await engine.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -34,7 +34,7 @@ def provide_kb(state: State) -> KnowledgeBase:
         raise NotReady(
             f"service failed to start: {error}"
             if error
-            else "service is starting: models and indexes are loading"
+            else state.get("waiting_for") or "service is starting: models and indexes are loading"
         )
     return kb
 

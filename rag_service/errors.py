@@ -163,6 +163,9 @@ class NotReady(RagError):
     error_type = "service_unavailable"
     code = "not_ready"
 
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
 
 class StoreDown(RagError):
     """The storage engine's database cannot be reached; the replica recovers by itself."""

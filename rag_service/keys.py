@@ -15,15 +15,19 @@ characters, 256 random bits) is shown once, when it is made; the store keeps its
 A plain fast hash is enough here because the secret is random and long: there is no
 dictionary to try, so the salt and work factor that passwords need would only slow down every
 request. Lookups go to an in-memory map rebuilt on each change, so the guard never waits on
-SQLite; writes run on a worker thread and swap the map once committed, so a revoked key is
-refused from the next request on. One process owns a data directory: another process using
-the same key file sees changes only when it restarts.
+the store; writes swap the map once committed, so a revoked key is refused by this process
+from the next request on. Where the keys live: ``<data_dir>/keys.sqlite3`` with the embedded
+engine, the ``rag_api_keys`` table with the postgres engine (every replica shares them). Every
+process also reloads the map every ``refresh_s`` (2 s), so a key issued or revoked through one
+worker or replica is honoured by all the others within that time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import sqlite3
 import threading
@@ -31,10 +35,11 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 
+from indexes.engine import KeyRowStore
 from rag_service.errors import Forbidden, NotFound
 
 __all__ = [
@@ -43,15 +48,21 @@ __all__ = [
     "OPEN",
     "Access",
     "ApiKey",
+    "EngineKeyRows",
     "KeyCreate",
     "KeyCreated",
     "KeyInfo",
     "KeyList",
+    "KeyRow",
+    "KeyRows",
     "KeyStore",
     "Principal",
     "Scope",
+    "SqliteKeyRows",
     "hash_secret",
 ]
+
+log = logging.getLogger(__name__)
 
 Access = Literal["read", "write", "admin"]
 RANK: dict[str, int] = {"read": 1, "write": 2, "admin": 3}
@@ -164,9 +175,24 @@ CREATE TABLE IF NOT EXISTS api_keys (
 )
 """
 
+# (id, name, digest, hint, scopes as JSON, created_at)
+KeyRow = tuple[str, str, bytes, str, str, float]
 
-class KeyStore:
-    """API keys in SQLite (``<data_dir>/keys.sqlite3``), served from an in-memory map."""
+
+class KeyRows(Protocol):
+    """Where key rows are kept: each engine's own store."""
+
+    async def load(self) -> list[KeyRow]: ...
+
+    async def insert(self, row: KeyRow) -> None: ...
+
+    async def delete(self, key_id: str) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteKeyRows:
+    """Key rows in ``<data_dir>/keys.sqlite3`` (the embedded engine)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -177,33 +203,99 @@ class KeyStore:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.execute(_SCHEMA)
-        self._by_digest: dict[bytes, ApiKey] = {}
-        self._reload()
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
+    def _load(self) -> list[KeyRow]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, name, digest, hint, scopes, created_at FROM api_keys"
+            ).fetchall()
+        return [(r[0], r[1], bytes(r[2]), r[3], r[4], float(r[5])) for r in rows]
+
+    def _insert(self, row: KeyRow) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO api_keys (id, name, digest, hint, scopes, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                row,
+            )
+
+    def _delete(self, key_id: str) -> bool:
+        with self._lock:
+            return self._conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount > 0
+
+    async def load(self) -> list[KeyRow]:
+        return await asyncio.to_thread(self._load)
+
+    async def insert(self, row: KeyRow) -> None:
+        await asyncio.to_thread(self._insert, row)
+
+    async def delete(self, key_id: str) -> bool:
+        return await asyncio.to_thread(self._delete, key_id)
+
+
+class EngineKeyRows:
+    """Key rows in the storage engine's database (postgres: shared by every replica)."""
+
+    def __init__(self, engine: KeyRowStore) -> None:
+        self.engine = engine
+
+    async def load(self) -> list[KeyRow]:
+        return await self.engine.api_keys_load()
+
+    async def insert(self, row: KeyRow) -> None:
+        await self.engine.api_keys_insert(row)
+
+    async def delete(self, key_id: str) -> bool:
+        return await self.engine.api_keys_delete(key_id)
+
+    def close(self) -> None:
+        return None
+
+
+class KeyStore:
+    """API keys served from an in-memory map, kept in :class:`KeyRows`."""
+
+    def __init__(self, rows: KeyRows, *, refresh_s: float = 2.0) -> None:
+        self.rows = rows
+        self.refresh_s = refresh_s
+        self._by_digest: dict[bytes, ApiKey] = {}
+
+    async def open(self) -> None:
+        await self.refresh()
+
+    def close(self) -> None:
+        self.rows.close()
+
     def __len__(self) -> int:
         return len(self._by_digest)
 
-    def _reload(self) -> None:
-        rows = self._conn.execute(
-            "SELECT id, name, digest, hint, scopes, created_at FROM api_keys"
-        ).fetchall()
+    async def refresh(self) -> None:
         keys: dict[bytes, ApiKey] = {}
-        for key_id, name, digest, hint, scopes_json, created_at in rows:
+        for key_id, name, digest, hint, scopes_json, created_at in await self.rows.load():
             scopes = tuple(msgspec.json.decode(scopes_json, type=list[Scope]))
-            keys[bytes(digest)] = ApiKey(
+            keys[digest] = ApiKey(
                 key_id,
                 name,
-                bytes(digest),
+                digest,
                 hint,
                 scopes,
                 created_at,
                 Principal.of_scopes(key_id, scopes),
             )
         self._by_digest = keys  # one assignment: readers see the old map or the new one
+
+    async def run_refresh(self) -> None:
+        """Reload every ``refresh_s``: changes made by other workers and replicas."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # the store may be away; keep the last map
+                log.warning("API keys could not be reloaded: %s", exc)
 
     # ---- reads: the in-memory map, safe on the event loop ---------------------------------
     def authenticate(self, secret: str) -> Principal | None:
@@ -219,28 +311,27 @@ class KeyStore:
     def list_keys(self) -> list[ApiKey]:
         return sorted(self._by_digest.values(), key=lambda k: (k.created_at, k.id))
 
-    # ---- writes: SQLite, call on a worker thread ------------------------------------------
-    def create(self, name: str, scopes: Iterable[Scope]) -> tuple[ApiKey, str]:
+    # ---- writes --------------------------------------------------------------------------
+    async def create(self, name: str, scopes: Iterable[Scope]) -> tuple[ApiKey, str]:
         """Make a key; returns it and its secret (the only time the secret exists)."""
         scopes = tuple(scopes)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(6)
-        now = time.time()
         digest = hash_secret(secret)
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO api_keys (id, name, digest, hint, scopes, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (key_id, name, digest, secret[-4:], msgspec.json.encode(list(scopes)), now),
-            )
-            self._reload()
-            key = self._by_digest[digest]
-        return key, secret
+        row: KeyRow = (
+            key_id,
+            name,
+            digest,
+            secret[-4:],
+            msgspec.json.encode(list(scopes)).decode(),
+            time.time(),
+        )
+        await self.rows.insert(row)
+        await self.refresh()
+        return self._by_digest[digest], secret
 
-    def delete(self, key_id: str) -> None:
+    async def delete(self, key_id: str) -> None:
         """Revoke a key; refused from the next request on. NotFound when there is none."""
-        with self._lock:
-            cur = self._conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
-            if cur.rowcount == 0:
-                raise NotFound(f"API key {key_id!r} does not exist", param="id")
-            self._reload()
+        if not await self.rows.delete(key_id):
+            raise NotFound(f"API key {key_id!r} does not exist", param="id")
+        await self.refresh()

@@ -317,3 +317,28 @@ def test_metrics_public_setting_from_env():
     settings = Settings.from_env({"RAG_METRICS_PUBLIC": "true", "RAG_API_KEY": "k"})
     assert settings.metrics_public is True
     assert Settings.from_env({}).metrics_public is False
+
+
+def test_replicas_on_one_database_share_keys(make_client, tmp_path, pg_cluster):
+    """Keys live in the postgres engine's database: a key issued through replica A works on
+    replica B, and one revoked through B is refused by A, each within the reload interval."""
+    import time
+
+    url = pg_cluster.create_database()
+    a = make_client(data_dir=tmp_path / "a", api_key=MASTER, database_url=url)
+    b = make_client(data_dir=tmp_path / "b", api_key=MASTER, database_url=url)
+    a.post("/v1/collections/kb/documents", json=DOC, headers=bearer(MASTER)).raise_for_status()
+    key_id, secret = issue(a, ("kb", "read"))
+
+    def until(client: Any, expected: int) -> None:
+        deadline = time.monotonic() + 15
+        while (got := status(client, secret, "GET", "/v1/collections/kb/documents")) != expected:
+            assert time.monotonic() < deadline, (got, expected)
+            time.sleep(0.1)
+
+    until(b, 200)
+    assert [k["id"] for k in b.get("/v1/keys", headers=bearer(MASTER)).json()["data"]] == [key_id]
+    assert b.delete(f"/v1/keys/{key_id}", headers=bearer(MASTER)).status_code == 204
+    assert status(b, secret, "GET", "/v1/collections/kb/documents") == 401  # at once here
+    until(a, 401)
+    assert not (tmp_path / "a" / "keys.sqlite3").exists()  # nothing kept per replica

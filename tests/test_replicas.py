@@ -544,3 +544,36 @@ def test_database_stopped_and_started_while_serving(tmp_path: Path) -> None:
     finally:
         replica.stop()
         cluster.close()
+
+
+def test_replica_started_before_its_database_waits_for_it(tmp_path: Path) -> None:
+    """A replica whose database is not up yet answers 503 (saying it waits for the
+    database) and comes up by itself once the database starts."""
+    cluster = PgCluster()
+    url = cluster.create_database()
+    cluster.stop()
+    replica = Replica(tmp_path / "data", url)
+    try:
+        replica.start()
+        deadline = time.monotonic() + 120
+        with replica.client() as client:
+            while True:  # the model loads first, then the engine keeps retrying
+                try:
+                    ready = client.get("/ready")
+                    if "waiting for the database" in ready.text:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "never said it waits for the database"
+                time.sleep(0.2)
+            _unavailable(ready)
+            _unavailable(client.get("/v1/collections"))
+            cluster.start()
+            while (ready := client.get("/ready")).status_code != 200:
+                assert time.monotonic() < deadline, f"no recovery: {ready.text}"
+                time.sleep(0.2)
+            upsert(client, [{"id": "first", "text": "The first entry after the wait."}], "kb")
+            assert [d["id"] for d in list_all(client, "kb")] == ["first"]
+    finally:
+        replica.stop()
+        cluster.close()

@@ -348,6 +348,30 @@ class PostgresEngine:
         async with self._connection() as conn:
             return await delete_adapter(conn, name)
 
+    # ---- API keys (the KeyRowStore capability) ------------------------------------------
+    async def api_keys_load(self) -> builtins.list[tuple[str, str, bytes, str, str, float]]:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, name, digest, hint, scopes::text, created_at FROM rag_api_keys"
+            )
+            return [
+                (str(r[0]), str(r[1]), bytes(r[2]), str(r[3]), str(r[4]), float(r[5]))
+                for r in await cur.fetchall()
+            ]
+
+    async def api_keys_insert(self, row: tuple[str, str, bytes, str, str, float]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO rag_api_keys (id, name, digest, hint, scopes, created_at) "
+                "VALUES (%s, %s, %s, %s, %s::jsonb, %s)",
+                row,
+            )
+
+    async def api_keys_delete(self, key_id: str) -> bool:
+        async with self._connection() as conn:
+            cur = await conn.execute("DELETE FROM rag_api_keys WHERE id = %s", (key_id,))
+            return cur.rowcount > 0
+
     # ---- internals ---------------------------------------------------------------------
     @asynccontextmanager
     async def _connection(self, timeout: float | None = None) -> AsyncIterator[AsyncConnection]:

@@ -20,6 +20,8 @@ Tables (all prefixed ``rag_`` so they can share a database with other applicatio
     search touches one collection's rows, and a dropped collection's chunks go as one table.
 ``rag_adapters``
     the adapter registry every replica shares.
+``rag_api_keys``
+    the service's scoped API keys (SHA-256 digests of their secrets), shared the same way.
 
 Migrations run at start, each in its own transaction under a transaction-level advisory lock,
 so replicas that start together apply each one exactly once. A database whose version is
@@ -114,6 +116,20 @@ CREATE TABLE rag_adapters (
     alpha double precision,
     loaded_at timestamptz NOT NULL DEFAULT now(),
     metadata jsonb NOT NULL DEFAULT '{}'
+);
+""",
+    ),
+    Migration(
+        2,
+        "API keys shared by every replica",
+        """
+CREATE TABLE rag_api_keys (
+    id text PRIMARY KEY,
+    name text NOT NULL,
+    digest bytea NOT NULL UNIQUE,
+    hint text NOT NULL,
+    scopes jsonb NOT NULL,
+    created_at double precision NOT NULL
 );
 """,
     ),

@@ -25,7 +25,8 @@ def ready(state: State) -> Response[Any]:
     kb = state.get("kb")
     if kb is None:
         error = state.get("startup_error")
-        message = f"startup failed: {error}" if error else "loading models and indexes"
+        waiting = state.get("waiting_for")
+        message = f"startup failed: {error}" if error else (waiting or "loading models and indexes")
         return Response(
             error_body(message, "service_unavailable", None, "not_ready"),
             status_code=503,

@@ -3,8 +3,6 @@ API keys. Admin only: RAG_API_KEY or a key with admin on every collection."""
 
 from __future__ import annotations
 
-import asyncio
-
 from litestar import Controller, delete, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -42,7 +40,7 @@ class KeyController(Controller):
 
     @post("/", status_code=HTTP_201_CREATED, opt=ADMIN_ALL, responses=error_responses())
     async def create_key(self, data: KeyCreate, keys: KeyStore) -> KeyCreated:
-        key, secret = await asyncio.to_thread(keys.create, data.name, data.scopes)
+        key, secret = await keys.create(data.name, data.scopes)
         info = key.info()
         return KeyCreated(
             id=info.id,
@@ -60,4 +58,4 @@ class KeyController(Controller):
         responses=error_responses(404),
     )
     async def delete_key(self, key_id: str, keys: KeyStore) -> None:
-        await asyncio.to_thread(keys.delete, key_id)
+        await keys.delete(key_id)
