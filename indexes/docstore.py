@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from indexes.engine import StaleWrite
 from indexes.types import (
     CollectionOptions,
     CollectionRow,
@@ -341,7 +342,7 @@ class DocumentStore:
                     staged.chunk_counts[doc.id] = old[3]
                     continue
                 if old is not None and doc.chunks is None and old[1] != doc.content_hash:
-                    raise RuntimeError(f"document {doc.id!r} changed concurrently; retry")
+                    raise StaleWrite(f"document {doc.id!r} changed concurrently; retry")
                 if old is not None and (doc.chunks is None or old[1] == doc.content_hash):
                     # Same text: only metadata changes; chunks and vectors stay.
                     w.execute(

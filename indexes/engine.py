@@ -40,6 +40,7 @@ __all__ = [
     "IndexUnusable",
     "InvalidIndex",
     "KeyRowStore",
+    "StaleWrite",
     "StorageError",
     "StoreBusy",
     "StoreUnavailable",
@@ -64,6 +65,11 @@ class InvalidIndex(StorageError, ValueError):
 
 class IndexUnusable(StorageError):
     """The collection was embedded by another model, or its index cannot be used."""
+
+
+class StaleWrite(StorageError):
+    """A document's text changed between the read of its hash and the write that relied on
+    it (another upsert of the same id won the race): read, chunk and embed it again."""
 
 
 class StoreBusy(StorageError):

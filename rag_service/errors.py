@@ -41,6 +41,7 @@ from indexes.engine import (
     CollectionTaken,
     IndexUnusable,
     InvalidIndex,
+    StaleWrite,
     StorageError,
     StoreBusy,
     StoreUnavailable,
@@ -291,6 +292,8 @@ def from_storage(exc: StorageError) -> RagError:
         return IndexConfigError(message, param="index")
     if isinstance(exc, IndexUnusable):
         return EmbeddingMismatch(message, param="collection")
+    if isinstance(exc, StaleWrite):
+        return Overloaded(f"{message} (other writes of these ids kept winning)", retry_after_s=1)
     if isinstance(exc, StoreBusy):
         return Overloaded(f"{message}; retry shortly", retry_after_s=1)
     if isinstance(exc, StoreUnavailable):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from indexes.engine import Collection, CollectionGone, Engine
+from indexes.engine import Collection, CollectionGone, Engine, StaleWrite
 from indexes.types import (
     Chunk,
     CollectionOptions,
@@ -52,6 +52,9 @@ from rag_service.schemas import DocumentIn, check_collection_name
 from rag_service.settings import Settings
 
 __all__ = ["KnowledgeBase", "ScoredHit", "UpsertOutcome"]
+
+
+UPSERT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +199,20 @@ class KnowledgeBase:
 
     async def upsert(self, name: str, docs: Sequence[DocumentIn]) -> UpsertOutcome:
         self._validate_documents(docs)
+        for attempt in range(UPSERT_ATTEMPTS):
+            try:
+                return await self._upsert(name, docs, skip_unchanged=attempt < UPSERT_ATTEMPTS - 1)
+            except (StaleWrite, CollectionGone):
+                # Another upsert of the same id changed a text we meant to keep, or the
+                # collection was dropped while we embedded: read and embed again. The last
+                # attempt embeds every document, so it cannot go stale.
+                if attempt == UPSERT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _upsert(
+        self, name: str, docs: Sequence[DocumentIn], *, skip_unchanged: bool
+    ) -> UpsertOutcome:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         collection = await self.engine.lookup(name)
@@ -205,7 +222,11 @@ class KnowledgeBase:
         existing = await collection.existing([d.id for d in docs]) if collection else {}
         row = collection.row if collection is not None else None
         hashes = [content_hash(d.text) for d in docs]
-        to_embed = [i for i, d in enumerate(docs) if existing.get(d.id, ("",))[0] != hashes[i]]
+        to_embed = [
+            i
+            for i, d in enumerate(docs)
+            if not skip_unchanged or existing.get(d.id, ("",))[0] != hashes[i]
+        ]
         cfg = (
             ChunkingConfig(row.chunk_tokens, row.chunk_overlap)
             if row is not None
@@ -240,10 +261,7 @@ class KnowledgeBase:
             assert options is not None
             collection, outcome = await self.engine.upsert_new(options, writes)
         else:
-            try:
-                outcome = await collection.upsert(writes)
-            except CollectionGone:  # dropped while we embedded: start over
-                return await self.upsert(name, docs)
+            outcome = await collection.upsert(writes)
         timings["write"] = _ms(t)
         statuses = []
         for doc in docs:

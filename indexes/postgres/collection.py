@@ -23,7 +23,7 @@ import numpy as np
 from psycopg import AsyncConnection
 from psycopg import errors as pg_errors
 
-from indexes.engine import CollectionGone, StoreBusy
+from indexes.engine import CollectionGone, StaleWrite
 from indexes.postgres.search import count_matching, dense_ranking, hydrate, sparse_ranking
 from indexes.postgres.sql import EF_SEARCH_MAX, IndexSpec, compile_filter, parse_index
 from indexes.types import (
@@ -135,7 +135,7 @@ async def apply_writes(
         elif w.chunks is None:
             # The caller skipped embedding because the text looked unchanged, but another
             # writer changed or removed the document since: the caller retries.
-            raise StoreBusy(f"document {w.id!r} changed concurrently; retry")
+            raise StaleWrite(f"document {w.id!r} changed concurrently; retry")
         elif prev is not None:
             replaced.append((prev[0], w, meta))
             outcome.statuses[w.id] = "updated"
