@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from rag_service.schemas import NAME_PATTERN
+from rag_service.schemas import NAME_PATTERN, TopK
 
 __all__ = ["ChatMessage", "ChatRequest", "RagOptions", "StreamOptions", "message_text"]
 
@@ -36,7 +36,7 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=False):
 
 class RagOptions(msgspec.Struct, forbid_unknown_fields=True):
     collection: CollectionName | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=1, le=50)] | None = None
+    top_k: TopK | None = None
     filter: Annotated[dict[str, Any], msgspec.Meta(max_length=32)] | None = None
     min_score: float | None = None
     mode: Literal["dense", "hybrid"] = "dense"

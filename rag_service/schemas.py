@@ -32,6 +32,7 @@ __all__ = [
     "SearchRequest",
     "SearchResponse",
     "SearchResult",
+    "TopK",
     "UpsertRequest",
     "UpsertResponse",
     "Usage",
@@ -51,6 +52,8 @@ Query = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, pattern=r"
 Metadata = Annotated[dict[str, Any], msgspec.Meta(max_length=64)]
 # Holds a non-blank character; the configured RAG_MAX_QUERY_CHARS is checked by the service.
 InputText = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, pattern=r"\S")]
+# The one ceiling of top_k is RAG_MAX_TOP_K, checked by the service for search and chat alike.
+TopK = Annotated[int, msgspec.Meta(ge=1, description="at most RAG_MAX_TOP_K (default 100)")]
 FilterSpec = Annotated[dict[str, Any], msgspec.Meta(max_length=32)]
 
 
@@ -131,7 +134,7 @@ class DocumentList(msgspec.Struct):
 
 class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):
     query: Query
-    top_k: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    top_k: TopK = 5
     filter: FilterSpec | None = None
     min_score: float | None = None
     mode: Literal["dense", "hybrid"] = "dense"

@@ -129,7 +129,10 @@ class Settings:
     max_query_chars: int = field(
         default=8192, metadata=_help("Longest search query or embedding input, in characters.")
     )
-    max_top_k: int = field(default=100, metadata=_help("Largest top_k a search may ask for."))
+    max_top_k: int = field(
+        default=100,
+        metadata=_help("Largest top_k a search or a chat's retrieval may ask for (the one bound)."),
+    )
     max_chat_chars: int = field(
         default=1_000_000,
         metadata=_help(

@@ -339,3 +339,22 @@ def test_chat_types_are_strict(client, fake_upstream):
         resp = client.post("/v1/chat/completions", json=body)
         assert resp.status_code == 400 and error_of(resp)["param"] == param, resp.text
     assert fake_upstream.requests == []
+
+
+def test_top_k_has_one_bound_from_settings(make_client, fake_upstream):
+    """Search and chat retrieval refuse top_k past RAG_MAX_TOP_K, the one bound, naming it."""
+    client = make_client(max_top_k=7)
+    client.post("/v1/collections/kb/documents", json={"documents": DOCS}).raise_for_status()
+    ok = client.post("/v1/collections/kb/search", json={"query": "parking", "top_k": 7})
+    assert ok.status_code == 200
+    resp = client.post("/v1/collections/kb/search", json={"query": "parking", "top_k": 8})
+    assert resp.status_code == 400 and error_of(resp)["param"] == "top_k"
+    resp = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "rag": {"collection": "kb", "top_k": 8},
+        },
+    )
+    assert resp.status_code == 400 and error_of(resp)["param"] == "rag.top_k"
+    assert fake_upstream.requests == []
