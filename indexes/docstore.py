@@ -247,18 +247,7 @@ class DocumentStore:
                 cur = self._writer.execute(sql, args)
         if cur.rowcount == 0:
             return None
-        return CollectionRow(
-            int(cur.lastrowid or 0),
-            options.name,
-            options.embedding_model,
-            options.dimension,
-            options.index,
-            options.chunk_tokens,
-            options.chunk_overlap,
-            0,
-            0,
-            now,
-        )
+        return CollectionRow.of(options, id=int(cur.lastrowid or 0), created_at=now)
 
     def delete_collection(self, collection_id: int) -> None:
         with self._write_lock:

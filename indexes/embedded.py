@@ -54,24 +54,15 @@ from indexes.types import (
     ScoredHit,
     SearchQuery,
     WriteOutcome,
+    fuse_rrf,
 )
 
-__all__ = ["EmbeddedCollection", "EmbeddedEngine", "RestoreReport", "fuse_rrf"]
+__all__ = ["EmbeddedCollection", "EmbeddedEngine", "RestoreReport"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RRF_K = 60
 REBUILD_TOMBSTONE_FRACTION = 0.2
-
-
-def fuse_rrf(rankings: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: score(id) = sum over rankings of 1 / (RRF_K + rank)."""
-    fused: dict[int, float] = {}
-    for ranking in rankings:
-        for rank, (cid, _) in enumerate(ranking, start=1):
-            fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
-    return sorted(fused.items(), key=lambda kv: kv[1], reverse=True)
 
 
 def _ms(start: float) -> float:
@@ -405,7 +396,7 @@ class EmbeddedEngine:
                 raise CollectionTaken(f"collection {options.name!r} already exists")
             # Built once, off the event loop, before anything is written: a factory FAISS
             # refuses leaves no row behind.
-            index = await asyncio.to_thread(self.new_index, CollectionRow.unsaved(options))
+            index = await asyncio.to_thread(self.new_index, CollectionRow.of(options))
             row = await self.write(lambda: self.store.create_collection(options))
             if row is None:
                 raise CollectionTaken(f"collection {options.name!r} already exists")
@@ -425,7 +416,7 @@ class EmbeddedEngine:
     async def _create_with(
         self, options: CollectionOptions, writes: Sequence[DocumentWrite]
     ) -> tuple[EmbeddedCollection, WriteOutcome]:
-        index = await asyncio.to_thread(self.new_index, CollectionRow.unsaved(options))
+        index = await asyncio.to_thread(self.new_index, CollectionRow.of(options))
 
         def apply() -> tuple[CollectionRow, WriteOutcome]:
             staged, row = self.store.stage_upsert(None, options, writes)

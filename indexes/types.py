@@ -29,11 +29,13 @@ __all__ = [
     "WriteOutcome",
     "canonical_json",
     "content_hash",
+    "fuse_rrf",
 ]
 
 Scalar = str | int | float | bool
 SearchMode = Literal["dense", "hybrid"]
 
+RRF_K = 60
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 MAX_IN_VALUES = 256
 
@@ -74,9 +76,12 @@ class CollectionRow:
     created_at: float
 
     @classmethod
-    def unsaved(cls, options: CollectionOptions) -> CollectionRow:
+    def of(
+        cls, options: CollectionOptions, *, id: int = 0, created_at: float = 0.0
+    ) -> CollectionRow:
+        """A new (empty) collection's row; id 0 while it is not stored yet."""
         return cls(
-            0,
+            id,
             options.name,
             options.embedding_model,
             options.dimension,
@@ -85,7 +90,7 @@ class CollectionRow:
             options.chunk_overlap,
             0,
             0,
-            0.0,
+            created_at,
         )
 
 
@@ -230,3 +235,13 @@ class SearchQuery:
     # the event loop, cheaper than a thread hand-off. Searches that overlap come back from
     # the encoder in one batch, and answered inline they would add up to one long stall.
     alone: bool = False
+
+
+def fuse_rrf(rankings: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion of (id, score) rankings, best first: score(id) = sum over the
+    rankings of 1 / (RRF_K + rank). Both engines fuse hybrid searches with it."""
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, (cid, _) in enumerate(ranking, start=1):
+            fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
+    return sorted(fused.items(), key=lambda kv: kv[1], reverse=True)

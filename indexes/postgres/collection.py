@@ -34,27 +34,18 @@ from indexes.types import (
     SearchQuery,
     WriteOutcome,
     canonical_json,
+    fuse_rrf,
 )
 
 if TYPE_CHECKING:
     from indexes.postgres.engine import PostgresEngine
 
-__all__ = ["RRF_K", "PostgresCollection", "apply_writes", "check_storable", "rrf"]
+__all__ = ["PostgresCollection", "apply_writes", "check_storable"]
 
-RRF_K = 60
 
 _TIMES = "extract(epoch FROM created_at)::float8, extract(epoch FROM updated_at)::float8"
 _DOC_COLS = f"id, text, metadata, content_hash, chunks, {_TIMES}"
 _LIST_COLS = f"id, '', metadata, content_hash, chunks, {_TIMES}"  # a listing carries no text
-
-
-def rrf(rankings: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: score(id) = sum over rankings of 1 / (RRF_K + rank)."""
-    fused: dict[int, float] = {}
-    for ranking in rankings:
-        for rank, (cid, _) in enumerate(ranking, start=1):
-            fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
-    return sorted(fused.items(), key=lambda kv: kv[1], reverse=True)
 
 
 def _lock_key(collection_id: int, doc_id: str) -> int:
@@ -388,7 +379,7 @@ class PostgresCollection:
                 t = time.perf_counter()
                 sparse = await sparse_ranking(conn, row, query.text, depth, flt_sql, flt_params)
                 timings["bm25"] = _ms(t)
-                ranked = rrf([dense, sparse])[: query.top_k]
+                ranked = fuse_rrf([dense, sparse])[: query.top_k]
             else:
                 ranked = dense[: query.top_k]
             t = time.perf_counter()
