@@ -37,6 +37,7 @@ from rag_service.controllers.chat import ChatController, list_models
 from rag_service.controllers.collections import CollectionController
 from rag_service.controllers.documents import DocumentController
 from rag_service.controllers.embeddings import EmbeddingsController
+from rag_service.controllers.evaluation import EvaluationController
 from rag_service.controllers.health import health, metrics, ready
 from rag_service.controllers.keys import KeyController
 from rag_service.dependencies import provide_principal, provide_settings, require_api_key
@@ -286,6 +287,7 @@ def create_app(
         route_handlers=[
             CollectionController,
             DocumentController,
+            EvaluationController,
             EmbeddingsController,
             ChatController,
             list_models,
