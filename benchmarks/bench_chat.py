@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,35 +21,19 @@ import aiohttp
 import httpx
 import numpy as np
 
-from benchmarks.common import ROOT, Server, device, free_port, percentiles, write_result
+from benchmarks.common import (
+    Server,
+    device,
+    fake_upstream,
+    percentiles,
+    write_result,
+)
 
 DOCS = [
     {"id": f"d{i}", "text": f"Fact {i}: the meeting room {i} is on floor {i % 7}."}
     for i in range(200)
 ]
 QUESTION = "Which floor is meeting room 42 on?"
-
-
-@contextlib.contextmanager
-def fake_upstream() -> object:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_upstream", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.get(url + "/models", timeout=1)
-                break
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def timed_post(client: httpx.Client, path: str, body: dict, stream: bool) -> float:
