@@ -200,3 +200,62 @@ def error_of(resp: httpx.Response) -> dict[str, Any]:
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
     assert body["error"]["message"]
     return dict(body["error"])
+
+
+CRASH_BATCH = 8  # documents per upsert in :func:`ingest_until_killed`
+
+
+def code_word(doc_id: str) -> str:
+    """The word only the document ``doc_id`` of :func:`ingest_until_killed` holds."""
+    return "w" + doc_id.removeprefix("doc-").replace("-", "x")
+
+
+def ingest_until_killed(
+    url: str,
+    kill: Callable[[], None],
+    acknowledged: list[str],
+    *,
+    at_least: int,
+    settle_s: float = 0.0,
+    tag: str = "",
+) -> None:
+    """kill -9 mid-ingest: upsert batches of :data:`CRASH_BATCH` documents into the collection
+    ``crash`` from a thread, appending the ids of every acknowledged batch to ``acknowledged``;
+    once it holds ``at_least`` ids (and ``settle_s`` more passed), ``kill()`` ends the server.
+
+    Document ``j`` of batch ``b`` has id ``doc-{tag}{b}-{j}``, the metadata ``{"batch": b}``
+    and a text holding :func:`code_word` of its id, so a search can find each one alone."""
+    stop = threading.Event()
+
+    def ingest() -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            batch = 0
+            while not stop.is_set():
+                ids = [f"doc-{tag}{batch}-{j}" for j in range(CRASH_BATCH)]
+                docs = [
+                    {
+                        "id": doc_id,
+                        "text": f"Record {doc_id}: the code word is {code_word(doc_id)}.",
+                        "metadata": {"batch": batch},
+                    }
+                    for doc_id in ids
+                ]
+                try:
+                    resp = client.post("/v1/collections/crash/documents", json={"documents": docs})
+                except httpx.HTTPError:
+                    return  # the server died mid-request: not acknowledged
+                if resp.status_code == 200:
+                    acknowledged.extend(ids)
+                batch += 1
+
+    writer = threading.Thread(target=ingest)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < at_least and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(settle_s)
+        kill()
+    finally:
+        stop.set()
+        writer.join(timeout=30)

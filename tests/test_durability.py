@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 
 import httpx
 import pytest
 
 from tests.conftest import (
+    code_word,
     error_of,
     free_port,
+    ingest_until_killed,
     start_subprocess_server,
     wait_http_ready,
 )
@@ -27,39 +28,14 @@ def test_kill_9_during_ingest_loses_no_acknowledged_write(tmp_path):
     acknowledged: list[str] = []
     try:
         wait_http_ready(url, proc)
-        stop = threading.Event()
-
-        def ingest() -> None:
-            with httpx.Client(base_url=url, timeout=30) as client:
-                batch = 0
-                while not stop.is_set():
-                    docs = [
-                        {
-                            "id": f"doc-{batch}-{j}",
-                            "text": f"Record {batch}-{j}: the code word is w{batch}x{j}.",
-                        }
-                        for j in range(8)
-                    ]
-                    try:
-                        resp = client.post(
-                            "/v1/collections/crash/documents", json={"documents": docs}
-                        )
-                    except httpx.HTTPError:
-                        return  # the server died mid-request: not acknowledged
-                    if resp.status_code == 200:
-                        acknowledged.extend(d["id"] for d in docs)
-                    batch += 1
-
-        writer = threading.Thread(target=ingest)
-        writer.start()
-        deadline = time.monotonic() + 60
-        while len(acknowledged) < 40 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.7)  # let a snapshot happen, then more writes after it
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        stop.set()
-        writer.join(timeout=30)
+        # Let a snapshot happen after 40 writes, then more writes after it, then kill -9.
+        ingest_until_killed(
+            url,
+            lambda: (proc.send_signal(signal.SIGKILL), proc.wait(timeout=30)),
+            acknowledged,
+            at_least=40,
+            settle_s=0.7,
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -89,10 +65,13 @@ def test_kill_9_during_ingest_loses_no_acknowledged_write(tmp_path):
             assert coll["documents"] == len(listed) and coll["chunks"] == len(listed)
             # Every acknowledged document is searchable through the restored index.
             for doc_id in acknowledged[-5:] + acknowledged[:3]:
-                batch, j = doc_id.split("-")[1:]
                 hits = client.post(
                     "/v1/collections/crash/search",
-                    json={"query": f"the code word is w{batch}x{j}", "top_k": 50, "filter": {}},
+                    json={
+                        "query": f"the code word is {code_word(doc_id)}",
+                        "top_k": 50,
+                        "filter": {},
+                    },
                 ).json()["results"]
                 assert doc_id in {h["document_id"] for h in hits}
             assert (

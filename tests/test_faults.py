@@ -12,8 +12,6 @@ import os
 import signal
 import sqlite3
 import struct
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +22,14 @@ import pytest
 
 from indexes.faiss_index import FaissIndex, SnapshotCorrupt, max_snapshot_bytes, write_snapshot
 from indexes.protocol import IndexMeta, IndexMismatchError
-from tests.conftest import error_of, free_port, start_subprocess_server, wait_http_ready
+from tests.conftest import (
+    code_word,
+    error_of,
+    free_port,
+    ingest_until_killed,
+    start_subprocess_server,
+    wait_http_ready,
+)
 from tests.test_documents import search, upsert
 
 KB_DOCS = [
@@ -390,10 +395,9 @@ def _check_restored(url: str, acknowledged: list[str]) -> None:
             == coll["chunks"]
         )
         for doc_id in acknowledged[-4:] + acknowledged[:2]:
-            word = doc_id.removeprefix("doc-")
             hits = client.post(
                 "/v1/collections/crash/search",
-                json={"query": f"the code word is w{word}", "top_k": 50, "filter": {}},
+                json={"query": f"the code word is {code_word(doc_id)}", "top_k": 50, "filter": {}},
             ).json()["results"]
             assert doc_id in {h["document_id"] for h in hits}, doc_id
 
@@ -411,41 +415,15 @@ def test_kill_9_mid_ingest_three_times_in_a_row(tmp_path):
             wait_http_ready(url, proc)
             if acknowledged:
                 _check_restored(url, acknowledged)
-            stop = threading.Event()
             target = len(acknowledged) + 24
-
-            def ingest(round_: int = round_, stop: threading.Event = stop) -> None:
-                with httpx.Client(base_url=url, timeout=30) as client:
-                    batch = 0
-                    while not stop.is_set():
-                        docs = [
-                            {
-                                "id": f"doc-{round_}x{batch}x{j}",
-                                "text": f"Record {round_}.{batch}.{j}: the code word is "
-                                f"w{round_}x{batch}x{j}.",
-                            }
-                            for j in range(6)
-                        ]
-                        try:
-                            resp = client.post(
-                                "/v1/collections/crash/documents", json={"documents": docs}
-                            )
-                        except httpx.HTTPError:
-                            return  # the server died mid-request: not acknowledged
-                        if resp.status_code == 200:
-                            acknowledged.extend(d["id"] for d in docs)
-                        batch += 1
-
-            writer = threading.Thread(target=ingest)
-            writer.start()
-            deadline = time.monotonic() + 60
-            while len(acknowledged) < target and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.1 * (round_ + 1))  # vary where in the snapshot cycle it dies
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-            stop.set()
-            writer.join(timeout=30)
+            ingest_until_killed(
+                url,
+                lambda proc=proc: (proc.send_signal(signal.SIGKILL), proc.wait(timeout=30)),
+                acknowledged,
+                at_least=target,
+                settle_s=0.1 * (round_ + 1),  # vary where in the snapshot cycle it dies
+                tag=f"{round_}x",
+            )
         finally:
             if proc.poll() is None:
                 proc.kill()

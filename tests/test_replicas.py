@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +23,16 @@ import httpx
 import pytest
 
 from rag_service.cli import main
-from tests.conftest import ROOT, error_of, free_port, start_subprocess_server, wait_http_ready
+from tests.conftest import (
+    CRASH_BATCH,
+    ROOT,
+    code_word,
+    error_of,
+    free_port,
+    ingest_until_killed,
+    start_subprocess_server,
+    wait_http_ready,
+)
 from tests.pg import PgCluster
 from tests.test_documents import search, upsert
 
@@ -410,38 +418,7 @@ def test_kill_9_of_a_replica_mid_ingest_loses_no_acknowledged_write(
     acknowledged: list[str] = []
     try:
         start_all(a, b)
-        stop = threading.Event()
-
-        def ingest() -> None:
-            with a.client() as client:
-                batch = 0
-                while not stop.is_set():
-                    docs = [
-                        {
-                            "id": f"doc-{batch}-{j}",
-                            "text": f"Record {batch}-{j}: the code word is w{batch}x{j}.",
-                            "metadata": {"batch": batch},
-                        }
-                        for j in range(8)
-                    ]
-                    try:
-                        resp = client.post(
-                            "/v1/collections/crash/documents", json={"documents": docs}
-                        )
-                    except httpx.HTTPError:
-                        return  # the replica died mid-request: not acknowledged
-                    if resp.status_code == 200:
-                        acknowledged.extend(f"doc-{batch}-{j}" for j in range(8))
-                    batch += 1
-
-        writer = threading.Thread(target=ingest)
-        writer.start()
-        deadline = time.monotonic() + 60
-        while len(acknowledged) < 40 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        a.kill()
-        stop.set()
-        writer.join(timeout=30)
+        ingest_until_killed(a.url, a.kill, acknowledged, at_least=40)
         assert len(acknowledged) >= 40, a.log_tail()
 
         def check(client: httpx.Client) -> None:
@@ -450,17 +427,17 @@ def test_kill_9_of_a_replica_mid_ingest_loses_no_acknowledged_write(
             assert set(acknowledged) <= ids
             # What the kill cut short is all there or not there: whole batches only.
             per_batch = Counter(i.split("-")[1] for i in ids)
-            assert set(per_batch.values()) == {8}
+            assert set(per_batch.values()) == {CRASH_BATCH}
             info = collection_info(client, "crash")
             assert info["documents"] == len(listed)
             assert info["chunks"] == sum(d["chunks"] for d in listed) == len(listed)
             for doc_id in acknowledged[-3:] + acknowledged[:2]:
-                batch, j = doc_id.split("-")[1:]
+                batch = doc_id.split("-")[1]
                 got = client.get(f"/v1/collections/crash/documents/{doc_id}")
                 assert got.status_code == 200, got.text
                 hits = search(
                     client,
-                    f"the code word is w{batch}x{j}",
+                    f"the code word is {code_word(doc_id)}",
                     "crash",
                     top_k=8,
                     filter={"batch": int(batch)},
