@@ -170,6 +170,25 @@ def _error_message(response: Any) -> str:
         return response.text[:500]
 
 
+def _post(args: argparse.Namespace, path: str, body: Any, what: str) -> Any:
+    """The service's JSON answer to one POST, or None once the failure is printed."""
+    import httpx
+
+    try:
+        with _client(args) as client:
+            resp = client.post(path, json=body)
+    except httpx.HTTPError as exc:
+        print(f"rag-service: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return None
+    if resp.status_code != 200:
+        print(
+            f"rag-service: {what} failed ({resp.status_code}): {_error_message(resp)}",
+            file=sys.stderr,
+        )
+        return None
+    return resp.json()
+
+
 def _ingest(args: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
@@ -233,22 +252,10 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    import httpx
-
     body = {"query": args.query, "top_k": args.top_k, "mode": args.mode}
-    try:
-        with _client(args) as client:
-            resp = client.post(f"/v1/collections/{args.collection}/search", json=body)
-    except httpx.HTTPError as exc:
-        print(f"rag-service: cannot reach {args.url}: {exc}", file=sys.stderr)
+    data = _post(args, f"/v1/collections/{args.collection}/search", body, "search")
+    if data is None:
         return 1
-    if resp.status_code != 200:
-        print(
-            f"rag-service: search failed ({resp.status_code}): {_error_message(resp)}",
-            file=sys.stderr,
-        )
-        return 1
-    data = resp.json()
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0
@@ -321,7 +328,6 @@ _UNMATCHED = {
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import httpx
 
     from rag_service.controllers.evaluation import MAX_ROWS
 
@@ -337,19 +343,9 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"rag-service: {message}", file=sys.stderr)
         return 2
     body = {"rows": rows, "modes": list(dict.fromkeys(modes))}
-    try:
-        with _client(args) as client:
-            resp = client.post(f"/v1/collections/{args.collection}/evaluate", json=body)
-    except httpx.HTTPError as exc:
-        print(f"rag-service: cannot reach {args.url}: {exc}", file=sys.stderr)
+    data = _post(args, f"/v1/collections/{args.collection}/evaluate", body, "eval")
+    if data is None:
         return 1
-    if resp.status_code != 200:
-        print(
-            f"rag-service: eval failed ({resp.status_code}): {_error_message(resp)}",
-            file=sys.stderr,
-        )
-        return 1
-    data = resp.json()
     for entry in data["unmatched"]:
         entry["line"] = lines[entry["row"]]
     if args.json:
