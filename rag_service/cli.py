@@ -328,7 +328,6 @@ _UNMATCHED = {
 
 
 def _eval(args: argparse.Namespace) -> int:
-
     from rag_service.controllers.evaluation import MAX_ROWS
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
