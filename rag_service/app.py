@@ -175,8 +175,9 @@ async def _load(
         keys = KeyStore(rows)
         stack.callback(keys.close)
         await keys.open()
-        refresher = asyncio.create_task(keys.run_refresh(), name="keys-refresh")
-        stack.push_async_callback(_cancel, refresher)
+        if isinstance(rows, EngineKeyRows):  # shared by replicas: follow their changes
+            refresher = asyncio.create_task(keys.run_refresh(), name="keys-refresh")
+            stack.push_async_callback(_cancel, refresher)
         state["keys"] = keys
         if settings.api_key is None and len(keys):
             log.warning("%d API keys are stored but unused: RAG_API_KEY is not set", len(keys))

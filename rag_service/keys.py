@@ -17,9 +17,10 @@ dictionary to try, so the salt and work factor that passwords need would only sl
 request. Lookups go to an in-memory map rebuilt on each change, so the guard never waits on
 the store; writes swap the map once committed, so a revoked key is refused by this process
 from the next request on. Where the keys live: ``<data_dir>/keys.sqlite3`` with the embedded
-engine, the ``rag_api_keys`` table with the postgres engine (every replica shares them). Every
-process also reloads the map every ``refresh_s`` (2 s), so a key issued or revoked through one
-worker or replica is honoured by all the others within that time.
+engine, the ``rag_api_keys`` table with the postgres engine (every replica shares them). With
+the postgres engine every process also reloads the map every ``refresh_s`` (2 s), so a key
+issued or revoked through one worker or replica is honoured by all the others within that time
+(the embedded engine is one process: its own changes are all there are).
 """
 
 from __future__ import annotations
