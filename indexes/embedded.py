@@ -369,9 +369,6 @@ class EmbeddedEngine:
             raise CollectionGone(f"collection {name!r} does not exist")
         return found
 
-    def names(self) -> builtins.list[str]:
-        return sorted(self._collections)
-
     def meta_for(self, row: CollectionRow) -> IndexMeta:
         return IndexMeta(
             embedding_model=row.embedding_model, dimension=row.dimension, factory=row.index_factory

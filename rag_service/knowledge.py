@@ -51,7 +51,7 @@ from rag_service.metrics import Metrics
 from rag_service.schemas import DocumentIn, check_collection_name
 from rag_service.settings import Settings
 
-__all__ = ["KnowledgeBase", "ScoredHit", "UpsertOutcome"]
+__all__ = ["KnowledgeBase", "UpsertOutcome"]
 
 
 UPSERT_ATTEMPTS = 3
