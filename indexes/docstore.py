@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from indexes.engine import StaleWrite
+from indexes.stopwords import content_words
 from indexes.types import (
     CollectionOptions,
     CollectionRow,
@@ -40,8 +41,7 @@ __all__ = [
     "filter_sql",
 ]
 
-SCHEMA_VERSION = 1
-
+# The schema as version 1 made it; each later version is one migration below.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
     id INTEGER PRIMARY KEY,
@@ -89,6 +89,17 @@ CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
 END;
 """
+
+# (version, what it adds, SQL): applied in order, each in its own transaction, to a store whose
+# ``PRAGMA user_version`` is older.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        2,
+        "per-collection search defaults",
+        "ALTER TABLE collections ADD COLUMN search_defaults TEXT NOT NULL DEFAULT '{}';",
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _SQL_VARS = 900
@@ -159,15 +170,35 @@ class DocumentStore:
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._writer = self._connect()
-        version = self._writer.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise RuntimeError(
-                f"{self.path} has schema version {version}; this service reads {SCHEMA_VERSION}"
-            )
-        self._writer.executescript(_SCHEMA)
-        self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._migrate()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        """Bring the file to :data:`SCHEMA_VERSION`: version 1's tables, then each newer
+        migration in its own transaction (a crash between two leaves a consistent version)."""
+        w = self._writer
+        version = w.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, newer than the {SCHEMA_VERSION} this "
+                "version of rag-service understands: upgrade rag-service"
+            )
+        if version == 0:
+            w.executescript(_SCHEMA)
+            w.execute("PRAGMA user_version = 1")
+        for number, _, sql in MIGRATIONS:
+            if number <= version:
+                continue
+            w.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, sql.split(";")):
+                    w.execute(statement)
+                w.execute(f"PRAGMA user_version = {number}")
+                w.execute("COMMIT")
+            except BaseException:
+                w.execute("ROLLBACK")
+                raise
 
     def _connect(self) -> sqlite3.Connection:
         # How long a statement waits for another connection's lock before SQLite gives up
@@ -206,20 +237,20 @@ class DocumentStore:
     # ---- collections -------------------------------------------------------------------
     _COLLECTION_COLS = (
         "id, name, embedding_model, dimension, index_factory, chunk_tokens, "
-        "chunk_overlap, documents, chunks, created_at"
+        "chunk_overlap, documents, chunks, created_at, search_defaults"
     )
 
     def get_collection(self, name: str) -> CollectionRow | None:
         row = self._reader.execute(
             f"SELECT {self._COLLECTION_COLS} FROM collections WHERE name = ?", (name,)
         ).fetchone()
-        return CollectionRow(*row) if row else None
+        return _collection_row(row) if row else None
 
     def list_collections(self) -> list[CollectionRow]:
         rows = self._reader.execute(
             f"SELECT {self._COLLECTION_COLS} FROM collections ORDER BY name"
         ).fetchall()
-        return [CollectionRow(*r) for r in rows]
+        return [_collection_row(r) for r in rows]
 
     def create_collection(
         self, options: CollectionOptions, *, conn: sqlite3.Connection | None = None
@@ -227,8 +258,8 @@ class DocumentStore:
         """Insert a collection; None when the name is taken."""
         sql = (
             "INSERT INTO collections (name, embedding_model, dimension, index_factory, "
-            "chunk_tokens, chunk_overlap, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(name) DO NOTHING"
+            "chunk_tokens, chunk_overlap, created_at, search_defaults) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO NOTHING"
         )
         now = time.time()
         args = (
@@ -239,6 +270,7 @@ class DocumentStore:
             options.chunk_tokens,
             options.chunk_overlap,
             now,
+            canonical_json(options.search),
         )
         if conn is not None:
             cur = conn.execute(sql, args)
@@ -248,6 +280,15 @@ class DocumentStore:
         if cur.rowcount == 0:
             return None
         return CollectionRow.of(options, id=int(cur.lastrowid or 0), created_at=now)
+
+    def set_search_defaults(self, name: str, defaults: dict[str, Any]) -> CollectionRow | None:
+        """Replace a collection's search defaults; its row after, or None when it is gone."""
+        with self._write_lock:
+            self._writer.execute(
+                "UPDATE collections SET search_defaults = ? WHERE name = ?",
+                (canonical_json(defaults), name),
+            )
+        return self.get_collection(name)
 
     def delete_collection(self, collection_id: int) -> None:
         with self._write_lock:
@@ -407,7 +448,7 @@ class DocumentStore:
         row = conn.execute(
             f"SELECT {self._COLLECTION_COLS} FROM collections WHERE name = ?", (name,)
         ).fetchone()
-        return CollectionRow(*row)
+        return _collection_row(row)
 
     def stage_delete(self, collection_id: int, doc_id: str) -> StagedWrite | None:
         """Delete a document in an open transaction; None (nothing held) if it is absent."""
@@ -471,11 +512,12 @@ class DocumentStore:
     def bm25(
         self, collection_id: int, query: str, limit: int, flt: MetadataFilter | None = None
     ) -> list[tuple[int, float]]:
-        """Chunk ids ranked by BM25 (FTS5) for the words of ``query``; best first."""
-        words = _WORD.findall(query.lower())[:64]
+        """Chunk ids ranked by BM25 (FTS5) for the content words of ``query`` (stop words
+        left out, as PostgreSQL's ``english`` configuration does); best first."""
+        words = content_words(_WORD.findall(query.lower())[:64])
         if not words:
             return []
-        match = " OR ".join('"' + w.replace('"', '""') + '"' for w in dict.fromkeys(words))
+        match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
         where, params = "", ()
         if flt is not None:
             sql, params = filter_sql(flt)
@@ -501,6 +543,23 @@ class DocumentStore:
             for r in rows:
                 out[r[0]] = Hit(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6])
         return out
+
+
+def _collection_row(r: Sequence[Any]) -> CollectionRow:
+    cid, name, model, dimension, factory, tokens, overlap, docs, chunks, created, search = r
+    return CollectionRow(
+        cid,
+        name,
+        model,
+        dimension,
+        factory,
+        tokens,
+        overlap,
+        docs,
+        chunks,
+        created,
+        json.loads(search),
+    )
 
 
 def _batches(items: list[Any], size: int = _SQL_VARS) -> Iterator[list[Any]]:

@@ -29,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,7 +54,7 @@ from indexes.types import (
     ScoredHit,
     SearchQuery,
     WriteOutcome,
-    fuse_rrf,
+    fuse,
 )
 
 __all__ = ["EmbeddedCollection", "EmbeddedEngine", "RestoreReport"]
@@ -252,13 +252,15 @@ class EmbeddedCollection:
             t = time.perf_counter()
             sparse = store.bm25(self._row.id, query.text, depth, query.filter)
             timings["bm25"] = _ms(t)
-            ranked = fuse_rrf([dense, sparse])[:top_k]
+            fused, parts = fuse(dense, sparse, alpha=query.alpha, fusion=query.fusion)
+            ranked = fused[:top_k]
         else:
             ranked = dense[:top_k]
+            parts = {cid: {"dense": score} for cid, score in ranked}
         t = time.perf_counter()
         rows = store.hydrate([cid for cid, _ in ranked])
         timings["hydrate"] = _ms(t)
-        return [ScoredHit(rows[cid], score) for cid, score in ranked if cid in rows]
+        return [ScoredHit(rows[cid], score, parts[cid]) for cid, score in ranked if cid in rows]
 
 
 class EmbeddedEngine:
@@ -442,6 +444,15 @@ class EmbeddedEngine:
                 self.observe_size(name, None)
                 for path in self.snapshot_paths(collection.row):
                     path.unlink(missing_ok=True)
+
+    async def configure(self, name: str, search: dict[str, Any]) -> CollectionRow:
+        collection = self.get(name)
+        async with collection.writer:
+            row = await self.write(lambda: self.store.set_search_defaults(name, search))
+            if row is None or self._collections.get(name) is not collection:
+                raise CollectionGone(f"collection {name!r} does not exist")
+            collection._row = replace(collection.row, search=row.search)
+            return collection.row
 
     async def list(self) -> builtins.list[CollectionRow]:
         return await self.read(self.store.list_collections)

@@ -157,6 +157,11 @@ class Engine(Protocol):
 
     async def drop(self, name: str) -> None: ...
 
+    async def configure(self, name: str, search: dict[str, Any]) -> CollectionRow:
+        """Replace a collection's search defaults (validated by the service); its row after.
+        :class:`CollectionGone` when it does not exist."""
+        ...
+
     async def list(self) -> builtins.list[CollectionRow]:
         """Every collection with up-to-date counters, by name."""
         ...

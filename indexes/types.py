@@ -29,11 +29,12 @@ __all__ = [
     "WriteOutcome",
     "canonical_json",
     "content_hash",
-    "fuse_rrf",
+    "fuse",
 ]
 
 Scalar = str | int | float | bool
 SearchMode = Literal["dense", "hybrid"]
+Fusion = Literal["convex", "rrf"]
 
 RRF_K = 60
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -58,6 +59,9 @@ class CollectionOptions:
     index: str = "Flat"
     chunk_tokens: int = 200
     chunk_overlap: int = 40
+    # Search defaults for the collection (mode, alpha, fusion, ...), validated by the service;
+    # a request's own values win over them.
+    search: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,7 @@ class CollectionRow:
     documents: int
     chunks: int
     created_at: float
+    search: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -91,6 +96,7 @@ class CollectionRow:
             0,
             0,
             created_at,
+            dict(options.search),
         )
 
 
@@ -148,8 +154,12 @@ class Hit:
 
 @dataclass(frozen=True, slots=True)
 class ScoredHit:
+    """A hit and its score; ``parts`` holds the scores it was made of (``dense``, ``bm25``,
+    ``fused``, ``rerank``), shown in debug output."""
+
     hit: Hit
     score: float
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 class FilterError(ValueError):
@@ -231,17 +241,51 @@ class SearchQuery:
     filter: MetadataFilter | None = None
     min_score: float | None = None
     mode: SearchMode = "dense"
+    # Hybrid only: the weight of the dense ranking (1 - alpha goes to BM25) and how the two
+    # rankings are fused (see :func:`fuse`).
+    alpha: float = 0.5
+    fusion: Fusion = "convex"
     # No other search is in flight in this process: an engine may then answer a small one on
     # the event loop, cheaper than a thread hand-off. Searches that overlap come back from
     # the encoder in one batch, and answered inline they would add up to one long stall.
     alone: bool = False
 
 
-def fuse_rrf(rankings: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion of (id, score) rankings, best first: score(id) = sum over the
-    rankings of 1 / (RRF_K + rank). Both engines fuse hybrid searches with it."""
-    fused: dict[int, float] = {}
-    for ranking in rankings:
-        for rank, (cid, _) in enumerate(ranking, start=1):
-            fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
-    return sorted(fused.items(), key=lambda kv: kv[1], reverse=True)
+Ranking = list[tuple[int, float]]
+
+
+def fuse(
+    dense: Ranking, sparse: Ranking, *, alpha: float, fusion: Fusion = "convex"
+) -> tuple[Ranking, dict[int, dict[str, float]]]:
+    """Fuse a dense and a BM25 ranking (``(id, score)``, best first) into one, best first,
+    plus each id's parts (``dense``, ``bm25``: the raw scores it had; ``fused``) for debug.
+
+    ``convex``: ``alpha * d + (1 - alpha) * s`` where ``d`` and ``s`` are the scores min-max
+    normalised over each ranking's candidates (the best 1, the worst 0; a ranking whose scores
+    are all equal gives 1), and 0 for an id the ranking did not return. ``rrf``: weighted
+    reciprocal rank fusion, ``alpha / (RRF_K + rank_d) + (1 - alpha) / (RRF_K + rank_s)``.
+    ``alpha`` 1 ranks by dense alone, 0 by BM25 alone. Ties keep the dense order. Both engines
+    fuse hybrid searches with it.
+    """
+    parts: dict[int, dict[str, float]] = {}
+    for name, ranking in (("dense", dense), ("bm25", sparse)):
+        for cid, score in ranking:
+            parts.setdefault(cid, {})[name] = score
+    fused: dict[int, float] = dict.fromkeys(parts, 0.0)
+    for weight, ranking in ((alpha, dense), (1.0 - alpha, sparse)):
+        if not ranking or weight == 0.0:
+            continue
+        if fusion == "rrf":
+            for rank, (cid, _) in enumerate(ranking, start=1):
+                fused[cid] += weight / (RRF_K + rank)
+            continue
+        scores = [s for _, s in ranking]
+        low, span = min(scores), max(scores) - min(scores)
+        for cid, score in ranking:
+            fused[cid] += weight * ((score - low) / span if span > 0 else 1.0)
+    order = {cid: i for i, (cid, _) in enumerate(dense)}
+    tail = len(order)
+    ranked = sorted(fused.items(), key=lambda kv: (-kv[1], order.get(kv[0], tail)))
+    for cid, score in ranked:
+        parts[cid]["fused"] = score
+    return ranked, parts

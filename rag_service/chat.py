@@ -185,6 +185,8 @@ class ChatService:
                 filter=options.filter,
                 min_score=options.min_score,
                 mode=options.mode,
+                alpha=options.alpha,
+                fusion=options.fusion,
             )
         except RagError as exc:
             if exc.param and not exc.param.startswith("rag."):

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from rag_service.schemas import NAME_PATTERN, TopK
+from rag_service.schemas import NAME_PATTERN, Alpha, Fusion, Mode, TopK
 
 __all__ = ["ChatMessage", "ChatRequest", "RagOptions", "StreamOptions", "message_text"]
 
@@ -39,7 +39,10 @@ class RagOptions(msgspec.Struct, forbid_unknown_fields=True):
     top_k: TopK | None = None
     filter: Annotated[dict[str, Any], msgspec.Meta(max_length=32)] | None = None
     min_score: float | None = None
-    mode: Literal["dense", "hybrid"] = "dense"
+    # Left out: the collection's search defaults, then the service's.
+    mode: Mode | None = None
+    alpha: Alpha | None = None
+    fusion: Fusion | None = None
     enabled: bool = True
 
 

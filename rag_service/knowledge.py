@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -107,6 +107,7 @@ class KnowledgeBase:
         index: str = "Flat",
         chunk_tokens: int | None = None,
         chunk_overlap: int | None = None,
+        search: dict[str, Any] | None = None,
     ) -> CollectionOptions:
         """Collection options, validated once; errors name the field."""
         check_collection_name(name)
@@ -139,6 +140,7 @@ class KnowledgeBase:
             index=index,
             chunk_tokens=tokens,
             chunk_overlap=overlap,
+            search=dict(search or {}),
         )
 
     async def create_collection(
@@ -148,10 +150,21 @@ class KnowledgeBase:
         index: str = "Flat",
         chunk_tokens: int | None = None,
         chunk_overlap: int | None = None,
+        search: dict[str, Any] | None = None,
     ) -> CollectionRow:
-        options = self.options(name, index, chunk_tokens, chunk_overlap)
+        options = self.options(name, index, chunk_tokens, chunk_overlap, search)
         collection = await self.engine.create(options)
         return collection.row
+
+    async def configure_collection(self, name: str, search: dict[str, Any]) -> CollectionRow:
+        """Replace the collection's search defaults (already validated by the wire type)."""
+        await self.collection(name)
+        try:
+            return await self.engine.configure(name, search)
+        except CollectionGone as exc:
+            raise CollectionNotFound(
+                f"collection {name!r} does not exist", param="collection"
+            ) from exc
 
     async def list_collections(self) -> list[CollectionRow]:
         return await self.engine.list()
@@ -336,8 +349,12 @@ class KnowledgeBase:
         top_k: int = 5,
         filter: dict[str, Any] | None = None,
         min_score: float | None = None,
-        mode: str = "dense",
+        mode: str | None = None,
+        alpha: float | None = None,
+        fusion: str | None = None,
     ) -> tuple[list[ScoredHit], dict[str, float]]:
+        """Top-k chunks for ``query``. ``mode``, ``alpha`` and ``fusion`` left as None take
+        the collection's search defaults, then the service's settings."""
         if top_k > self.settings.max_top_k:
             raise InvalidRequest(f"top_k must be at most {self.settings.max_top_k}", param="top_k")
         if len(query) > self.settings.max_query_chars:
@@ -351,21 +368,29 @@ class KnowledgeBase:
         except FilterError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from exc
         collection = await self.collection(name, vectors=True)
+        defaults = collection.row.search
+        request = SearchQuery(
+            text=query,
+            vector=np.zeros((1, 0), np.float32),  # filled in once the query is embedded
+            top_k=top_k,
+            filter=flt,
+            min_score=min_score,
+            mode="hybrid" if (mode or defaults.get("mode")) == "hybrid" else "dense",
+            alpha=_first(alpha, defaults.get("alpha"), self.settings.hybrid_alpha),
+            fusion="rrf"
+            if _first(fusion, defaults.get("fusion"), self.settings.hybrid_fusion) == "rrf"
+            else "convex",
+        )
         self._searching += 1
         try:
-            return await self._search(collection, query, top_k, flt, min_score, mode)
+            return await self._search(collection, request)
         finally:
             self._searching -= 1
 
     async def _search(
-        self,
-        collection: Collection,
-        query: str,
-        top_k: int,
-        flt: MetadataFilter | None,
-        min_score: float | None,
-        mode: str,
+        self, collection: Collection, request: SearchQuery
     ) -> tuple[list[ScoredHit], dict[str, float]]:
+        query = request.text
         t0 = time.perf_counter()
         # The query's token count only steers batching, so an estimate saves a tokenizer
         # pass on the event loop; the encoder tokenizes the query anyway.
@@ -373,19 +398,16 @@ class KnowledgeBase:
             [query], [self.embedder.estimate_tokens(query)], lane="interactive"
         )
         timings = {"embed": _ms(t0)}
-        request = SearchQuery(
-            text=query,
-            vector=vector,
-            top_k=top_k,
-            filter=flt,
-            min_score=min_score,
-            mode="hybrid" if mode == "hybrid" else "dense",
-            alone=self._searching == 1,
-        )
+        request = replace(request, vector=vector, alone=self._searching == 1)
         hits = await collection.search(request, timings)
         timings["total"] = _ms(t0)
-        self.metrics.search_latency.labels(mode).observe(timings["total"] / 1000)
+        self.metrics.search_latency.labels(request.mode).observe(timings["total"] / 1000)
         return hits, timings
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
 
 
 def _holds_nul(value: Any) -> bool:

@@ -21,6 +21,7 @@ __all__ = [
     "CollectionCreate",
     "CollectionInfo",
     "CollectionList",
+    "CollectionUpdate",
     "DocumentIn",
     "DocumentList",
     "DocumentOut",
@@ -29,6 +30,7 @@ __all__ = [
     "EmbeddingsRequest",
     "EmbeddingsResponse",
     "NamePath",
+    "SearchDefaults",
     "SearchRequest",
     "SearchResponse",
     "SearchResult",
@@ -55,6 +57,16 @@ InputText = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, patter
 # The one ceiling of top_k is RAG_MAX_TOP_K, checked by the service for search and chat alike.
 TopK = Annotated[int, msgspec.Meta(ge=1, description="at most RAG_MAX_TOP_K (default 100)")]
 FilterSpec = Annotated[dict[str, Any], msgspec.Meta(max_length=32)]
+Mode = Literal["dense", "hybrid"]
+Alpha = Annotated[
+    float,
+    msgspec.Meta(
+        ge=0.0,
+        le=1.0,
+        description="hybrid: weight of the dense ranking (1 - alpha goes to BM25)",
+    ),
+]
+Fusion = Literal["convex", "rrf"]
 
 
 def check_collection_name(name: str) -> None:
@@ -67,11 +79,27 @@ def check_collection_name(name: str) -> None:
         )
 
 
+class SearchDefaults(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A collection's search defaults: what a search (or a chat's retrieval) of it uses for
+    each field the request leaves out. Unset fields fall back to the service's settings."""
+
+    mode: Mode | None = None
+    alpha: Alpha | None = None
+    fusion: Fusion | None = None
+
+
 class CollectionCreate(msgspec.Struct, forbid_unknown_fields=True):
     name: Name
     index: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "Flat"
     chunk_tokens: Annotated[int, msgspec.Meta(ge=8, le=8192)] | None = None
     chunk_overlap: Annotated[int, msgspec.Meta(ge=0, le=4096)] | None = None
+    search: SearchDefaults | None = None
+
+
+class CollectionUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """PATCH body: the new search defaults (they replace the old ones as a whole)."""
+
+    search: SearchDefaults
 
 
 class CollectionInfo(msgspec.Struct):
@@ -84,6 +112,7 @@ class CollectionInfo(msgspec.Struct):
     chunk_tokens: int
     chunk_overlap: int
     created_at: int
+    search: SearchDefaults = msgspec.field(default_factory=SearchDefaults)
     object: str = "collection"
 
 
@@ -137,11 +166,14 @@ class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):
     top_k: TopK = 5
     filter: FilterSpec | None = None
     min_score: float | None = None
-    mode: Literal["dense", "hybrid"] = "dense"
+    # Left out: the collection's search defaults, then the service's (dense, RAG_HYBRID_*).
+    mode: Mode | None = None
+    alpha: Alpha | None = None
+    fusion: Fusion | None = None
     debug: bool = False
 
 
-class SearchResult(msgspec.Struct):
+class SearchResult(msgspec.Struct, omit_defaults=True):
     document_id: str
     chunk_id: int
     text: str
@@ -150,6 +182,8 @@ class SearchResult(msgspec.Struct):
     position: int
     start: int
     end: int
+    # With ``debug``: the scores the result's score was made of (dense, bm25, fused, ...).
+    scores: dict[str, float] | None = None
 
 
 class SearchResponse(msgspec.Struct, omit_defaults=True):

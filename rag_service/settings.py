@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "bundled_embedding_model"]
 
@@ -22,6 +22,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Synchronous = Literal["NORMAL", "FULL"]
 Backend = Literal["auto", "local", "upstream"]
 AdapterMixing = Literal["rows", "switch"]
+Fusion = Literal["convex", "rrf"]
 
 
 class SettingsError(ValueError):
@@ -132,6 +133,20 @@ class Settings:
     max_top_k: int = field(
         default=100,
         metadata=_help("Largest top_k a search or a chat's retrieval may ask for (the one bound)."),
+    )
+    hybrid_alpha: float = field(
+        default=0.5,
+        metadata=_help(
+            "Hybrid search: weight of the dense ranking, 0-1 (1 - alpha goes to BM25). A "
+            "collection's search defaults and a request's alpha win over it."
+        ),
+    )
+    hybrid_fusion: Fusion = field(
+        default="convex",
+        metadata=_help(
+            "Hybrid search: how the dense and BM25 rankings are fused. convex: weighted sum of "
+            "min-max normalised scores; rrf: weighted reciprocal rank fusion."
+        ),
     )
     max_chat_chars: int = field(
         default=1_000_000,
@@ -312,6 +327,12 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
+        for f in dataclasses.fields(self):
+            _, choices = field_type(f)
+            if choices and f.type != "bool" and getattr(self, f.name) not in choices:
+                raise bad(f.name, f"must be one of {', '.join(choices)}")
+        if not 0.0 <= self.hybrid_alpha <= 1.0:
+            raise bad("hybrid_alpha", "must be between 0 and 1")
         if self.inline_search_max_vectors < 0:
             raise bad("inline_search_max_vectors", "must be >= 0")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:
@@ -380,9 +401,9 @@ class Settings:
 def field_type(f: dataclasses.Field[Any]) -> tuple[type, tuple[str, ...]]:
     """(python type, allowed literal values) of a Settings field."""
     hint = str(f.type)
-    literals = {"Device": Device, "Synchronous": Synchronous, "Backend": Backend}
-    if hint in literals:
-        return str, get_args(literals[hint])
+    declared = globals().get(hint)
+    if declared is not None and get_origin(declared) is Literal:
+        return str, get_args(declared)
     if hint == "bool":
         return bool, ("true", "false")
     for name, typ in (("Path", Path), ("int", int), ("float", float), ("str", str)):

@@ -204,3 +204,34 @@ def test_ready_reports_startup_failure(tmp_path):
         assert client.get("/health").json() == {"status": "ok"}
         err = error_of(client.get("/v1/collections"))
         assert err["code"] == "not_ready" and "failed to start" in err["message"]
+
+
+def test_store_of_an_older_schema_is_migrated(tmp_path):
+    """A store written by schema version 1 (before per-collection search defaults) opens, and
+    its collections and documents are kept; a store newer than this code is refused."""
+    import sqlite3
+
+    from indexes.docstore import SCHEMA_VERSION, DocumentStore
+    from indexes.types import CollectionOptions
+
+    path = tmp_path / "store.db"
+    store = DocumentStore(path)
+    store.create_collection(CollectionOptions("old", "m", 4))
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE collections DROP COLUMN search_defaults")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = DocumentStore(path)
+    row = store.get_collection("old")
+    assert row is not None and row.search == {} and row.dimension == 4
+    assert store.set_search_defaults("old", {"alpha": 0.25}).search == {"alpha": 0.25}  # type: ignore[union-attr]
+    store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        DocumentStore(path)

@@ -261,3 +261,119 @@ def test_concurrent_searches_go_to_threads(
         calls.clear()
         assert httpx.post(f"{url}/v1/collections/kb/search", json={"query": "river"}).is_success
         assert calls == []  # alone again: inline
+
+
+# ---- weighted hybrid: alpha, fusion, stop words, per-collection defaults ------------------
+
+
+def _ids(results):
+    return [r["document_id"] for r in results]
+
+
+def test_hybrid_alpha_spans_dense_to_bm25(kb):
+    q = "How do I recalibrate after error XJ-4417?"
+    dense = search(kb, q, top_k=6)
+    # alpha 1: the dense ranking alone, whatever the fusion.
+    for fusion in ("convex", "rrf"):
+        assert (
+            _ids(search(kb, q, top_k=6, mode="hybrid", alpha=1.0, fusion=fusion))[:3]
+            == _ids(dense)[:3]
+        )
+    # alpha 0: BM25 alone puts the only chunk holding the words first, and the scores show
+    # what they were made of.
+    results = search(kb, q, top_k=3, mode="hybrid", alpha=0.0, debug=True)
+    assert results[0]["document_id"] == "err"
+    top = results[0]["scores"]
+    assert set(top) >= {"dense", "bm25", "fused"} and top["fused"] == results[0]["score"]
+    without_words = [r for r in results if r["document_id"] != "err"]
+    assert all("bm25" not in r["scores"] for r in without_words)
+    assert "scores" not in search(kb, q, top_k=1)[0]  # only with debug
+    dense_debug = search(kb, q, top_k=1, debug=True)[0]["scores"]
+    assert set(dense_debug) == {"dense"}
+
+
+def test_bm25_leaves_stop_words_out(client):
+    upsert(
+        client,
+        [
+            {"id": "chatty", "text": "What is it that you do and how is it that they do it here?"},
+            {"id": "zebra", "text": "Zebras graze on the savanna in large herds."},
+        ],
+    )
+    # Matched on its stop words, "chatty" would rank first on BM25; only "zebra" holds a
+    # content word of the question.
+    results = search(client, "what is it that a zebra does?", mode="hybrid", alpha=0.0, debug=True)
+    assert results[0]["document_id"] == "zebra"
+    assert "bm25" not in next(r for r in results if r["document_id"] == "chatty")["scores"]
+    # A question of stop words only has no BM25 side: hybrid is then the dense ranking.
+    only_stop = search(client, "what is it that they do", mode="hybrid", alpha=0.2, debug=True)
+    assert _ids(only_stop) == _ids(search(client, "what is it that they do"))
+    assert all("bm25" not in r["scores"] for r in only_stop)
+
+
+def test_collection_search_defaults(client):
+    resp = client.post(
+        "/v1/collections", json={"name": "tuned", "search": {"mode": "hybrid", "alpha": 0.0}}
+    )
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["search"] == {"mode": "hybrid", "alpha": 0.0}
+    upsert(
+        client,
+        [{"id": i, "text": t} for i, t, _ in FACTS],
+        collection="tuned",
+    )
+    q = "What does error XJ-4417 mean?"
+    # No mode in the request: the collection's hybrid with alpha 0 (BM25 decides).
+    got = search(client, q, collection="tuned", top_k=3, debug=True)
+    assert "bm25" in got[0]["scores"] and got[0]["document_id"] == "err"
+    # The request's own values win.
+    assert set(search(client, q, collection="tuned", mode="dense", debug=True)[0]["scores"]) == {
+        "dense"
+    }
+    resp = client.patch("/v1/collections/tuned", json={"search": {"fusion": "rrf"}})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["search"] == {"fusion": "rrf"}
+    listed = {c["name"]: c for c in client.get("/v1/collections").json()["data"]}
+    assert listed["tuned"]["search"] == {"fusion": "rrf"}
+    assert set(search(client, q, collection="tuned", debug=True)[0]["scores"]) == {"dense"}
+    hybrid = search(client, q, collection="tuned", mode="hybrid", alpha=0.5, debug=True)
+    assert hybrid[0]["scores"]["fused"] <= 1 / 61 + 1e-6  # weighted RRF: at most 1/(60 + 1)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"search": {"alpha": 1.5}}, "search.alpha"),
+        ({"search": {"alpha": -0.1}}, "search.alpha"),
+        ({"search": {"fusion": "max"}}, "search.fusion"),
+        ({"search": {"mode": "sparse"}}, "search.mode"),
+        ({"search": {"rank": 1}}, "search.rank"),
+        ({}, "search"),
+    ],
+)
+def test_bad_search_defaults(client, body, param):
+    upsert(client, [{"id": "a", "text": "alpha"}])
+    resp = client.patch("/v1/collections/kb", json=body)
+    assert resp.status_code == 400, resp.text
+    assert param in error_of(resp)["param"]
+    assert client.get("/v1/collections").json()["data"][0]["search"] == {}
+    created = client.post("/v1/collections", json={"name": "other", **body})
+    if body:
+        assert created.status_code == 400 and param in error_of(created)["param"]
+        assert [c["name"] for c in client.get("/v1/collections").json()["data"]] == ["kb"]
+
+
+def test_search_defaults_of_a_missing_collection(client):
+    resp = client.patch("/v1/collections/nope", json={"search": {"alpha": 0.3}})
+    assert resp.status_code == 404
+    assert error_of(resp)["param"] == "collection"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"alpha": 2}, "alpha"), ({"alpha": "0.5"}, "alpha"), ({"fusion": "sum"}, "fusion")],
+)
+def test_bad_hybrid_weights(kb, extra, param):
+    resp = kb.post("/v1/collections/kb/search", json={"query": "x", "mode": "hybrid", **extra})
+    assert resp.status_code == 400
+    assert error_of(resp)["param"] == param

@@ -34,7 +34,7 @@ from indexes.types import (
     SearchQuery,
     WriteOutcome,
     canonical_json,
-    fuse_rrf,
+    fuse,
 )
 
 if TYPE_CHECKING:
@@ -356,8 +356,8 @@ class PostgresCollection:
         self, query: SearchQuery, timings: dict[str, float] | None = None
     ) -> builtins.list[ScoredHit]:
         """Dense: the ``top_k`` nearest chunks (HNSW or exact). Hybrid: dense and BM25-like
-        rankings ``max(top_k * 4, 50)`` deep, fused by reciprocal rank. ``min_score`` applies
-        to the dense similarity. One read-only snapshot for all of it."""
+        rankings ``max(top_k * 4, 50)`` deep, fused by :func:`~indexes.types.fuse`.
+        ``min_score`` applies to the dense similarity. One read-only snapshot for all of it."""
         timings = timings if timings is not None else {}
         row = self._row
         vector = np.ascontiguousarray(query.vector, dtype=np.float32).reshape(-1)
@@ -379,15 +379,17 @@ class PostgresCollection:
                 t = time.perf_counter()
                 sparse = await sparse_ranking(conn, row, query.text, depth, flt_sql, flt_params)
                 timings["bm25"] = _ms(t)
-                ranked = fuse_rrf([dense, sparse])[: query.top_k]
+                fused, parts = fuse(dense, sparse, alpha=query.alpha, fusion=query.fusion)
+                ranked = fused[: query.top_k]
             else:
                 ranked = dense[: query.top_k]
+                parts = {cid: {"dense": score} for cid, score in ranked}
             t = time.perf_counter()
             hits = await hydrate(conn, row, [cid for cid, _ in ranked])
             timings["hydrate"] = _ms(t)
             if not hits:
                 await self._check_alive(conn)
-        return [ScoredHit(hits[cid], score) for cid, score in ranked if cid in hits]
+        return [ScoredHit(hits[cid], score, parts[cid]) for cid, score in ranked if cid in hits]
 
     async def _dense(
         self,

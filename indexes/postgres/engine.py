@@ -29,6 +29,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from indexes.engine import (
@@ -56,13 +57,15 @@ T = TypeVar("T")
 CHANNEL = "rag_collections"
 _COLS = (
     "id, name, embedding_model, dimension, index_factory, chunk_tokens, chunk_overlap, "
-    "documents, chunks, extract(epoch FROM created_at)::float8"
+    "documents, chunks, extract(epoch FROM created_at)::float8, search_defaults"
 )
 
 
 def _row(r: Sequence[Any]) -> CollectionRow:
     cid, dim, tokens, overlap, docs, chunks = (int(r[i]) for i in (0, 3, 5, 6, 7, 8))
-    return CollectionRow(cid, r[1], r[2], dim, r[4], tokens, overlap, docs, chunks, float(r[9]))
+    return CollectionRow(
+        cid, r[1], r[2], dim, r[4], tokens, overlap, docs, chunks, float(r[9]), dict(r[10])
+    )
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -327,6 +330,26 @@ class PostgresEngine:
             raise CollectionGone(f"collection {name!r} not found")
         self._spawn(self._drop_partition(cid))
 
+    async def configure(self, name: str, search: dict[str, Any]) -> CollectionRow:
+        async def body(conn: AsyncConnection) -> CollectionRow | None:
+            cur = await conn.execute(
+                f"UPDATE rag_collections SET search_defaults = %s WHERE name = %s "
+                f"RETURNING {_COLS}",
+                (Jsonb(search), name),
+            )
+            found = await cur.fetchone()
+            if found is None:
+                return None
+            row = _row(found)
+            await _notify(conn, {"op": "updated", "row": asdict(row)})
+            return row
+
+        row = await self._write(body)
+        if row is None:
+            self._collections.pop(name, None)
+            raise CollectionGone(f"collection {name!r} not found")
+        return self._remember(row).row
+
     # ---- the shared adapter registry ----------------------------------------------------
     async def adapters_list(self) -> builtins.list[AdapterRecord]:
         async with self._connection() as conn:
@@ -409,7 +432,7 @@ class PostgresEngine:
         name is taken."""
         cur = await conn.execute(
             "INSERT INTO rag_collections (name, embedding_model, dimension, index_factory, "
-            "chunk_tokens, chunk_overlap) VALUES (%s, %s, %s, %s, %s, %s) "
+            "chunk_tokens, chunk_overlap, search_defaults) VALUES (%s, %s, %s, %s, %s, %s, %s) "
             f"ON CONFLICT (name) DO NOTHING RETURNING {_COLS}",
             (
                 options.name,
@@ -418,6 +441,7 @@ class PostgresEngine:
                 options.index,
                 options.chunk_tokens,
                 options.chunk_overlap,
+                Jsonb(options.search),
             ),
         )
         found = await cur.fetchone()
@@ -498,6 +522,11 @@ class PostgresEngine:
                 cached = self._collections.get(row.name)
                 if cached is None or cached.row.id != row.id:
                     self._remember(row)
+            elif note["op"] == "updated":
+                row = CollectionRow(**note["row"])
+                cached = self._collections.get(row.name)
+                if cached is not None and cached.row.id == row.id:
+                    cached._refresh(replace(cached.row, search=row.search))
             elif note["op"] == "dropped":
                 cached = self._collections.get(note["name"])
                 if cached is not None and cached.row.id == note["id"]:

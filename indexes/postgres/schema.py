@@ -133,6 +133,13 @@ CREATE TABLE rag_api_keys (
 );
 """,
     ),
+    Migration(
+        3,
+        "per-collection search defaults",
+        """
+ALTER TABLE rag_collections ADD COLUMN search_defaults jsonb NOT NULL DEFAULT '{}';
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

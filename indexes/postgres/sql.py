@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from indexes.engine import InvalidIndex
+from indexes.stopwords import content_words
 from indexes.types import MetadataFilter, Scalar, canonical_json
 
 __all__ = [
@@ -123,9 +124,10 @@ def compile_filter(flt: MetadataFilter | None, alias: str = "d") -> tuple[str, l
 
 
 def text_query(text: str) -> tuple[str, list[str]] | None:
-    """A tsquery expression that matches any word of ``text`` (OR, like the embedded engine's
-    FTS5 query), and its parameters; None when the text has no words."""
-    words = list(dict.fromkeys(_WORD.findall(text.lower())[:MAX_QUERY_WORDS]))
+    """A tsquery expression that matches any content word of ``text`` (OR, stop words left
+    out, like the embedded engine's FTS5 query), and its parameters; None when the text has no
+    such words."""
+    words = content_words(_WORD.findall(text.lower())[:MAX_QUERY_WORDS])
     if not words:
         return None
     expr = " || ".join(["plainto_tsquery('english', %s)"] * len(words))

@@ -1,8 +1,9 @@
-"""/v1/collections: list, create, delete."""
+"""/v1/collections: list, create, change search defaults, delete."""
 
 from __future__ import annotations
 
-from litestar import Controller, delete, get, post
+import msgspec
+from litestar import Controller, delete, get, patch, post
 from litestar.di import Provide
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
@@ -11,7 +12,14 @@ from rag_service.dependencies import provide_kb
 from rag_service.keys import Principal
 from rag_service.knowledge import KnowledgeBase
 from rag_service.openapi import error_responses
-from rag_service.schemas import CollectionCreate, CollectionInfo, CollectionList, NamePath
+from rag_service.schemas import (
+    CollectionCreate,
+    CollectionInfo,
+    CollectionList,
+    CollectionUpdate,
+    NamePath,
+    SearchDefaults,
+)
 
 __all__ = ["CollectionController", "collection_info"]
 
@@ -27,6 +35,7 @@ def collection_info(row: CollectionRow) -> CollectionInfo:
         chunk_tokens=row.chunk_tokens,
         chunk_overlap=row.chunk_overlap,
         created_at=int(row.created_at),
+        search=msgspec.convert(row.search, SearchDefaults),
     )
 
 
@@ -55,7 +64,17 @@ class CollectionController(Controller):
             index=data.index,
             chunk_tokens=data.chunk_tokens,
             chunk_overlap=data.chunk_overlap,
+            search=msgspec.to_builtins(data.search) if data.search else None,
         )
+        return collection_info(row)
+
+    @patch("/{name:str}", opt={"access": "admin"}, responses=error_responses(404))
+    async def update_collection(
+        self, name: NamePath, data: CollectionUpdate, kb: KnowledgeBase
+    ) -> CollectionInfo:
+        """Replace the collection's search defaults (``{"search": {"mode", "alpha",
+        "fusion"}}``); a request's own values still win over them."""
+        row = await kb.configure_collection(name, msgspec.to_builtins(data.search))
         return collection_info(row)
 
     @delete(

@@ -115,6 +115,8 @@ class DocumentController(Controller):
             filter=data.filter,
             min_score=data.min_score,
             mode=data.mode,
+            alpha=data.alpha,
+            fusion=data.fusion,
         )
         return SearchResponse(
             results=[
@@ -127,6 +129,7 @@ class DocumentController(Controller):
                     position=h.hit.position,
                     start=h.hit.start,
                     end=h.hit.end,
+                    scores={k: round(v, 6) for k, v in h.parts.items()} if data.debug else None,
                 )
                 for h in hits
             ],

@@ -31,7 +31,7 @@ from rag_service.evaluation import (
 )
 from rag_service.knowledge import KnowledgeBase
 from rag_service.openapi import error_responses
-from rag_service.schemas import DOC_ID_PATTERN, NamePath
+from rag_service.schemas import DOC_ID_PATTERN, Alpha, Fusion, NamePath
 
 __all__ = [
     "EvaluationController",
@@ -67,6 +67,10 @@ class EvaluationRequest(msgspec.Struct, forbid_unknown_fields=True):
     modes: Annotated[list[Mode], msgspec.Meta(min_length=1, max_length=2)] = msgspec.field(
         default_factory=lambda: ["dense", "hybrid"]
     )
+    # Hybrid weights to evaluate; left out: the collection's search defaults, then the
+    # service's settings (RAG_HYBRID_ALPHA, RAG_HYBRID_FUSION).
+    alpha: Alpha | None = None
+    fusion: Fusion | None = None
 
 
 class ModeFigures(msgspec.Struct):
@@ -122,7 +126,12 @@ class EvaluationController(Controller):
             for row, _ in relevant:
                 t0 = time.perf_counter()
                 hits, _timings = await kb.search(
-                    name, data.rows[row].question, top_k=top_k, mode=mode
+                    name,
+                    data.rows[row].question,
+                    top_k=top_k,
+                    mode=mode,
+                    alpha=data.alpha,
+                    fusion=data.fusion,
                 )
                 latencies.append((time.perf_counter() - t0) * 1000)
                 rankings.append(documents_in_order(h.hit.document_id for h in hits))
