@@ -2,11 +2,17 @@
 
 Tables: ``collections`` (options, the embedding model that owns them, counters),
 ``documents`` (id, text, metadata JSON, content hash, timestamps), ``chunks`` (text, position,
-character span, float32 embedding) and ``chunks_fts`` (FTS5 over chunk text, kept in step by
-triggers, for BM25). Every upsert is one transaction; the index is updated from what it wrote.
+character span, float32 embedding), ``chunks_fts`` (FTS5 over chunk text, kept in step by
+triggers, for BM25) and ``questions`` (a document's known questions and their embeddings, index
+ids offset by ``indexes.questions.QUESTION_ID_OFFSET``). Every upsert is one transaction; the
+index is updated from what it wrote.
 
 Writes go through one writer connection (callers serialise them on one thread); reads use one
 connection per thread. WAL lets readers run while a writer holds its transaction.
+
+The reindex tables (``reindex_jobs``, ``reindex_vectors``, migration 4) are read and written by
+:mod:`indexes.reindex_embedded` through :meth:`DocumentStore.begin` and
+:meth:`DocumentStore.query`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from indexes.engine import StaleWrite
+from indexes.questions import QUESTION_ID_OFFSET, QuestionsOutcome, QuestionWrite
 from indexes.stopwords import content_words
 from indexes.types import (
     CollectionOptions,
@@ -98,6 +105,49 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         "per-collection search defaults",
         "ALTER TABLE collections ADD COLUMN search_defaults TEXT NOT NULL DEFAULT '{}';",
     ),
+    (
+        3,
+        "known questions as extra keys of documents",
+        # AUTOINCREMENT: a question id is never reused, as FAISS (HNSW tombstones) requires.
+        """
+CREATE TABLE questions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    collection_id INTEGER NOT NULL,
+    doc_pk INTEGER NOT NULL REFERENCES documents(pk),
+    text TEXT NOT NULL,
+    embedding BLOB NOT NULL
+);
+CREATE INDEX questions_by_doc ON questions(doc_pk);
+CREATE INDEX questions_by_collection ON questions(collection_id);
+ALTER TABLE collections ADD COLUMN questions INTEGER NOT NULL DEFAULT 0;
+""",
+    ),
+    (
+        4,
+        "reindex jobs and their shadow vectors (see indexes.reindex_embedded)",
+        """
+CREATE TABLE reindex_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    embedding_model TEXT NOT NULL,
+    dimension INTEGER NOT NULL,
+    source_model TEXT NOT NULL,
+    state TEXT NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX reindex_jobs_by_collection ON reindex_jobs(collection_id);
+CREATE TABLE reindex_vectors (
+    key INTEGER PRIMARY KEY,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    embedding BLOB NOT NULL
+);
+CREATE INDEX reindex_vectors_by_collection ON reindex_vectors(collection_id);
+""",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -130,6 +180,7 @@ class StagedWrite:
     added_vectors: list[np.ndarray] = field(default_factory=list)
     statuses: dict[str, str] = field(default_factory=dict)
     chunk_counts: dict[str, int] = field(default_factory=dict)
+    question_delta: int = 0  # questions added minus removed
     done: bool = False
 
     def commit(self) -> None:
@@ -226,6 +277,23 @@ class DocumentStore:
                 self._readers.append(conn)
         return conn
 
+    def begin(self) -> StagedWrite:
+        """An open write transaction (``BEGIN IMMEDIATE``) on the writer connection,
+        ``staged.conn``, for changes made outside this module (reindexing); the caller commits
+        or rolls back."""
+        self._write_lock.acquire()
+        staged = StagedWrite(self._writer, self._write_lock)
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            staged.rollback()
+            raise
+        return staged
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one read-only statement, on this thread's reader connection."""
+        return self._reader.execute(sql, params).fetchall()
+
     def close(self) -> None:
         with self._readers_lock:
             for conn in self._readers:
@@ -237,7 +305,7 @@ class DocumentStore:
     # ---- collections -------------------------------------------------------------------
     _COLLECTION_COLS = (
         "id, name, embedding_model, dimension, index_factory, chunk_tokens, "
-        "chunk_overlap, documents, chunks, created_at, search_defaults"
+        "chunk_overlap, documents, chunks, created_at, search_defaults, questions"
     )
 
     def get_collection(self, name: str) -> CollectionRow | None:
@@ -296,6 +364,7 @@ class DocumentStore:
             w.execute("BEGIN IMMEDIATE")
             try:
                 w.execute("DELETE FROM chunks WHERE collection_id = ?", (collection_id,))
+                w.execute("DELETE FROM questions WHERE collection_id = ?", (collection_id,))
                 w.execute("DELETE FROM documents WHERE collection_id = ?", (collection_id,))
                 w.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
                 w.execute("COMMIT")
@@ -367,18 +436,30 @@ class DocumentStore:
                     "WHERE collection_id = ? AND id = ?",
                     (collection.id, doc.id),
                 ).fetchone()
-                if old is not None and old[1] == doc.content_hash and old[2] == meta_json:
+                new_questions = doc.questions is not None and doc.questions != (
+                    self._questions_in(w, old[0]) if old is not None else []
+                )
+                if (
+                    old is not None
+                    and old[1] == doc.content_hash
+                    and old[2] == meta_json
+                    and not new_questions
+                ):
                     staged.statuses[doc.id] = "unchanged"
                     staged.chunk_counts[doc.id] = old[3]
                     continue
+                if new_questions and doc.question_vectors is None:
+                    raise StaleWrite(f"questions of document {doc.id!r} changed concurrently")
                 if old is not None and doc.chunks is None and old[1] != doc.content_hash:
                     raise StaleWrite(f"document {doc.id!r} changed concurrently; retry")
                 if old is not None and (doc.chunks is None or old[1] == doc.content_hash):
-                    # Same text: only metadata changes; chunks and vectors stay.
+                    # Same text: only metadata (or questions) change; chunks and vectors stay.
                     w.execute(
                         "UPDATE documents SET metadata = ?, updated_at = ? WHERE pk = ?",
                         (meta_json, now, old[0]),
                     )
+                    if new_questions:
+                        self._replace_questions(w, staged, collection.id, old[0], doc)
                     staged.statuses[doc.id] = "updated"
                     staged.chunk_counts[doc.id] = old[3]
                     continue
@@ -434,15 +515,201 @@ class DocumentStore:
                 staged.added_vectors.append(vectors)
                 staged.chunk_counts[doc.id] = len(doc.chunks)
                 chunk_delta += len(doc.chunks)
+                if new_questions:
+                    self._replace_questions(w, staged, collection.id, pk, doc)
             w.execute(
-                "UPDATE collections SET documents = documents + ?, chunks = chunks + ? "
-                "WHERE id = ?",
-                (doc_delta, chunk_delta, collection.id),
+                "UPDATE collections SET documents = documents + ?, chunks = chunks + ?, "
+                "questions = questions + ? WHERE id = ?",
+                (doc_delta, chunk_delta, staged.question_delta, collection.id),
             )
             return staged, collection
         except BaseException:
             staged.rollback()
             raise
+
+    # ---- known questions (see indexes.questions) ------------------------------------------
+    @staticmethod
+    def _questions_in(conn: sqlite3.Connection, doc_pk: int) -> list[str]:
+        rows = conn.execute(
+            "SELECT text FROM questions WHERE doc_pk = ? ORDER BY id", (doc_pk,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    @staticmethod
+    def _insert_questions(
+        conn: sqlite3.Connection,
+        staged: StagedWrite,
+        collection_id: int,
+        doc_pk: int,
+        texts: Sequence[str],
+        vectors: np.ndarray,
+    ) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape[0] != len(texts):
+            raise ValueError(f"{len(texts)} questions need as many vectors, got {len(vectors)}")
+        for text, vec in zip(texts, vectors, strict=True):
+            cur = conn.execute(
+                "INSERT INTO questions (collection_id, doc_pk, text, embedding) "
+                "VALUES (?, ?, ?, ?)",
+                (collection_id, doc_pk, text, vec.tobytes()),
+            )
+            staged.added_ids.append(int(cur.lastrowid or 0) + QUESTION_ID_OFFSET)
+        if len(texts):
+            staged.added_vectors.append(vectors)
+        staged.question_delta += len(texts)
+
+    def _replace_questions(
+        self,
+        conn: sqlite3.Connection,
+        staged: StagedWrite,
+        collection_id: int,
+        doc_pk: int,
+        doc: DocumentWrite,
+    ) -> None:
+        """Swap a document's stored questions (and their index ids) for ``doc.questions``."""
+        assert doc.questions is not None and doc.question_vectors is not None
+        self._remove_questions(conn, staged, doc_pk)
+        self._insert_questions(
+            conn, staged, collection_id, doc_pk, doc.questions, doc.question_vectors
+        )
+
+    @staticmethod
+    def _remove_questions(conn: sqlite3.Connection, staged: StagedWrite, doc_pk: int) -> None:
+        ids = [r[0] for r in conn.execute("SELECT id FROM questions WHERE doc_pk = ?", (doc_pk,))]
+        if ids:
+            conn.execute("DELETE FROM questions WHERE doc_pk = ?", (doc_pk,))
+            staged.removed.extend(i + QUESTION_ID_OFFSET for i in ids)
+            staged.question_delta -= len(ids)
+
+    def questions_of(self, collection_id: int, doc_ids: Sequence[str]) -> dict[str, list[str]]:
+        """Stored questions of those of ``doc_ids`` that have any, in stored order."""
+        out: dict[str, list[str]] = {}
+        for part in _batches(list(doc_ids)):
+            rows = self._reader.execute(
+                "SELECT d.id, q.text FROM questions q JOIN documents d ON d.pk = q.doc_pk "
+                f"WHERE d.collection_id = ? AND d.id IN ({','.join('?' * len(part))}) "
+                "ORDER BY q.id",
+                (collection_id, *part),
+            ).fetchall()
+            for doc_id, text in rows:
+                out.setdefault(doc_id, []).append(text)
+        return out
+
+    def stage_add_questions(
+        self, collection_id: int, writes: Sequence[QuestionWrite], limit: int
+    ) -> tuple[StagedWrite, QuestionsOutcome]:
+        """Append questions in an open transaction (texts a document holds already are
+        skipped). When the outcome names missing or over-limit documents the transaction is
+        rolled back before returning (nothing held)."""
+        self._write_lock.acquire()
+        w = self._writer
+        staged = StagedWrite(w, self._write_lock)
+        outcome = QuestionsOutcome()
+        try:
+            w.execute("BEGIN IMMEDIATE")
+            plans: list[tuple[int, list[int], QuestionWrite]] = []
+            for write in writes:
+                found = w.execute(
+                    "SELECT pk FROM documents WHERE collection_id = ? AND id = ?",
+                    (collection_id, write.document_id),
+                ).fetchone()
+                if found is None:
+                    outcome.missing.append(write.document_id)
+                    continue
+                stored = set(self._questions_in(w, found[0]))
+                keep = [i for i, t in enumerate(write.questions) if t not in stored]
+                total = len(stored) + len(keep)
+                if total > limit:
+                    outcome.over_limit.append(write.document_id)
+                outcome.added[write.document_id] = len(keep)
+                outcome.totals[write.document_id] = total
+                plans.append((found[0], keep, write))
+            if not outcome.written:
+                staged.rollback()
+                return staged, outcome
+            now = time.time()
+            for doc_pk, keep, write in plans:
+                if not keep:
+                    continue
+                texts = [write.questions[i] for i in keep]
+                self._insert_questions(
+                    w, staged, collection_id, doc_pk, texts, np.asarray(write.vectors)[keep]
+                )
+                w.execute("UPDATE documents SET updated_at = ? WHERE pk = ?", (now, doc_pk))
+            w.execute(
+                "UPDATE collections SET questions = questions + ? WHERE id = ?",
+                (staged.question_delta, collection_id),
+            )
+            return staged, outcome
+        except BaseException:
+            staged.rollback()
+            raise
+
+    def question_vector_ids(self, collection_id: int) -> np.ndarray:
+        """The index ids (row id + QUESTION_ID_OFFSET) of the collection's questions."""
+        rows = self._reader.execute(
+            "SELECT id FROM questions WHERE collection_id = ? ORDER BY id", (collection_id,)
+        ).fetchall()
+        return np.fromiter((r[0] + QUESTION_ID_OFFSET for r in rows), np.int64, len(rows))
+
+    def question_embeddings(
+        self, index_ids: Sequence[int], dimension: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(index ids, vectors) in batches for question index ids."""
+        for part in _batches([int(i) - QUESTION_ID_OFFSET for i in index_ids]):
+            rows = self._reader.execute(
+                f"SELECT id, embedding FROM questions WHERE id IN ({','.join('?' * len(part))})",
+                part,
+            ).fetchall()
+            if rows:
+                got = np.fromiter(
+                    (r[0] + QUESTION_ID_OFFSET for r in rows), dtype=np.int64, count=len(rows)
+                )
+                vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+                yield got, vecs.reshape(len(rows), dimension)
+
+    def filtered_question_ids(self, collection_id: int, flt: MetadataFilter) -> np.ndarray:
+        """Index ids of the questions of the documents the filter lets through."""
+        sql, params = filter_sql(flt)
+        rows = self._reader.execute(
+            "SELECT q.id FROM questions q JOIN documents d ON d.pk = q.doc_pk "
+            f"WHERE q.collection_id = ? AND {sql}",
+            (collection_id, *params),
+        ).fetchall()
+        return np.fromiter((r[0] + QUESTION_ID_OFFSET for r in rows), np.int64, len(rows))
+
+    def question_documents(self, index_ids: Sequence[int]) -> dict[int, int]:
+        """``{index id: document pk}`` for question index ids."""
+        out: dict[int, int] = {}
+        for part in _batches([int(i) - QUESTION_ID_OFFSET for i in index_ids]):
+            rows = self._reader.execute(
+                f"SELECT id, doc_pk FROM questions WHERE id IN ({','.join('?' * len(part))})",
+                part,
+            ).fetchall()
+            out.update({int(r[0]) + QUESTION_ID_OFFSET: int(r[1]) for r in rows})
+        return out
+
+    def best_chunks(
+        self, doc_pks: Sequence[int], vector: np.ndarray, dimension: int
+    ) -> dict[int, tuple[int, float]]:
+        """``{document pk: (chunk id, score)}``: each document's chunk nearest to ``vector``
+        (inner product with the chunks' stored embeddings)."""
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        out: dict[int, tuple[int, float]] = {}
+        for part in _batches(list(doc_pks)):
+            rows = self._reader.execute(
+                "SELECT doc_pk, id, embedding FROM chunks "
+                f"WHERE doc_pk IN ({','.join('?' * len(part))})",
+                part,
+            ).fetchall()
+            if not rows:
+                continue
+            vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
+            scores = vecs.reshape(len(rows), dimension) @ query
+            for (doc_pk, cid, _), score in zip(rows, scores.tolist(), strict=True):
+                if doc_pk not in out or score > out[doc_pk][1]:
+                    out[doc_pk] = (int(cid), float(score))
+        return out
 
     def _collection_in(self, conn: sqlite3.Connection, name: str) -> CollectionRow:
         row = conn.execute(
@@ -467,12 +734,14 @@ class DocumentStore:
             staged.removed = [
                 r[0] for r in w.execute("SELECT id FROM chunks WHERE doc_pk = ?", (row[0],))
             ]
+            chunks = len(staged.removed)
             w.execute("DELETE FROM chunks WHERE doc_pk = ?", (row[0],))
+            self._remove_questions(w, staged, row[0])
             w.execute("DELETE FROM documents WHERE pk = ?", (row[0],))
             w.execute(
-                "UPDATE collections SET documents = documents - 1, chunks = chunks - ? "
-                "WHERE id = ?",
-                (len(staged.removed), collection_id),
+                "UPDATE collections SET documents = documents - 1, chunks = chunks - ?, "
+                "questions = questions + ? WHERE id = ?",
+                (chunks, staged.question_delta, collection_id),
             )
             return staged
         except BaseException:
@@ -546,7 +815,7 @@ class DocumentStore:
 
 
 def _collection_row(r: Sequence[Any]) -> CollectionRow:
-    cid, name, model, dimension, factory, tokens, overlap, docs, chunks, created, search = r
+    cid, name, model, dimension, factory, tokens, overlap, docs, chunks, created, search = r[:11]
     return CollectionRow(
         cid,
         name,
@@ -559,6 +828,7 @@ def _collection_row(r: Sequence[Any]) -> CollectionRow:
         chunks,
         created,
         json.loads(search),
+        questions=int(r[11]),
     )
 
 

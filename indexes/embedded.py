@@ -15,8 +15,11 @@ One process owns the data directory: ``rag.sqlite3`` holds collections, document
   snapshot has and the store lacks are removed. Nothing is re-embedded, and no acknowledged
   write is lost whatever moment the previous process died at.
 * Search: metadata filter -> FAISS top-k restricted to the allowed ids (and BM25 for hybrid)
-  -> rows from the store. A lone small dense search runs on the event loop (cheaper than two
-  thread hand-offs); others run on worker threads.
+  -> rows from the store. A collection's known questions live in the same FAISS index under
+  ids offset by :data:`~indexes.questions.QUESTION_ID_OFFSET` (snapshotted, restored and
+  reconciled with the chunks); a question hit lifts its document's best chunk
+  (:meth:`EmbeddedCollection._dense_ranking`). A lone small dense search runs on the event
+  loop (cheaper than two thread hand-offs); others run on worker threads.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -45,6 +49,15 @@ from indexes.engine import (
 )
 from indexes.faiss_index import FaissIndex, validate_factory, write_snapshot
 from indexes.protocol import IndexMeta, IndexMismatchError
+from indexes.questions import (
+    QUESTION_ID_OFFSET,
+    QuestionsOutcome,
+    QuestionWrite,
+    Ranking,
+    is_question_key,
+    lift_by_questions,
+)
+from indexes.reindex import ModelChanged
 from indexes.rwlock import RWLock
 from indexes.types import (
     CollectionOptions,
@@ -56,6 +69,9 @@ from indexes.types import (
     WriteOutcome,
     fuse,
 )
+
+if TYPE_CHECKING:
+    from indexes.reindex_embedded import EmbeddedReindexer
 
 __all__ = ["EmbeddedCollection", "EmbeddedEngine", "RestoreReport"]
 
@@ -108,6 +124,8 @@ class EmbeddedCollection:
         self.lock = RWLock()  # searches vs index updates
         self.writer = asyncio.Lock()  # one upsert, delete or rebuild at a time
         self.dirty = False
+        # Question vectors in the index: only steers how deep a dense search first fetches.
+        self.question_keys = row.questions
 
     # ---- state -----------------------------------------------------------------------
     @property
@@ -127,6 +145,15 @@ class EmbeddedCollection:
         if self._engine.find(self.name) is not self:
             raise CollectionGone(f"collection {self.name!r} was deleted")
 
+    def _check_model(self, model: str | None) -> None:
+        """ModelChanged when vectors made by ``model`` no longer fit (a reindex swapped);
+        called under the writer lock (writes) or the read lock (searches)."""
+        if model is not None and model != self._row.embedding_model:
+            raise ModelChanged(
+                f"collection {self.name!r} is embedded with {self._row.embedding_model} now, "
+                f"not {model}"
+            )
+
     # ---- reads -----------------------------------------------------------------------
     async def existing(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         return await self._engine.read(self._engine.store.existing, self._row.id, list(ids))
@@ -142,11 +169,48 @@ class EmbeddedCollection:
             lambda: store.list_documents(self._row.id, limit=limit, after=after)
         )
 
-    # ---- writes ----------------------------------------------------------------------
-    async def upsert(self, writes: Sequence[DocumentWrite]) -> WriteOutcome:
+    async def questions(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:
+        return await self._engine.read(self._engine.store.questions_of, self._row.id, list(ids))
+
+    async def add_questions(
+        self, writes: Sequence[QuestionWrite], *, limit: int, model: str | None = None
+    ) -> QuestionsOutcome:
         self.usable_index()
         async with self.writer:
             self._alive()
+            self._check_model(model)
+            index = self.usable_index()
+
+            def apply() -> QuestionsOutcome:
+                staged, outcome = self._engine.store.stage_add_questions(
+                    self._row.id, writes, limit
+                )
+                if not outcome.written:
+                    return outcome
+                try:
+                    with self.lock.write():
+                        staged.commit()
+                        if staged.added_ids:
+                            index.add(np.asarray(staged.added_ids, np.int64), staged.vectors)
+                        self.question_keys += staged.question_delta
+                except BaseException:
+                    staged.rollback()
+                    raise
+                return outcome
+
+            outcome = await self._engine.write(apply)
+            if outcome.written and any(outcome.added.values()):
+                self._changed()
+            return outcome
+
+    # ---- writes ----------------------------------------------------------------------
+    async def upsert(
+        self, writes: Sequence[DocumentWrite], *, model: str | None = None
+    ) -> WriteOutcome:
+        self.usable_index()
+        async with self.writer:
+            self._alive()
+            self._check_model(model)
             index = self.usable_index()
 
             def apply() -> WriteOutcome:
@@ -157,6 +221,7 @@ class EmbeddedCollection:
                         index.remove(np.asarray(staged.removed, np.int64))
                         if staged.added_ids:
                             index.add(np.asarray(staged.added_ids, np.int64), staged.vectors)
+                        self.question_keys += staged.question_delta
                 except BaseException:
                     staged.rollback()
                     raise
@@ -180,6 +245,7 @@ class EmbeddedCollection:
                     with self.lock.write():
                         staged.commit()
                         index.remove(np.asarray(staged.removed, np.int64))
+                        self.question_keys += staged.question_delta
                 except BaseException:
                     staged.rollback()
                     raise
@@ -229,25 +295,24 @@ class EmbeddedCollection:
         self, query: SearchQuery, timings: dict[str, float]
     ) -> builtins.list[ScoredHit]:
         """Dense (or hybrid) ranking plus the chunk rows; the caller holds the read lock."""
+        self._check_model(query.embedding_model)
         store = self._engine.store
-        index = self.usable_index()
         allowed = None
         if query.filter is not None:
             t = time.perf_counter()
             allowed = store.filtered_chunk_ids(self._row.id, query.filter)
+            if self.question_keys:
+                allowed = np.concatenate(
+                    [allowed, store.filtered_question_ids(self._row.id, query.filter)]
+                )
             timings["filter"] = _ms(t)
             if len(allowed) == 0:
                 return []
         top_k, min_score = query.top_k, query.min_score
         depth = top_k if query.mode == "dense" else max(top_k * 4, 50)
-        t = time.perf_counter()
-        scores, ids = index.search(query.vector, depth, allowed)
-        timings["dense"] = _ms(t)
-        dense = [
-            (int(i), float(s))
-            for s, i in zip(scores[0], ids[0], strict=True)
-            if i >= 0 and (min_score is None or s >= min_score)
-        ]
+        dense, lifted = self._dense_ranking(query, depth, allowed, timings)
+        if min_score is not None:
+            dense = [(cid, s) for cid, s in dense if s >= min_score]
         if query.mode == "hybrid":
             t = time.perf_counter()
             sparse = store.bm25(self._row.id, query.text, depth, query.filter)
@@ -257,14 +322,66 @@ class EmbeddedCollection:
         else:
             ranked = dense[:top_k]
             parts = {cid: {"dense": score} for cid, score in ranked}
+        for cid, extra in lifted.items():
+            if cid in parts:
+                parts[cid].update(extra)
         t = time.perf_counter()
         rows = store.hydrate([cid for cid, _ in ranked])
         timings["hydrate"] = _ms(t)
         return [ScoredHit(rows[cid], score, parts[cid]) for cid, score in ranked if cid in rows]
 
+    def _dense_ranking(
+        self, query: SearchQuery, depth: int, allowed: np.ndarray | None, timings: dict[str, float]
+    ) -> tuple[Ranking, dict[int, dict[str, float]]]:
+        """The dense ranking ``depth`` deep, known questions included, and the debug parts of
+        the chunks a question lifted (see :func:`~indexes.questions.lift_by_questions`).
+
+        FAISS returns chunk and question vectors alike. A question hit stands for its
+        document's best chunk (scored from the stored chunk vectors), so several hits can
+        collapse into one result: while fewer than ``depth`` results remain and FAISS had
+        more to give, the search is repeated twice as deep. Everything scoring above the
+        deepest vector fetched was fetched, so the first ``depth`` results are exact.
+        """
+        index = self.usable_index()
+        size = len(index)
+        k = depth if self.question_keys <= 0 else max(min(2 * depth, size), depth)
+        while True:
+            t = time.perf_counter()
+            scores, ids = index.search(query.vector, k, allowed)
+            timings["dense"] = timings.get("dense", 0.0) + _ms(t)
+            found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+            chunks = [(i, s) for i, s in found if not is_question_key(i)]
+            if len(chunks) == len(found):
+                return chunks[:depth], {}
+            t = time.perf_counter()
+            ranking, lifted = self._lift(found, chunks, query.vector)
+            timings["questions"] = timings.get("questions", 0.0) + _ms(t)
+            if len(ranking) >= depth or len(found) < k or k >= size:
+                return ranking[:depth], lifted
+            k = min(2 * k, size)
+
+    def _lift(
+        self, found: Ranking, chunks: Ranking, vector: np.ndarray
+    ) -> tuple[Ranking, dict[int, dict[str, float]]]:
+        store = self._engine.store
+        hits = [(i, s) for i, s in found if is_question_key(i)]
+        documents = store.question_documents([i for i, _ in hits])
+        best_question: dict[int, float] = {}
+        for qid, score in hits:  # best first: the first hit of a document is its best
+            doc = documents.get(qid)
+            if doc is not None:
+                best_question.setdefault(doc, score)
+        best = store.best_chunks(list(best_question), vector, self._row.dimension)
+        return lift_by_questions(chunks, best_question, best)
+
 
 class EmbeddedEngine:
-    """SQLite + FAISS in one process; see the module docstring."""
+    """SQLite + FAISS in one process; see the module docstring.
+
+    Every collection records its own embedding model and dimension, and its index is built
+    for them; ``embedding_model`` and ``dimension`` (the service's default model) are kept
+    for callers and refuse nothing.
+    """
 
     name = "embedded"
 
@@ -272,8 +389,8 @@ class EmbeddedEngine:
         self,
         data_dir: Path,
         *,
-        embedding_model: str,
-        dimension: int,
+        embedding_model: str | None = None,
+        dimension: int | None = None,
         synchronous: str = "FULL",
         busy_timeout_ms: int = 30_000,
         ef_search: int = 64,
@@ -355,6 +472,13 @@ class EmbeddedEngine:
         if self._observe is not None:
             self._observe(name, size)
 
+    @cached_property
+    def reindexer(self) -> EmbeddedReindexer:
+        """Moves collections to another embedding model (:mod:`indexes.reindex_embedded`)."""
+        from indexes.reindex_embedded import EmbeddedReindexer
+
+        return EmbeddedReindexer(self)
+
     # ---- collections -----------------------------------------------------------------
     def check_index(self, index: str, dimension: int) -> None:
         validate_factory(index, dimension, max_nlist=self.max_ivf_nlist)
@@ -410,7 +534,7 @@ class EmbeddedEngine:
                 existing = self.find(options.name)
                 if existing is None:
                     return await self._create_with(options, writes)
-        return existing, await existing.upsert(writes)
+        return existing, await existing.upsert(writes, model=options.embedding_model)
 
     async def _create_with(
         self, options: CollectionOptions, writes: Sequence[DocumentWrite]
@@ -430,6 +554,7 @@ class EmbeddedEngine:
 
         row, outcome = await self.write(apply)
         collection = self._register(row, index)
+        collection.question_keys = int(np.count_nonzero(index.ids() >= QUESTION_ID_OFFSET))
         collection.dirty = True
         return collection, outcome
 
@@ -460,19 +585,11 @@ class EmbeddedEngine:
     # ---- restore ---------------------------------------------------------------------
     def restore_all(self) -> builtins.list[RestoreReport]:
         """Blocking: load every collection's index (call from a worker thread). One
-        collection that cannot be restored is marked unusable; the others still load."""
+        collection that cannot be restored is marked unusable; the others still load. Each
+        collection records its own embedding model: whether this service can embed for it is
+        the service's question (a collection of a model it cannot load is refused there)."""
         self.reports = []
         for row in self.store.list_collections():
-            if row.embedding_model != self.embedding_model or row.dimension != self.dimension:
-                msg = (
-                    f"collection {row.name!r} was embedded with {row.embedding_model} "
-                    f"(dimension {row.dimension}) but this service runs {self.embedding_model} "
-                    f"(dimension {self.dimension}); serve it with RAG_EMBEDDING_MODEL set to "
-                    "that model, or re-create the collection"
-                )
-                log.error(msg)
-                self._collections[row.name] = EmbeddedCollection(self, row, None, incompatible=msg)
-                continue
             try:
                 index, report = self.restore(row)
             except Exception as exc:  # one collection never blocks the others
@@ -498,7 +615,7 @@ class EmbeddedEngine:
                 index = FaissIndex.load(
                     path,
                     self.meta_for(row),
-                    expected_vectors=row.chunks,
+                    expected_vectors=row.chunks + row.questions,
                     ef_search=self.ef_search,
                     nprobe=self.nprobe,
                 )
@@ -522,13 +639,21 @@ class EmbeddedEngine:
         return index, report
 
     def reconcile(self, row: CollectionRow, index: FaissIndex) -> tuple[int, int]:
-        """Make ``index`` hold exactly the store's chunk ids; returns (added, removed)."""
-        stored = self.store.chunk_ids(row.id)
+        """Make ``index`` hold exactly the store's chunk and question ids; returns (added,
+        removed)."""
+        stored = np.concatenate(
+            [self.store.chunk_ids(row.id), self.store.question_vector_ids(row.id)]
+        )
         present = index.ids()
         extra = np.setdiff1d(present, stored, assume_unique=True)
         missing = np.setdiff1d(stored, present, assume_unique=True)
         index.remove(extra)
-        for ids, vectors in self.store.embeddings(missing.tolist(), row.dimension):
+        questions = missing >= QUESTION_ID_OFFSET
+        for ids, vectors in self.store.embeddings(missing[~questions].tolist(), row.dimension):
+            index.add(ids, vectors)
+        for ids, vectors in self.store.question_embeddings(
+            missing[questions].tolist(), row.dimension
+        ):
             index.add(ids, vectors)
         return len(missing), len(extra)
 

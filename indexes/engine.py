@@ -21,6 +21,7 @@ import builtins
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from indexes.questions import QuestionsOutcome, QuestionWrite
 from indexes.types import (
     CollectionOptions,
     CollectionRow,
@@ -94,8 +95,13 @@ class Collection(Protocol):
         """``{id: (content_hash, canonical metadata json)}`` for those of ``ids`` stored."""
         ...
 
-    async def upsert(self, writes: Sequence[DocumentWrite]) -> WriteOutcome:
-        """Apply all writes in one transaction, or none; durable and searchable on return."""
+    async def upsert(
+        self, writes: Sequence[DocumentWrite], *, model: str | None = None
+    ) -> WriteOutcome:
+        """Apply all writes in one transaction, or none; durable and searchable on return.
+        ``model``: the embedding model that made the vectors; when the collection no longer
+        records it (a reindex swapped meanwhile) nothing is written and
+        :class:`~indexes.reindex.ModelChanged` (a :class:`StaleWrite`) is raised."""
         ...
 
     async def delete(self, doc_id: str) -> bool:
@@ -103,6 +109,18 @@ class Collection(Protocol):
         ...
 
     async def get(self, doc_id: str) -> DocumentRow | None: ...
+
+    async def questions(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:
+        """The stored known questions of those of ``ids`` that have any, in stored order."""
+        ...
+
+    async def add_questions(
+        self, writes: Sequence[QuestionWrite], *, limit: int, model: str | None = None
+    ) -> QuestionsOutcome:
+        """Append questions to documents in one transaction (texts a document holds already
+        are skipped); nothing is written when a document is missing or would hold more than
+        ``limit`` questions (the outcome names them). ``model`` as for :meth:`upsert`."""
+        ...
 
     async def list(
         self, *, limit: int, after: str | None

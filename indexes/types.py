@@ -79,6 +79,8 @@ class CollectionRow:
     chunks: int
     created_at: float
     search: dict[str, Any] = field(default_factory=dict)
+    # Known questions stored as extra keys of the documents (see :mod:`indexes.questions`).
+    questions: int = 0
 
     @classmethod
     def of(
@@ -123,7 +125,12 @@ class Chunk:
 
 @dataclass(slots=True)
 class DocumentWrite:
-    """One document of an upsert. ``chunks`` is None when only metadata may change."""
+    """One document of an upsert. ``chunks`` is None when only metadata may change.
+
+    ``questions``: the document's known questions after the write (None: keep the stored
+    ones). ``question_vectors``: their vectors, or None when the service found the stored
+    questions equal to ``questions`` (an engine that finds them changed raises StaleWrite).
+    """
 
     id: str
     text: str
@@ -131,6 +138,8 @@ class DocumentWrite:
     content_hash: str
     chunks: list[Chunk] | None
     vectors: np.ndarray | None = None
+    questions: list[str] | None = None
+    question_vectors: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -249,6 +258,9 @@ class SearchQuery:
     # the event loop, cheaper than a thread hand-off. Searches that overlap come back from
     # the encoder in one batch, and answered inline they would add up to one long stall.
     alone: bool = False
+    # The model that made ``vector``: an engine refuses the query (ModelChanged) when the
+    # collection no longer records it, because a reindex swapped meanwhile. None: unchecked.
+    embedding_model: str | None = None
 
 
 Ranking = list[tuple[int, float]]
@@ -260,29 +272,32 @@ def fuse(
     """Fuse a dense and a BM25 ranking (``(id, score)``, best first) into one, best first,
     plus each id's parts (``dense``, ``bm25``: the raw scores it had; ``fused``) for debug.
 
-    ``convex``: ``alpha * d + (1 - alpha) * s`` where ``d`` and ``s`` are the scores min-max
-    normalised over each ranking's candidates (the best 1, the worst 0; a ranking whose scores
-    are all equal gives 1), and 0 for an id the ranking did not return. ``rrf``: weighted
-    reciprocal rank fusion, ``alpha / (RRF_K + rank_d) + (1 - alpha) / (RRF_K + rank_s)``.
-    ``alpha`` 1 ranks by dense alone, 0 by BM25 alone. Ties keep the dense order. Both engines
-    fuse hybrid searches with it.
+    ``convex``: ``alpha * d + (1 - alpha) * s / s_max``: ``d`` is the dense score as it is (a
+    cosine, on the same scale for every query; an id the dense ranking did not return gets its
+    lowest score), ``s`` the BM25 score divided by the best BM25 score among the candidates
+    (0 for an id BM25 did not return). The dense score is not stretched: min-max normalising it
+    turns a near-tie of two chunks into a gap as wide as a clear win, and BM25 then overturns
+    rankings dense was sure of (measured in benchmarks/bench_hybrid.py: on four question sets
+    it lost up to 0.08 recall@1 where this form gained). ``rrf``: weighted reciprocal rank
+    fusion, ``alpha / (RRF_K + rank_d) + (1 - alpha) / (RRF_K + rank_s)``. ``alpha`` 1 ranks
+    by dense alone, 0 by BM25 alone. Ties keep the dense order. Both engines fuse hybrid
+    searches with it.
     """
     parts: dict[int, dict[str, float]] = {}
     for name, ranking in (("dense", dense), ("bm25", sparse)):
         for cid, score in ranking:
             parts.setdefault(cid, {})[name] = score
     fused: dict[int, float] = dict.fromkeys(parts, 0.0)
-    for weight, ranking in ((alpha, dense), (1.0 - alpha, sparse)):
-        if not ranking or weight == 0.0:
-            continue
-        if fusion == "rrf":
+    if fusion == "rrf":
+        for weight, ranking in ((alpha, dense), (1.0 - alpha, sparse)):
             for rank, (cid, _) in enumerate(ranking, start=1):
                 fused[cid] += weight / (RRF_K + rank)
-            continue
-        scores = [s for _, s in ranking]
-        low, span = min(scores), max(scores) - min(scores)
-        for cid, score in ranking:
-            fused[cid] += weight * ((score - low) / span if span > 0 else 1.0)
+    else:
+        floor = min((score for _, score in dense), default=0.0)
+        top = max((score for _, score in sparse), default=0.0)
+        for cid, part in parts.items():
+            bm25 = part.get("bm25", 0.0) / top if top > 0 else 0.0
+            fused[cid] = alpha * part.get("dense", floor) + (1.0 - alpha) * bm25
     order = {cid: i for i, (cid, _) in enumerate(dense)}
     tail = len(order)
     ranked = sorted(fused.items(), key=lambda kv: (-kv[1], order.get(kv[0], tail)))

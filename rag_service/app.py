@@ -40,14 +40,19 @@ from rag_service.controllers.embeddings import EmbeddingsController
 from rag_service.controllers.evaluation import EvaluationController
 from rag_service.controllers.health import health, metrics, ready
 from rag_service.controllers.keys import KeyController
+from rag_service.controllers.questions import QuestionController
+from rag_service.controllers.reindex import ReindexController
 from rag_service.dependencies import provide_principal, provide_settings, require_api_key
+from rag_service.embedders import EmbeddingModels
 from rag_service.embedding import Embedder
 from rag_service.errors import exception_handlers
 from rag_service.keys import EngineKeyRows, KeyRows, KeyStore, SqliteKeyRows
 from rag_service.knowledge import KnowledgeBase
 from rag_service.metrics import Metrics
 from rag_service.openapi import StrictStructSchemaPlugin, openapi_config
+from rag_service.reindexing import FOLLOW_S, Reindexing
 from rag_service.request_body import BoundedRequest
+from rag_service.reranking import open_reranker
 from rag_service.settings import Settings
 from rag_service.storage import make_engine
 
@@ -166,7 +171,22 @@ async def _load(
             engine = make_engine(settings, embedder, metrics_)
             await _open_engine(engine, state)
             stack.push_async_callback(engine.close)
-        kb = KnowledgeBase(settings, engine, embedder, batcher, metrics_)
+        reranker = await open_reranker(settings, batcher, metrics_)  # on batcher's threads
+        if reranker is not None:
+            stack.push_async_callback(reranker.stop)
+        # Every model a collection records serves beside the default one, on its threads.
+        models = EmbeddingModels.serving(settings, embedder, batcher)
+        stack.push_async_callback(models.close)
+        await models.preload(row.embedding_model for row in await engine.list())
+        kb = KnowledgeBase(
+            settings, engine, embedder, batcher, metrics_, reranker=reranker, models=models
+        )
+        reindexing = Reindexing(
+            settings, engine, models, follow_s=FOLLOW_S if settings.database_url else None
+        )
+        await reindexing.start()  # resumes the reindex jobs a previous process left running
+        stack.push_async_callback(reindexing.close)
+        state["reindexing"] = reindexing
         rows: KeyRows = (
             EngineKeyRows(engine)
             if isinstance(engine, KeyRowStore)
@@ -275,6 +295,7 @@ def create_app(
                 yield
             finally:
                 app.state.pop("kb", None)
+                app.state.pop("reindexing", None)
                 app.state.pop("chat", None)
                 app.state.pop("adapters", None)
                 app.state.pop("keys", None)
@@ -289,6 +310,8 @@ def create_app(
             CollectionController,
             DocumentController,
             EvaluationController,
+            QuestionController,
+            ReindexController,
             EmbeddingsController,
             ChatController,
             list_models,

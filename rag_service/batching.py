@@ -15,6 +15,12 @@ Two lanes, each with its own queue, worker and thread:
 
 A query never waits behind an ingest batch: the lanes encode side by side on the same model
 (measured in benchmarks/bench_search.py, B4).
+
+The batcher is generic over what it batches: items (texts, or the reranker's (query, text)
+pairs) go in, and the batch function returns one row per item (a vector, or a score). A second
+batcher can run its lanes on the threads of another (``executors``): the reranker's batches
+take turns with the query embeddings on the one interactive thread instead of running beside
+them (:mod:`rag_service.reranking`).
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 
 Lane = Literal["interactive", "bulk"]
 LANES: tuple[Lane, ...] = ("interactive", "bulk")
+Item = TypeVar("Item")
 Encoder = Callable[[list[str], list[int]], np.ndarray]
 
 
@@ -47,8 +54,8 @@ class BatchObserver(Protocol):
 
 
 @dataclass(slots=True, eq=False)
-class _Request:
-    texts: Sequence[str]
+class _Request(Generic[Item]):
+    texts: Sequence[Item]
     tokens: Sequence[int]
     future: asyncio.Future[np.ndarray]
     rows: list[np.ndarray | None] = field(default_factory=list)
@@ -60,26 +67,36 @@ class _Request:
         self.remaining = len(self.texts)
 
 
-class _Lane:
-    def __init__(self, name: Lane, encode: Encoder, max_size: int, max_tokens: int) -> None:
+class _Lane(Generic[Item]):
+    def __init__(
+        self,
+        name: Lane,
+        encode: Callable[[list[Item], list[int]], np.ndarray],
+        max_size: int,
+        max_tokens: int,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.name = name
         self.encode = encode
         self.max_size = max_size
         self.max_tokens = max_tokens
-        self.queue: deque[_Request] = deque()
+        self.queue: deque[_Request[Item]] = deque()
         self.waiting = 0
         self.wakeup = asyncio.Event()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
+        self.owns_executor = executor is None  # a borrowed one is shut down by its owner
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"embed-{name}"
+        )
         self.task: asyncio.Task[None] | None = None
         self.linger_gain = 1.0  # moving average: did lingering collect more requests?
 
 
-class MicroBatcher:
+class MicroBatcher(Generic[Item]):
     def __init__(
         self,
-        encode: Encoder,
+        encode: Callable[[list[Item], list[int]], np.ndarray],
         *,
-        encode_bulk: Encoder | None = None,
+        encode_bulk: Callable[[list[Item], list[int]], np.ndarray] | None = None,
         max_batch_size: int = 64,
         max_batch_tokens: int = 16384,
         max_bulk_tokens: int = 4096,
@@ -87,19 +104,28 @@ class MicroBatcher:
         max_linger_s: float = 0.05,
         max_queue: int = 2048,
         observer: BatchObserver | None = None,
+        executors: Mapping[Lane, ThreadPoolExecutor] | None = None,
+        kind: str = "embedding",
     ) -> None:
+        """``executors``: run these lanes' batches on another batcher's threads (see
+        :attr:`executors`); ``kind`` names the work in errors and logs."""
+        self.kind = kind
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_linger_s = max(max_linger_s, max_wait_s)
         self.max_queue = max_queue
         self._observer = observer
-        self._lanes: dict[Lane, _Lane] = {
-            "interactive": _Lane("interactive", encode, max_batch_size, max_batch_tokens),
+        shared = executors or {}
+        self._lanes: dict[Lane, _Lane[Item]] = {
+            "interactive": _Lane(
+                "interactive", encode, max_batch_size, max_batch_tokens, shared.get("interactive")
+            ),
             "bulk": _Lane(
                 "bulk",
                 encode_bulk or encode,
                 max_batch_size,
                 min(max_bulk_tokens, max_batch_tokens),
+                shared.get("bulk"),
             ),
         }
         self._bulk_gate = asyncio.Semaphore(2)
@@ -119,9 +145,15 @@ class MicroBatcher:
                 lane.task = None
             for req in lane.queue:
                 if not req.future.done():
-                    req.future.set_exception(Overloaded("embedding service is shutting down"))
+                    req.future.set_exception(Overloaded(f"{self.kind} service is shutting down"))
             lane.queue.clear()
-            lane.executor.shutdown(wait=True, cancel_futures=True)
+            if lane.owns_executor:
+                lane.executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def executors(self) -> dict[Lane, ThreadPoolExecutor]:
+        """The thread of each lane, for a batcher that should take turns on them."""
+        return {name: lane.executor for name, lane in self._lanes.items()}
 
     @property
     def queue_depth(self) -> int:
@@ -129,9 +161,10 @@ class MicroBatcher:
 
     # ---- submission ------------------------------------------------------------------
     async def embed(
-        self, texts: Sequence[str], tokens: Sequence[int], *, lane: Lane = "interactive"
+        self, texts: Sequence[Item], tokens: Sequence[int], *, lane: Lane = "interactive"
     ) -> np.ndarray:
-        """Vectors for ``texts`` (``tokens`` = their token counts), in order."""
+        """The batch function's rows for ``texts`` (``tokens`` = their token counts), in order:
+        vectors for an embedding batcher, scores for the reranker's."""
         if not texts:
             raise ValueError("embed() needs at least one text")
         if lane == "bulk":
@@ -148,16 +181,18 @@ class MicroBatcher:
         interactive = self._lanes["interactive"]
         if interactive.waiting + len(texts) > self.max_queue:
             raise Overloaded(
-                f"embedding queue is full ({interactive.waiting} texts waiting); retry shortly",
+                f"{self.kind} queue is full ({interactive.waiting} waiting); retry shortly",
                 retry_after_s=1,
             )
         return await self._submit(interactive, texts, tokens)
 
-    async def _submit(self, lane: _Lane, texts: Sequence[str], tokens: Sequence[int]) -> np.ndarray:
+    async def _submit(
+        self, lane: _Lane[Item], texts: Sequence[Item], tokens: Sequence[int]
+    ) -> np.ndarray:
         if lane.task is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        req = _Request(texts, tokens, future)
+        req: _Request[Item] = _Request(texts, tokens, future)
         lane.queue.append(req)
         lane.waiting += len(texts)
         self._report_depth()
@@ -178,9 +213,9 @@ class MicroBatcher:
             self._observer.queue_depth(self.queue_depth)
 
     @staticmethod
-    def _take_batch(lane: _Lane) -> list[tuple[_Request, int, int]]:
+    def _take_batch(lane: _Lane[Item]) -> list[tuple[_Request[Item], int, int]]:
         """Slices (request, start, stop) forming the lane's next batch."""
-        batch: list[tuple[_Request, int, int]] = []
+        batch: list[tuple[_Request[Item], int, int]] = []
         size = tokens = 0
         while lane.queue and size < lane.max_size:
             req = lane.queue[0]
@@ -203,7 +238,7 @@ class MicroBatcher:
                 break
         return batch
 
-    async def _linger(self, lane: _Lane, loop: asyncio.AbstractEventLoop) -> None:
+    async def _linger(self, lane: _Lane[Item], loop: asyncio.AbstractEventLoop) -> None:
         """Collect a burst: wait while requests keep arriving, each within ``max_wait_s`` of
         the previous one, until the batch is full or ``max_linger_s`` has passed. A lone
         request (nothing else arrives within ``max_wait_s``) goes at once."""
@@ -221,7 +256,7 @@ class MicroBatcher:
             if lane.waiting == before:
                 return  # nothing arrived within max_wait_s: the burst is over
 
-    async def _run(self, lane: _Lane) -> None:
+    async def _run(self, lane: _Lane[Item]) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not lane.waiting:
@@ -244,8 +279,8 @@ class MicroBatcher:
             started = loop.time()
 
             def encode_and_deliver(
-                batch: list[tuple[_Request, int, int]] = batch,
-                texts: list[str] = texts,
+                batch: list[tuple[_Request[Item], int, int]] = batch,
+                texts: list[Item] = texts,
                 tokens: list[int] = tokens,
             ) -> None:
                 # The worker thread hands the vectors straight to the waiting requests: they
@@ -256,7 +291,7 @@ class MicroBatcher:
             try:
                 await loop.run_in_executor(lane.executor, encode_and_deliver)
             except Exception as exc:
-                log.exception("embedding batch of %d texts failed", len(texts))
+                log.exception("%s batch of %d items failed", self.kind, len(texts))
                 for req, _, _ in batch:
                     if not req.future.done():
                         req.future.set_exception(exc)
@@ -268,7 +303,7 @@ class MicroBatcher:
                 self._observer.batch_done(len(texts), sum(tokens), loop.time() - started)
 
     @staticmethod
-    def _deliver(batch: list[tuple[_Request, int, int]], vectors: np.ndarray) -> None:
+    def _deliver(batch: list[tuple[_Request[Item], int, int]], vectors: np.ndarray) -> None:
         row = 0
         for req, a, b in batch:
             for i in range(a, b):

@@ -187,6 +187,8 @@ class ChatService:
                 mode=options.mode,
                 alpha=options.alpha,
                 fusion=options.fusion,
+                rerank=options.rerank,
+                rerank_depth=options.rerank_depth,
             )
         except RagError as exc:
             if exc.param and not exc.param.startswith("rag."):

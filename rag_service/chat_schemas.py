@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from rag_service.schemas import NAME_PATTERN, Alpha, Fusion, Mode, TopK
+from rag_service.schemas import NAME_PATTERN, Alpha, Fusion, Mode, RerankDepth, TopK
 
 __all__ = ["ChatMessage", "ChatRequest", "RagOptions", "StreamOptions", "message_text"]
 
@@ -43,6 +43,8 @@ class RagOptions(msgspec.Struct, forbid_unknown_fields=True):
     mode: Mode | None = None
     alpha: Alpha | None = None
     fusion: Fusion | None = None
+    rerank: bool | None = None
+    rerank_depth: RerankDepth | None = None
     enabled: bool = True
 
 

@@ -14,12 +14,14 @@ from rag_service.chat import ChatService
 from rag_service.errors import NotReady, Unauthorized
 from rag_service.keys import ALL, MASTER, OPEN, Access, KeyStore, Principal
 from rag_service.knowledge import KnowledgeBase
+from rag_service.reindexing import Reindexing
 from rag_service.settings import Settings
 
 __all__ = [
     "provide_chat",
     "provide_kb",
     "provide_principal",
+    "provide_reindexing",
     "provide_settings",
     "require_api_key",
     "require_metrics_key",
@@ -37,6 +39,14 @@ def provide_kb(state: State) -> KnowledgeBase:
             else state.get("waiting_for") or "service is starting: models and indexes are loading"
         )
     return kb
+
+
+def provide_reindexing(state: State) -> Reindexing:
+    reindexing: Reindexing | None = state.get("reindexing")
+    if reindexing is None:
+        provide_kb(state)  # raises the loading / failed-start error
+        raise NotReady("reindexing is not ready")
+    return reindexing
 
 
 def provide_chat(state: State) -> ChatService:

@@ -14,7 +14,8 @@
     │   └── ModelNotFound
     ├── Conflict                  409 conflict_error
     │   ├── CollectionExists
-    │   └── EmbeddingMismatch     collection or index made by another embedding model
+    │   ├── EmbeddingMismatch     collection or index made by another embedding model
+    │   └── ReindexInProgress     the collection is being moved to another model already
     ├── Overloaded                503 overloaded_error        (Retry-After header)
     ├── NotReady                  503 service_unavailable
     ├── StoreDown                 503 the database is unreachable (Retry-After)
@@ -46,6 +47,7 @@ from indexes.engine import (
     StoreBusy,
     StoreUnavailable,
 )
+from indexes.reindex import ReindexRunning
 
 __all__ = [
     "CollectionExists",
@@ -62,6 +64,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RagError",
+    "ReindexInProgress",
     "StoreDown",
     "Unauthorized",
     "UpstreamError",
@@ -144,6 +147,10 @@ class CollectionExists(Conflict):
 
 class EmbeddingMismatch(Conflict):
     code = "embedding_mismatch"
+
+
+class ReindexInProgress(Conflict):
+    code = "reindex_in_progress"
 
 
 class Overloaded(RagError):
@@ -292,6 +299,8 @@ def from_storage(exc: StorageError) -> RagError:
         return IndexConfigError(message, param="index")
     if isinstance(exc, IndexUnusable):
         return EmbeddingMismatch(message, param="collection")
+    if isinstance(exc, ReindexRunning):
+        return ReindexInProgress(message, param="name")
     if isinstance(exc, StaleWrite):
         return Overloaded(f"{message} (other writes of these ids kept winning)", retry_after_s=1)
     if isinstance(exc, StoreBusy):

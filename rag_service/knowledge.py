@@ -9,7 +9,15 @@ Upsert: validate -> skip unchanged documents (content hash, asked of the collect
 -> embed in batches (bulk lane) -> ``collection.upsert`` -> acknowledge. A collection is made
 on first upsert, in the same transaction as the write.
 
-Search: validate -> embed the query (interactive lane) -> ``collection.search``.
+Search: validate -> embed the query (interactive lane) -> ``collection.search`` -> with
+``rerank``, score the candidates with the cross-encoder and keep the best top_k
+(:mod:`rag_service.reranking`).
+
+Each collection is embedded (chunks, questions, queries) with the model it records
+(:mod:`rag_service.embedders`); new collections take the default model. Vectors travel to the
+engine with their model's identifier: when a reindex swapped the collection to another model
+meanwhile, the engine answers :class:`~indexes.reindex.ModelChanged` and the work is embedded
+again with the new model (a search at once, an upsert as its stale-write retry).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from indexes.engine import Collection, CollectionGone, Engine, StaleWrite
+from indexes.reindex import ModelChanged
 from indexes.types import (
     Chunk,
     CollectionOptions,
@@ -38,16 +47,18 @@ from indexes.types import (
 )
 from rag_service.batching import Lane, MicroBatcher
 from rag_service.chunking import ChunkingConfig, chunk_offsets
+from rag_service.embedders import EmbeddingModels, LoadedModel
 from rag_service.embedding import Embedder
 from rag_service.errors import (
     CollectionNotFound,
     DocumentNotFound,
-    EmbeddingMismatch,
     IndexConfigError,
     InvalidRequest,
     PayloadTooLarge,
 )
 from rag_service.metrics import Metrics
+from rag_service.questions import unique_questions, upsert_questions
+from rag_service.reranking import Reranker
 from rag_service.schemas import DocumentIn, check_collection_name
 from rag_service.settings import Settings
 
@@ -55,6 +66,7 @@ __all__ = ["KnowledgeBase", "UpsertOutcome"]
 
 
 UPSERT_ATTEMPTS = 3
+SEARCH_ATTEMPTS = 3  # a search embedded by a model a reindex just swapped out is redone
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +74,15 @@ class UpsertOutcome:
     collection: str
     statuses: list[tuple[str, int, str]]  # (id, chunks, status)
     timings_ms: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class RerankPlan:
+    """A reranked search: the candidates retrieved, then what is kept of them."""
+
+    depth: int  # candidates retrieved and scored: max(rerank_depth, top_k)
+    top_k: int
+    min_score: float | None  # applies to the reranker's score
 
 
 class KnowledgeBase:
@@ -72,34 +93,34 @@ class KnowledgeBase:
         embedder: Embedder,
         batcher: MicroBatcher,
         metrics: Metrics,
+        *,
+        reranker: Reranker | None = None,
+        models: EmbeddingModels | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.embedder = embedder
+        self.embedder = embedder  # the default model's: new collections, /v1/embeddings
         self.batcher = batcher
         self.metrics = metrics
+        self.reranker = reranker
+        self.models = models or EmbeddingModels.serving(settings, embedder, batcher)
         self._searching = 0  # searches in progress, from the query's embedding on
 
     # ---- collections ---------------------------------------------------------------------
     async def collection(self, name: str, *, vectors: bool = False) -> Collection:
-        """The live collection; with ``vectors``, also one this embedding model can search
-        and write (its vectors were made by this model)."""
+        """The live collection; with ``vectors``, also one this service can search and write
+        (it can load the embedding model the collection records)."""
         found = await self.engine.lookup(name)
         if found is None:
             raise CollectionNotFound(f"collection {name!r} does not exist", param="collection")
         if vectors:
-            self._check_model(found.row)
+            await self.model_for(found.row)
         return found
 
-    def _check_model(self, row: CollectionRow) -> None:
-        if (row.embedding_model, row.dimension) != (self.embedder.name, self.embedder.dimension):
-            raise EmbeddingMismatch(
-                f"collection {row.name!r} was embedded with {row.embedding_model} (dimension "
-                f"{row.dimension}) but this service runs {self.embedder.name} (dimension "
-                f"{self.embedder.dimension}); serve it with RAG_EMBEDDING_MODEL set to that "
-                "model, or re-create the collection",
-                param="collection",
-            )
+    async def model_for(self, row: CollectionRow) -> LoadedModel:
+        """The embedding model of a collection; EmbeddingMismatch (409) when this service
+        cannot load it."""
+        return await self.models.for_collection(row)
 
     def options(
         self,
@@ -133,6 +154,7 @@ class KnowledgeBase:
             self.engine.check_index(index, self.embedder.dimension)
         except ValueError as exc:
             raise IndexConfigError(str(exc), param="index") from exc
+        self._check_rerank_defaults(search or {})
         return CollectionOptions(
             name=name,
             embedding_model=self.embedder.name,
@@ -158,6 +180,7 @@ class KnowledgeBase:
 
     async def configure_collection(self, name: str, search: dict[str, Any]) -> CollectionRow:
         """Replace the collection's search defaults (already validated by the wire type)."""
+        self._check_rerank_defaults(search)
         await self.collection(name)
         try:
             return await self.engine.configure(name, search)
@@ -209,6 +232,8 @@ class KnowledgeBase:
                 raise InvalidRequest(
                     "metadata is larger than 64 KiB", param=f"documents[{i}].metadata"
                 )
+            if doc.questions is not None:
+                unique_questions(doc.questions, f"documents[{i}].questions")
 
     async def upsert(self, name: str, docs: Sequence[DocumentIn]) -> UpsertOutcome:
         self._validate_documents(docs)
@@ -229,8 +254,7 @@ class KnowledgeBase:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         collection = await self.engine.lookup(name)
-        if collection is not None:
-            self._check_model(collection.row)
+        model = await self.model_for(collection.row) if collection else self.models.default
         options = self.options(name) if collection is None else None
         existing = await collection.existing([d.id for d in docs]) if collection else {}
         row = collection.row if collection is not None else None
@@ -246,18 +270,26 @@ class KnowledgeBase:
             else ChunkingConfig(options.chunk_tokens, options.chunk_overlap)  # type: ignore[union-attr]
         )
         t = time.perf_counter()
-        chunked = await asyncio.to_thread(self._chunk, [docs[i].text for i in to_embed], cfg)
+        chunked = await asyncio.to_thread(
+            self._chunk, [docs[i].text for i in to_embed], cfg, model.embedder
+        )
         timings["chunk"] = _ms(t)
         flat_texts = [c.text for chunks, _ in chunked for c in chunks]
         flat_tokens = [tok for _, toks in chunked for tok in toks]
         t = time.perf_counter()
         vectors = (
-            await self.batcher.embed(flat_texts, flat_tokens, lane="bulk")
+            await model.batcher.embed(flat_texts, flat_tokens, lane="bulk")
             if flat_texts
-            else np.zeros((0, self.embedder.dimension), np.float32)
+            else np.zeros((0, model.dimension), np.float32)
         )
         timings["embed"] = _ms(t)
         self.metrics.chunks_embedded.inc(len(flat_texts))
+        t = time.perf_counter()
+        questions = await upsert_questions(
+            self, collection, docs, skip_unchanged=skip_unchanged, model=model
+        )
+        if questions:
+            timings["embed_questions"] = _ms(t)
         writes: list[DocumentWrite] = []
         chunk_by_doc = dict(zip(to_embed, chunked, strict=True))
         offset = 0
@@ -268,13 +300,16 @@ class KnowledgeBase:
                 chunks = chunk_by_doc[i][0]
                 vecs = vectors[offset : offset + len(chunks)]
                 offset += len(chunks)
-            writes.append(DocumentWrite(doc.id, doc.text, doc.metadata, hashes[i], chunks, vecs))
+            write = DocumentWrite(doc.id, doc.text, doc.metadata, hashes[i], chunks, vecs)
+            if i in questions:  # known questions: extra keys of the document
+                write.questions, write.question_vectors = questions[i]
+            writes.append(write)
         t = time.perf_counter()
         if collection is None:
             assert options is not None
             collection, outcome = await self.engine.upsert_new(options, writes)
         else:
-            outcome = await collection.upsert(writes)
+            outcome = await collection.upsert(writes, model=model.id)
         timings["write"] = _ms(t)
         statuses = []
         for doc in docs:
@@ -284,14 +319,17 @@ class KnowledgeBase:
         timings["total"] = _ms(t0)
         return UpsertOutcome(collection.row.name, statuses, timings)
 
-    def _chunk(self, texts: list[str], cfg: ChunkingConfig) -> list[tuple[list[Chunk], list[int]]]:
+    def _chunk(
+        self, texts: list[str], cfg: ChunkingConfig, embedder: Embedder
+    ) -> list[tuple[list[Chunk], list[int]]]:
+        """Chunks in ``embedder``'s tokens (the collection's model) and their token counts."""
         out = []
-        for text, offsets in zip(texts, self.embedder.offsets(texts), strict=True):
+        for text, offsets in zip(texts, embedder.offsets(texts), strict=True):
             chunks = chunk_offsets(text, offsets, cfg)
             out.append(
                 (
                     [Chunk(c.position, c.start, c.end, c.text) for c in chunks],
-                    [min(c.tokens + 2, self.embedder.max_seq_length) for c in chunks],
+                    [min(c.tokens + 2, embedder.max_seq_length) for c in chunks],
                 )
             )
         return out
@@ -316,8 +354,11 @@ class KnowledgeBase:
             )
 
     # ---- search --------------------------------------------------------------------------
-    async def embed_queries(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
-        """Vectors for an embeddings request, and the tokens it used.
+    async def embed_queries(
+        self, texts: Sequence[str], model: LoadedModel | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Vectors for an embeddings request (by ``model``, default: the default model), and
+        the tokens it used.
 
         A request with more than ``interactive_max_texts`` inputs (or more tokens than one
         bulk batch) is encoded on the bulk lane, in bounded batches beside ingest, so a search
@@ -325,11 +366,12 @@ class KnowledgeBase:
         refused (413) before anything is encoded.
         """
         s = self.settings
+        model = model or self.models.default
         small = len(texts) <= s.interactive_max_texts
         if small:
-            tokens = self.embedder.count_tokens(list(texts))
+            tokens = model.embedder.count_tokens(list(texts))
         else:  # tokenizing thousands of inputs would stall the event loop
-            tokens = await asyncio.to_thread(self.embedder.count_tokens, list(texts))
+            tokens = await asyncio.to_thread(model.embedder.count_tokens, list(texts))
         total = sum(tokens)
         if total > s.max_embedding_tokens:
             raise PayloadTooLarge(
@@ -338,7 +380,7 @@ class KnowledgeBase:
                 param="input",
             )
         lane: Lane = "interactive" if small and total <= s.max_bulk_tokens else "bulk"
-        vectors = await self.batcher.embed(texts, tokens, lane=lane)
+        vectors = await model.batcher.embed(texts, tokens, lane=lane)
         return vectors, total
 
     async def search(
@@ -352,9 +394,12 @@ class KnowledgeBase:
         mode: str | None = None,
         alpha: float | None = None,
         fusion: str | None = None,
+        rerank: bool | None = None,
+        rerank_depth: int | None = None,
     ) -> tuple[list[ScoredHit], dict[str, float]]:
-        """Top-k chunks for ``query``. ``mode``, ``alpha`` and ``fusion`` left as None take
-        the collection's search defaults, then the service's settings."""
+        """Top-k chunks for ``query``. ``mode``, ``alpha``, ``fusion``, ``rerank`` and
+        ``rerank_depth`` left as None take the collection's search defaults, then the
+        service's settings."""
         if top_k > self.settings.max_top_k:
             raise InvalidRequest(f"top_k must be at most {self.settings.max_top_k}", param="top_k")
         if len(query) > self.settings.max_query_chars:
@@ -367,14 +412,16 @@ class KnowledgeBase:
             flt = MetadataFilter.parse(filter)
         except FilterError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from exc
+        self._check_rerank_depth(rerank_depth, "rerank_depth")
         collection = await self.collection(name, vectors=True)
         defaults = collection.row.search
+        plan = self._rerank_plan(defaults, rerank, rerank_depth, top_k, min_score)
         request = SearchQuery(
             text=query,
             vector=np.zeros((1, 0), np.float32),  # filled in once the query is embedded
-            top_k=top_k,
+            top_k=top_k if plan is None else plan.depth,
             filter=flt,
-            min_score=min_score,
+            min_score=min_score if plan is None else None,
             mode="hybrid" if (mode or defaults.get("mode")) == "hybrid" else "dense",
             alpha=_first(alpha, defaults.get("alpha"), self.settings.hybrid_alpha),
             fusion="rrf"
@@ -383,26 +430,99 @@ class KnowledgeBase:
         )
         self._searching += 1
         try:
-            return await self._search(collection, request)
+            return await self._search(collection, request, plan)
         finally:
             self._searching -= 1
 
     async def _search(
-        self, collection: Collection, request: SearchQuery
+        self, collection: Collection, request: SearchQuery, plan: RerankPlan | None = None
     ) -> tuple[list[ScoredHit], dict[str, float]]:
         query = request.text
         t0 = time.perf_counter()
-        # The query's token count only steers batching, so an estimate saves a tokenizer
-        # pass on the event loop; the encoder tokenizes the query anyway.
-        vector = await self.batcher.embed(
-            [query], [self.embedder.estimate_tokens(query)], lane="interactive"
-        )
-        timings = {"embed": _ms(t0)}
-        request = replace(request, vector=vector, alone=self._searching == 1)
-        hits = await collection.search(request, timings)
+        for attempt in range(SEARCH_ATTEMPTS):
+            model = await self.model_for(collection.row)
+            # The query's token count only steers batching, so an estimate saves a tokenizer
+            # pass on the event loop; the encoder tokenizes the query anyway.
+            vector = await model.batcher.embed(
+                [query], [model.embedder.estimate_tokens(query)], lane="interactive"
+            )
+            timings = {"embed": _ms(t0)}
+            request = replace(
+                request, vector=vector, alone=self._searching == 1, embedding_model=model.id
+            )
+            try:
+                hits = await collection.search(request, timings)
+                break
+            except ModelChanged:  # a reindex swapped meanwhile: embed with the new model
+                if attempt == SEARCH_ATTEMPTS - 1:
+                    raise
+        if plan is not None:
+            hits = await self._rerank(query, hits, plan, timings)
         timings["total"] = _ms(t0)
-        self.metrics.search_latency.labels(request.mode).observe(timings["total"] / 1000)
+        label = request.mode if plan is None else f"{request.mode}+rerank"
+        self.metrics.search_latency.labels(label).observe(timings["total"] / 1000)
         return hits, timings
+
+    # ---- reranking -----------------------------------------------------------------------
+    def _check_rerank_depth(self, depth: int | None, param: str) -> None:
+        bound = self.settings.max_rerank_depth
+        if depth is not None and depth > bound:
+            raise InvalidRequest(
+                f"{param} must be at most {bound} (RAG_MAX_RERANK_DEPTH), got {depth}",
+                param=param,
+            )
+
+    def _require_reranker(self, param: str, why: str = "rerank is true") -> None:
+        if self.reranker is None:
+            raise InvalidRequest(
+                f"{why} but no reranker is configured: set RAG_RERANKER_MODEL to a "
+                "cross-encoder directory",
+                param=param,
+            )
+
+    def _check_rerank_defaults(self, search: dict[str, Any]) -> None:
+        """A collection may default to reranking only where a reranker is configured."""
+        if search.get("rerank"):
+            self._require_reranker("search.rerank", "search.rerank is true")
+        self._check_rerank_depth(search.get("rerank_depth"), "search.rerank_depth")
+
+    def _rerank_plan(
+        self,
+        defaults: dict[str, Any],
+        rerank: bool | None,
+        rerank_depth: int | None,
+        top_k: int,
+        min_score: float | None,
+    ) -> RerankPlan | None:
+        """None for a plain search; else how many candidates to rerank and what to keep."""
+        if rerank is None and defaults.get("rerank"):
+            # The collection says rerank; a service started without a reranker cannot.
+            self._require_reranker("rerank", "the collection's search defaults say rerank: true")
+        if not _first(rerank, defaults.get("rerank"), False):
+            return None
+        self._require_reranker("rerank")
+        depth = _first(rerank_depth, defaults.get("rerank_depth"), self.settings.rerank_depth)
+        self._check_rerank_depth(depth, "rerank_depth")
+        return RerankPlan(max(depth, top_k), top_k, min_score)
+
+    async def _rerank(
+        self, query: str, hits: list[ScoredHit], plan: RerankPlan, timings: dict[str, float]
+    ) -> list[ScoredHit]:
+        """The candidates ordered by the reranker's score (ties keep the retrieval order),
+        ``min_score`` applied to it, the first ``top_k`` kept. ``parts`` keeps the retrieval
+        parts and adds ``retrieval`` (the score before reranking) and ``rerank``."""
+        assert self.reranker is not None
+        t = time.perf_counter()
+        scores = await self.reranker.score(query, [h.hit.text for h in hits])
+        timings["rerank"] = _ms(t)
+        reranked = [
+            ScoredHit(h.hit, s, {**h.parts, "retrieval": h.score, "rerank": s})
+            for h, s in zip(hits, map(float, scores), strict=True)
+        ]
+        reranked.sort(key=lambda h: -h.score)
+        if plan.min_score is not None:
+            reranked = [h for h in reranked if h.score >= plan.min_score]
+        return reranked[: plan.top_k]
 
 
 def _first(*values: Any) -> Any:

@@ -7,9 +7,43 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["BatchHistograms", "Metrics"]
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class BatchHistograms:
+    """A :class:`~rag_service.batching.BatchObserver` of a batcher other than the embedding
+    one (the reranker's): its batch sizes, durations and queue under a ``prefix``."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str, what: str) -> None:
+        self.size = Histogram(
+            f"{prefix}_batch_size",
+            f"{what} per batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
+        self.tokens = Histogram(
+            f"{prefix}_batch_tokens",
+            "Tokens per batch (estimated)",
+            buckets=(16, 64, 256, 1024, 4096, 16384, 65536),
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            f"{prefix}_batch_seconds",
+            "Time to run one batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue = Gauge(f"{prefix}_queue_depth", f"{what} waiting", registry=registry)
+
+    def batch_done(self, size: int, tokens: int, seconds: float) -> None:
+        self.size.observe(size)
+        self.tokens.observe(tokens)
+        self.seconds.observe(seconds)
+
+    def queue_depth(self, depth: int) -> None:
+        self.queue.set(depth)
 
 
 class Metrics:
@@ -63,6 +97,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.rerank_batches = BatchHistograms(r, "rag_rerank", "(query, chunk) pairs")
 
         self.loop_lag = Histogram(
             "rag_event_loop_lag_seconds",

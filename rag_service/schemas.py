@@ -17,6 +17,8 @@ from rag_service.errors import InvalidRequest
 
 __all__ = [
     "DOC_ID_PATTERN",
+    "MAX_QUESTIONS_PER_DOCUMENT",
+    "MAX_QUESTION_CHARS",
     "NAME_PATTERN",
     "CollectionCreate",
     "CollectionInfo",
@@ -30,6 +32,8 @@ __all__ = [
     "EmbeddingsRequest",
     "EmbeddingsResponse",
     "NamePath",
+    "QuestionText",
+    "ReindexInfo",
     "SearchDefaults",
     "SearchRequest",
     "SearchResponse",
@@ -67,6 +71,20 @@ Alpha = Annotated[
     ),
 ]
 Fusion = Literal["convex", "rrf"]
+# Known questions of a document (extra search keys, see indexes.questions).
+MAX_QUESTIONS_PER_DOCUMENT = 64
+MAX_QUESTION_CHARS = 1000
+QuestionText = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"\S")
+]
+RerankDepth = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        description="candidates the reranker scores (at least top_k); at most "
+        "RAG_MAX_RERANK_DEPTH (default 200)",
+    ),
+]
 
 
 def check_collection_name(name: str) -> None:
@@ -86,6 +104,8 @@ class SearchDefaults(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     mode: Mode | None = None
     alpha: Alpha | None = None
     fusion: Fusion | None = None
+    rerank: bool | None = None
+    rerank_depth: RerankDepth | None = None
 
 
 class CollectionCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -113,7 +133,27 @@ class CollectionInfo(msgspec.Struct):
     chunk_overlap: int
     created_at: int
     search: SearchDefaults = msgspec.field(default_factory=SearchDefaults)
+    questions: int = 0  # known questions stored as extra keys of the documents
+    # The collection's latest move to another embedding model, if any (running, done, failed).
+    reindex: ReindexInfo | None = None
     object: str = "collection"
+
+
+class ReindexInfo(msgspec.Struct, omit_defaults=True):
+    """A reindex: the model the collection moves to, its state (``running``, ``done``,
+    ``failed``), the vectors of the new model made so far out of ``total`` (the collection's
+    chunks and questions), and the error that stopped a failed one."""
+
+    embedding_model: str
+    dimension: int
+    state: Literal["running", "done", "failed"]
+    done: int
+    total: int
+    from_model: str
+    started_at: int
+    updated_at: int
+    error: str | None = None
+    object: str = "collection.reindex"
 
 
 class CollectionList(msgspec.Struct):
@@ -122,9 +162,16 @@ class CollectionList(msgspec.Struct):
 
 
 class DocumentIn(msgspec.Struct, forbid_unknown_fields=True):
+    """A document to upsert. ``questions``: the questions it answers, embedded as extra
+    search keys of it. Left out: the stored questions stay (a re-ingest of the text keeps
+    them); ``[]`` removes them; a list replaces them (duplicates dropped)."""
+
     id: DocId
     text: Text
     metadata: Metadata = msgspec.field(default_factory=dict)
+    questions: (
+        Annotated[list[QuestionText], msgspec.Meta(max_length=MAX_QUESTIONS_PER_DOCUMENT)] | None
+    ) = None
 
 
 class UpsertRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -150,6 +197,7 @@ class DocumentOut(msgspec.Struct, omit_defaults=True):
     updated_at: int
     created_at: int
     text: str | None = None
+    questions: list[str] | None = None  # the document's known questions (GET of one document)
     object: str = "document"
 
 
@@ -170,6 +218,9 @@ class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):
     mode: Mode | None = None
     alpha: Alpha | None = None
     fusion: Fusion | None = None
+    # Rerank the candidates with the cross-encoder (RAG_RERANKER_MODEL); score = its score.
+    rerank: bool | None = None
+    rerank_depth: RerankDepth | None = None
     debug: bool = False
 
 
@@ -184,6 +235,10 @@ class SearchResult(msgspec.Struct, omit_defaults=True):
     end: int
     # With ``debug``: the scores the result's score was made of (dense, bm25, fused, ...).
     scores: dict[str, float] | None = None
+    # With ``debug``: "question" when a known question of the document ranked it (its score
+    # is the question's; ``scores`` holds ``question`` and the chunk's own ``chunk``), else
+    # "chunk".
+    matched: Literal["chunk", "question"] | None = None
 
 
 class SearchResponse(msgspec.Struct, omit_defaults=True):

@@ -85,6 +85,24 @@ class Settings:
         default="",
         metadata=_help("sentence-transformers model directory; empty = bundled all-MiniLM-L6-v2."),
     )
+    models_dir: Path | None = field(
+        default=None,
+        metadata=_help(
+            "Directory of the embedding models collections may be moved to (POST "
+            "/v1/collections/{name}/reindex names a directory inside it; `rag-train embed "
+            "--output` can write there); default <data_dir>/models."
+        ),
+    )
+    reindex_batch_size: int = field(
+        default=256,
+        metadata=_help("Chunks a reindex embeds and commits per step (its progress unit)."),
+    )
+    reindex_pause_ms: float = field(
+        default=0.0,
+        metadata=_help(
+            "Pause between the steps of a reindex (ms), leaving the cores to live traffic."
+        ),
+    )
     device: Device = field(
         default="auto", metadata=_help("Embedding device: auto (CUDA when present), cpu, cuda.")
     )
@@ -135,17 +153,43 @@ class Settings:
         metadata=_help("Largest top_k a search or a chat's retrieval may ask for (the one bound)."),
     )
     hybrid_alpha: float = field(
-        default=0.5,
+        default=0.88,
         metadata=_help(
-            "Hybrid search: weight of the dense ranking, 0-1 (1 - alpha goes to BM25). A "
-            "collection's search defaults and a request's alpha win over it."
+            "Hybrid search: weight of the dense score, 0-1 (1 - alpha goes to BM25). A "
+            "collection's search defaults and a request's alpha win over it. 0.88 was chosen "
+            "by benchmarks/bench_hybrid.py on four question sets."
         ),
     )
     hybrid_fusion: Fusion = field(
         default="convex",
         metadata=_help(
             "Hybrid search: how the dense and BM25 rankings are fused. convex: weighted sum of "
-            "min-max normalised scores; rrf: weighted reciprocal rank fusion."
+            "the dense score and the BM25 score over its best; rrf: weighted reciprocal rank "
+            "fusion."
+        ),
+    )
+    reranker_model: str = field(
+        default="",
+        metadata=_help(
+            "Cross-encoder directory (sentence-transformers CrossEncoder, one output) that "
+            "rerank: true in search and chat uses; empty = no reranking."
+        ),
+    )
+    rerank_depth: int = field(
+        default=30,
+        metadata=_help(
+            "Candidates a reranked search scores by default (at least top_k). A collection's "
+            "search defaults and a request's rerank_depth win over it."
+        ),
+    )
+    max_rerank_depth: int = field(
+        default=200, metadata=_help("Largest rerank_depth a request or collection may ask for.")
+    )
+    rerank_batch_tokens: int = field(
+        default=4096,
+        metadata=_help(
+            "Most tokens (query + chunk, over all pairs) in one reranker batch; a query "
+            "embedding waits for at most one such batch."
         ),
     )
     max_chat_chars: int = field(
@@ -324,6 +368,7 @@ class Settings:
             "generation_queue_size",
             "generation_batch_size",
             "max_lora_rank",
+            "reindex_batch_size",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
@@ -333,8 +378,18 @@ class Settings:
                 raise bad(f.name, f"must be one of {', '.join(choices)}")
         if not 0.0 <= self.hybrid_alpha <= 1.0:
             raise bad("hybrid_alpha", "must be between 0 and 1")
+        if not 1 <= self.rerank_depth <= self.max_rerank_depth:
+            raise bad("rerank_depth", "must be between 1 and RAG_MAX_RERANK_DEPTH")
+        if self.rerank_batch_tokens < 1:
+            raise bad("rerank_batch_tokens", "must be at least 1")
+        if self.reranker_model:
+            from rag_service.reranking import check_reranker_dir
+
+            check_reranker_dir(self.reranker_model)
         if self.inline_search_max_vectors < 0:
             raise bad("inline_search_max_vectors", "must be >= 0")
+        if self.reindex_pause_ms < 0:
+            raise bad("reindex_pause_ms", "must be >= 0")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:
             raise bad("chunk_overlap", "must be >= 0 and smaller than RAG_CHUNK_TOKENS")
         if not 0 <= self.port <= 65535:
@@ -372,6 +427,10 @@ class Settings:
     @property
     def adapters_path(self) -> Path:
         return self.adapters_dir or Path(self.data_dir) / "adapters"
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir or Path(self.data_dir) / "models"
 
     @property
     def resolved_backend(self) -> str:

@@ -145,3 +145,20 @@ def test_serve_logging_writes_from_a_listener_thread(capsys):
     assert err[1].endswith("INFO rag_service.test: value marker")
     assert len(err) == 2
     assert threads and threads[0] != threading.current_thread().name
+
+
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [
+        ({}, "http://127.0.0.1:8000"),
+        ({"RAG_PORT": "9001"}, "http://127.0.0.1:9001"),
+        ({"RAG_HOST": "0.0.0.0", "RAG_PORT": "9002"}, "http://127.0.0.1:9002"),
+        ({"RAG_HOST": "10.1.2.3"}, "http://10.1.2.3:8000"),
+        ({"RAG_HOST": "::1", "RAG_PORT": "7"}, "http://[::1]:7"),
+        ({"RAG_URL": "https://rag.example/", "RAG_PORT": "9"}, "https://rag.example/"),
+    ],
+)
+def test_client_commands_find_the_server_from_its_settings(env, url):
+    from rag_service.cli.client import default_url
+
+    assert default_url(env) == url

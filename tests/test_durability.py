@@ -211,21 +211,21 @@ def test_store_of_an_older_schema_is_migrated(tmp_path):
     its collections and documents are kept; a store newer than this code is refused."""
     import sqlite3
 
-    from indexes.docstore import SCHEMA_VERSION, DocumentStore
-    from indexes.types import CollectionOptions
+    from indexes.docstore import _SCHEMA, SCHEMA_VERSION, DocumentStore
 
     path = tmp_path / "store.db"
-    store = DocumentStore(path)
-    store.create_collection(CollectionOptions("old", "m", 4))
-    store.close()
-    conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE collections DROP COLUMN search_defaults")
+    conn = sqlite3.connect(path)  # a file as version 1 made it: its tables, one collection
+    conn.executescript(_SCHEMA)
+    conn.execute(
+        "INSERT INTO collections (name, embedding_model, dimension, index_factory, "
+        "chunk_tokens, chunk_overlap, created_at) VALUES ('old', 'm', 4, 'Flat', 200, 40, 0)"
+    )
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
     store = DocumentStore(path)
     row = store.get_collection("old")
-    assert row is not None and row.search == {} and row.dimension == 4
+    assert row is not None and row.search == {} and row.dimension == 4 and row.questions == 0
     assert store.set_search_defaults("old", {"alpha": 0.25}).search == {"alpha": 0.25}  # type: ignore[union-attr]
     store.close()
     conn = sqlite3.connect(path)

@@ -254,7 +254,7 @@ def test_cli_eval_bad_lines_exit_2_without_calling(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert main(["eval", str(_write(tmp_path / "ok.jsonl", EASY)), "--url", url]) == 1
     assert "cannot reach" in capsys.readouterr().err
-    assert main(["eval", str(bad), "--url", url, "--modes", "rerank"]) == 2
+    assert main(["eval", str(bad), "--url", url, "--modes", "sparse"]) == 2
 
 
 def test_cli_eval_service_errors(server, tmp_path, capsys):

@@ -13,14 +13,17 @@ SPARSE = [(3, 12.0), (4, 6.0), (1, 2.0)]
 
 def test_convex_by_hand():
     ranked, parts = fuse(DENSE, SPARSE, alpha=0.5)
-    # dense normalised: 1 -> 1.0, 2 -> 0.5, 3 -> 0.0; bm25 normalised: 3 -> 1.0, 4 -> 0.4, 1 -> 0.0
-    want = {1: 0.5, 2: 0.25, 3: 0.5, 4: 0.2}
+    # dense as it is (4, not in the dense ranking, gets its lowest score, 0.5);
+    # bm25 over its best (12): 3 -> 1.0, 4 -> 0.5, 1 -> 1/6, 2 -> 0
+    want = {1: 0.45 + 0.5 / 6, 2: 0.35, 3: 0.75, 4: 0.5}
     assert dict(ranked) == pytest.approx(want)
-    assert [cid for cid, _ in ranked] == [1, 3, 2, 4]  # 1 and 3 tie: the dense order decides
-    assert parts[3] == pytest.approx({"dense": 0.5, "bm25": 12.0, "fused": 0.5})
-    assert parts[2] == pytest.approx({"dense": 0.7, "fused": 0.25})
+    assert [cid for cid, _ in ranked] == [3, 1, 4, 2]
+    assert parts[3] == pytest.approx({"dense": 0.5, "bm25": 12.0, "fused": 0.75})
+    assert parts[2] == pytest.approx({"dense": 0.7, "fused": 0.35})
+    assert parts[4] == pytest.approx({"bm25": 6.0, "fused": 0.5})
     ranked, _ = fuse(DENSE, SPARSE, alpha=0.8)
-    assert dict(ranked) == pytest.approx({1: 0.8, 2: 0.4, 3: 0.2, 4: 0.08})
+    assert dict(ranked) == pytest.approx({1: 0.72 + 0.2 / 6, 2: 0.56, 3: 0.6, 4: 0.5})
+    assert [cid for cid, _ in ranked] == [1, 3, 2, 4]
 
 
 def test_weighted_rrf_by_hand():
@@ -47,8 +50,10 @@ def test_one_sided_and_flat_rankings():
     assert [c for c, _ in ranked] == [1, 2, 3]
     assert all("bm25" not in p for p in parts.values())
     ranked, _ = fuse([(7, 0.4)], [(8, 3.0), (9, 3.0)], alpha=0.5)
-    assert dict(ranked) == pytest.approx({7: 0.5, 8: 0.5, 9: 0.5})
-    assert ranked[0][0] == 7
+    assert dict(ranked) == pytest.approx({7: 0.2, 8: 0.7, 9: 0.7})
+    assert [c for c, _ in ranked] == [8, 9, 7]
+    ranked, _ = fuse([(1, 0.3), (2, 0.2)], [(2, 0.0)], alpha=0.5)  # BM25 scores all 0
+    assert [c for c, _ in ranked] == [1, 2]
 
 
 def test_content_words():

@@ -302,7 +302,7 @@ def test_document_ids_are_addressable_or_refused(client):
     ("path", "methods"),
     [
         ("/v1/collections", "GET, OPTIONS, POST"),
-        ("/v1/collections/kb", "DELETE, OPTIONS"),
+        ("/v1/collections/kb", "DELETE, OPTIONS, PATCH"),
         ("/v1/collections/kb/documents", "GET, OPTIONS, POST"),
         ("/v1/collections/kb/documents/x", "DELETE, GET, OPTIONS"),
         ("/v1/collections/kb/search", "OPTIONS, POST"),

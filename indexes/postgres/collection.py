@@ -7,7 +7,9 @@ replicas writing one id run one after the other, and the second sees the first's
 last the collection row itself to move its counters. Statuses are decided inside the
 transaction, against what is committed then: same content hash and same canonical metadata:
 ``unchanged``; same text, other metadata: ``updated`` with the chunks kept; new text: the old
-chunks out and the new ones in (``updated``), or ``created``.
+chunks out and the new ones in (``updated``), or ``created``. A document's known questions
+(``rag_questions``) are replaced in the same transaction when the write brings other ones,
+and kept when it brings none.
 """
 
 from __future__ import annotations
@@ -24,8 +26,18 @@ from psycopg import AsyncConnection
 from psycopg import errors as pg_errors
 
 from indexes.engine import CollectionGone, StaleWrite
-from indexes.postgres.search import count_matching, dense_ranking, hydrate, sparse_ranking
+from indexes.postgres.reindex import check_model
+from indexes.postgres.search import (
+    best_chunks,
+    count_matching,
+    dense_ranking,
+    hydrate,
+    question_ranking,
+    sparse_ranking,
+)
 from indexes.postgres.sql import EF_SEARCH_MAX, IndexSpec, compile_filter, parse_index
+from indexes.questions import QuestionsOutcome, QuestionWrite, Ranking, lift_by_questions
+from indexes.reindex import ModelChanged
 from indexes.types import (
     CollectionRow,
     DocumentRow,
@@ -71,7 +83,7 @@ def check_storable(writes: Sequence[DocumentWrite]) -> None:
         if w.id in seen:
             raise ValueError(f"document id {w.id!r} appears twice in one upsert")
         seen.add(w.id)
-        texts = [w.id, w.text, *(c.text for c in w.chunks or ())]
+        texts = [w.id, w.text, *(c.text for c in w.chunks or ()), *(w.questions or ())]
         if not all(_nul_free(t) for t in texts) or not _nul_free(w.metadata):
             raise ValueError(f"document {w.id!r}: PostgreSQL cannot store NUL (U+0000) characters")
         if w.chunks is not None:
@@ -79,6 +91,12 @@ def check_storable(writes: Sequence[DocumentWrite]) -> None:
             if w.vectors is None or np.ndim(w.vectors) != 2 or n != len(w.chunks):
                 raise ValueError(
                     f"document {w.id!r}: {len(w.chunks)} chunks need as many vectors, got {n}"
+                )
+        if w.questions is not None and w.question_vectors is not None:
+            n = len(w.question_vectors)
+            if np.ndim(w.question_vectors) != 2 or n != len(w.questions):
+                raise ValueError(
+                    f"document {w.id!r}: {len(w.questions)} questions need as many vectors, got {n}"
                 )
 
 
@@ -92,9 +110,9 @@ async def lock_collection(conn: AsyncConnection, row: CollectionRow) -> None:
 
 async def apply_writes(
     conn: AsyncConnection, row: CollectionRow, writes: Sequence[DocumentWrite]
-) -> tuple[WriteOutcome, int, int]:
+) -> tuple[WriteOutcome, int, int, int]:
     """Apply ``writes`` inside the caller's transaction (the collection row already locked);
-    returns the outcome and the collection's new (documents, chunks) counters."""
+    returns the outcome and the collection's new (documents, chunks, questions) counters."""
     cid = int(row.id)
     outcome = WriteOutcome()
     keys = sorted({_lock_key(cid, w.id) for w in writes})
@@ -109,18 +127,28 @@ async def apply_writes(
         (cid, [w.id for w in writes]),
     )
     old = {r[0]: (int(r[1]), r[2], canonical_json(r[3]), int(r[4])) for r in await cur.fetchall()}
+    stored = await stored_questions(
+        conn, cid, [old[w.id][0] for w in writes if w.questions is not None and w.id in old]
+    )
     metadata_only: list[tuple[int, str]] = []
     replaced: list[tuple[int, DocumentWrite, str]] = []
     created: list[tuple[DocumentWrite, str]] = []
+    new_questions: list[DocumentWrite] = []
     doc_delta = chunk_delta = 0
     for w in writes:
         meta = canonical_json(w.metadata)
         prev = old.get(w.id)
-        if prev is not None and prev[1] == w.content_hash and prev[2] == meta:
+        asks = w.questions is not None and w.questions != stored.get(prev[0] if prev else -1, [])
+        if asks:
+            if w.question_vectors is None:
+                raise StaleWrite(f"questions of document {w.id!r} changed concurrently; retry")
+            new_questions.append(w)
+        if prev is not None and prev[1] == w.content_hash and prev[2] == meta and not asks:
             outcome.statuses[w.id] = "unchanged"
             outcome.chunk_counts[w.id] = prev[3]
         elif prev is not None and prev[1] == w.content_hash:
-            metadata_only.append((prev[0], meta))  # same text: chunks and vectors stay
+            # Same text: chunks and vectors stay (metadata or questions change).
+            metadata_only.append((prev[0], meta))
             outcome.statuses[w.id] = "updated"
             outcome.chunk_counts[w.id] = prev[3]
         elif w.chunks is None:
@@ -185,15 +213,81 @@ async def apply_writes(
     fresh = [w for _, w, _ in replaced] + [w for w, _ in created]
     if any(w.chunks for w in fresh):
         await _copy_chunks(conn, row, fresh, pks)
+    question_delta = 0
+    if new_questions:
+        pks.update({w.id: old[w.id][0] for w in new_questions if w.id not in pks})
+        question_delta = await _replace_questions(conn, row, new_questions, pks)
     cur = await conn.execute(
-        "UPDATE rag_collections SET documents = documents + %s, chunks = chunks + %s "
-        "WHERE id = %s RETURNING documents, chunks",
-        (doc_delta, chunk_delta, cid),
+        "UPDATE rag_collections SET documents = documents + %s, chunks = chunks + %s, "
+        "questions = questions + %s WHERE id = %s RETURNING documents, chunks, questions",
+        (doc_delta, chunk_delta, question_delta, cid),
     )
     counters = await cur.fetchone()
     if counters is None:
         raise CollectionGone(f"collection {row.name!r} no longer exists")
-    return outcome, int(counters[0]), int(counters[1])
+    return outcome, int(counters[0]), int(counters[1]), int(counters[2])
+
+
+async def stored_questions(
+    conn: AsyncConnection, collection_id: int, doc_pks: builtins.list[int]
+) -> dict[int, builtins.list[str]]:
+    """``{document pk: its questions in stored order}`` for those of ``doc_pks`` with any."""
+    if not doc_pks:
+        return {}
+    cur = await conn.execute(
+        "SELECT doc_pk, array_agg(text ORDER BY id) FROM rag_questions "
+        "WHERE collection_id = %s AND doc_pk = ANY(%s) GROUP BY doc_pk",
+        (collection_id, doc_pks),
+    )
+    return {int(r[0]): list(r[1]) for r in await cur.fetchall()}
+
+
+async def _replace_questions(
+    conn: AsyncConnection,
+    row: CollectionRow,
+    docs: builtins.list[DocumentWrite],
+    pks: dict[str, int],
+) -> int:
+    """Swap the stored questions of ``docs`` for theirs; the change in the question count."""
+    cur = await conn.execute(
+        "DELETE FROM rag_questions WHERE collection_id = %s AND doc_pk = ANY(%s)",
+        (row.id, [pks[w.id] for w in docs]),
+    )
+    removed = cur.rowcount
+    rows = [
+        (pks[w.id], text, vec)
+        for w in docs
+        for text, vec in zip(w.questions or (), _vectors(row, w.question_vectors), strict=True)
+    ]
+    await _insert_questions(conn, row, rows)
+    return len(rows) - removed
+
+
+def _vectors(row: CollectionRow, vectors: np.ndarray | None) -> np.ndarray:
+    """Question vectors as float32 rows of the collection's dimension (ValueError if not)."""
+    out = np.ascontiguousarray(
+        vectors if vectors is not None else np.zeros((0, row.dimension)), dtype=np.float32
+    )
+    if out.ndim != 2 or (len(out) and out.shape[1] != row.dimension):
+        raise ValueError(
+            f"collection {row.name!r} holds vectors of dimension {row.dimension}; "
+            f"got question vectors of shape {out.shape}"
+        )
+    return out
+
+
+async def _insert_questions(
+    conn: AsyncConnection, row: CollectionRow, rows: builtins.list[tuple[int, str, np.ndarray]]
+) -> None:
+    """COPY (binary) ``(document pk, text, vector)`` rows into ``rag_questions``."""
+    if not rows:
+        return
+    async with conn.cursor().copy(
+        "COPY rag_questions (collection_id, doc_pk, text, embedding) FROM STDIN (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["int8", "int8", "text", "vector"])
+        for doc_pk, text, vec in rows:
+            await copy.write_row((int(row.id), doc_pk, text, vec))
 
 
 async def _copy_chunks(
@@ -257,31 +351,103 @@ class PostgresCollection:
             raise self._gone()
 
     # ---- writes ------------------------------------------------------------------------
-    async def upsert(self, writes: Sequence[DocumentWrite]) -> WriteOutcome:
+    async def upsert(
+        self, writes: Sequence[DocumentWrite], *, model: str | None = None
+    ) -> WriteOutcome:
         check_storable(writes)
         if not writes:
             return WriteOutcome()
         row = self._row
 
-        async def body(conn: AsyncConnection) -> tuple[WriteOutcome, int, int]:
+        async def body(conn: AsyncConnection) -> tuple[WriteOutcome, int, int, int]:
             await lock_collection(conn, row)
+            if model is not None:
+                await check_model(conn, self, model)
             return await apply_writes(conn, row, writes)
 
         try:
-            outcome, documents, chunks = await self._engine._write(body)
+            outcome, documents, chunks, questions = await self._engine._write(body)
         except CollectionGone:
             raise self._gone() from None
-        self._row = replace(self._row, documents=documents, chunks=chunks)
+        self._row = replace(self._row, documents=documents, chunks=chunks, questions=questions)
+        return outcome
+
+    async def add_questions(
+        self, writes: Sequence[QuestionWrite], *, limit: int, model: str | None = None
+    ) -> QuestionsOutcome:
+        row = self._row
+        if any("\x00" in t for w in writes for t in w.questions):
+            raise ValueError("PostgreSQL cannot store NUL (U+0000) characters")
+
+        async def body(conn: AsyncConnection) -> tuple[QuestionsOutcome, int | None]:
+            await lock_collection(conn, row)
+            if model is not None:
+                await check_model(conn, self, model)
+            cid = int(row.id)
+            keys = sorted({_lock_key(cid, w.document_id) for w in writes})
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) WITH ORDINALITY "
+                "t(k, n) ORDER BY n",
+                (keys,),
+            )
+            cur = await conn.execute(
+                "SELECT id, pk FROM rag_documents WHERE collection_id = %s AND id = ANY(%s)",
+                (cid, [w.document_id for w in writes]),
+            )
+            pks = {r[0]: int(r[1]) for r in await cur.fetchall()}
+            stored = await stored_questions(conn, cid, list(pks.values()))
+            outcome = QuestionsOutcome()
+            rows: builtins.list[tuple[int, str, np.ndarray]] = []
+            for w in writes:
+                pk = pks.get(w.document_id)
+                if pk is None:
+                    outcome.missing.append(w.document_id)
+                    continue
+                have = set(stored.get(pk, ()))
+                vectors = _vectors(row, w.vectors)
+                keep = [i for i, t in enumerate(w.questions) if t not in have]
+                outcome.added[w.document_id] = len(keep)
+                outcome.totals[w.document_id] = len(have) + len(keep)
+                if len(have) + len(keep) > limit:
+                    outcome.over_limit.append(w.document_id)
+                rows.extend((pk, w.questions[i], vectors[i]) for i in keep)
+            if not outcome.written or not rows:
+                return outcome, None
+            await _insert_questions(conn, row, rows)
+            await conn.execute(
+                "UPDATE rag_documents SET updated_at = now() WHERE pk = ANY(%s)",
+                (sorted({pk for pk, _, _ in rows}),),
+            )
+            cur = await conn.execute(
+                "UPDATE rag_collections SET questions = questions + %s WHERE id = %s "
+                "RETURNING questions",
+                (len(rows), cid),
+            )
+            counter = await cur.fetchone()
+            return outcome, None if counter is None else int(counter[0])
+
+        try:
+            outcome, questions = await self._engine._write(body)
+        except CollectionGone:
+            raise self._gone() from None
+        if questions is not None:
+            self._row = replace(self._row, questions=questions)
         return outcome
 
     async def delete(self, doc_id: str) -> bool:
         row = self._row
 
-        async def body(conn: AsyncConnection) -> tuple[int, int] | None:
+        async def body(conn: AsyncConnection) -> tuple[int, int, int] | None:
             await lock_collection(conn, row)
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(%s)", (_lock_key(int(row.id), doc_id),)
             )
+            cur = await conn.execute(
+                "DELETE FROM rag_questions WHERE collection_id = %s AND doc_pk = "
+                "(SELECT pk FROM rag_documents WHERE collection_id = %s AND id = %s)",
+                (row.id, row.id, doc_id),
+            )
+            questions = cur.rowcount
             cur = await conn.execute(
                 "DELETE FROM rag_documents WHERE collection_id = %s AND id = %s RETURNING pk",
                 (row.id, doc_id),
@@ -294,13 +460,13 @@ class PostgresCollection:
                 (found[0],),
             )
             cur = await conn.execute(
-                "UPDATE rag_collections SET documents = documents - 1, chunks = chunks - %s "
-                "WHERE id = %s RETURNING documents, chunks",
-                (cur.rowcount, row.id),
+                "UPDATE rag_collections SET documents = documents - 1, chunks = chunks - %s, "
+                "questions = questions - %s WHERE id = %s RETURNING documents, chunks, questions",
+                (cur.rowcount, questions, row.id),
             )
             counters = await cur.fetchone()
             assert counters is not None
-            return int(counters[0]), int(counters[1])
+            return int(counters[0]), int(counters[1]), int(counters[2])
 
         try:
             counters = await self._engine._write(body)
@@ -308,7 +474,9 @@ class PostgresCollection:
             raise self._gone() from None
         if counters is None:
             return False
-        self._row = replace(self._row, documents=counters[0], chunks=counters[1])
+        self._row = replace(
+            self._row, documents=counters[0], chunks=counters[1], questions=counters[2]
+        )
         return True
 
     # ---- reads -------------------------------------------------------------------------
@@ -322,6 +490,19 @@ class PostgresCollection:
                 (self._row.id, list(ids)),
             )
             return {r[0]: (r[1], canonical_json(r[2])) for r in await cur.fetchall()}
+
+    async def questions(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:
+        if not ids:
+            return {}
+        async with self._engine._connection() as conn:
+            cur = await conn.execute(
+                "SELECT d.id, array_agg(q.text ORDER BY q.id) FROM rag_questions q "
+                "JOIN rag_documents d ON d.pk = q.doc_pk "
+                "WHERE q.collection_id = %s AND d.collection_id = %s AND d.id = ANY(%s) "
+                "GROUP BY d.id",
+                (self._row.id, self._row.id, list(ids)),
+            )
+            return {r[0]: list(r[1]) for r in await cur.fetchall()}
 
     async def get(self, doc_id: str) -> DocumentRow | None:
         async with self._engine._connection() as conn:
@@ -357,9 +538,12 @@ class PostgresCollection:
     ) -> builtins.list[ScoredHit]:
         """Dense: the ``top_k`` nearest chunks (HNSW or exact). Hybrid: dense and BM25-like
         rankings ``max(top_k * 4, 50)`` deep, fused by :func:`~indexes.types.fuse`.
-        ``min_score`` applies to the dense similarity. One read-only snapshot for all of it."""
+        ``min_score`` applies to the dense similarity. One read-only snapshot for all of it,
+        which first checks that the collection still records the query's embedding model."""
         timings = timings if timings is not None else {}
         row = self._row
+        if query.embedding_model not in (None, row.embedding_model):
+            raise ModelChanged(f"collection {row.name!r} is embedded with {row.embedding_model}")
         vector = np.ascontiguousarray(query.vector, dtype=np.float32).reshape(-1)
         if vector.shape[0] != row.dimension:
             raise ValueError(
@@ -370,9 +554,16 @@ class PostgresCollection:
         flt_sql, flt_params = compile_filter(query.filter)
         async with self._engine._connection() as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            if query.embedding_model is not None:
+                await check_model(conn, self, query.embedding_model)
             t = time.perf_counter()
             dense = await self._dense(conn, vector, depth, flt_sql, flt_params, timings)
             timings["dense"] = _ms(t)
+            t = time.perf_counter()
+            dense, lifted = await self._with_questions(
+                conn, vector, dense, depth, flt_sql, flt_params
+            )
+            timings["questions"] = _ms(t)
             if query.min_score is not None:
                 dense = [(cid, s) for cid, s in dense if s >= query.min_score]
             if query.mode == "hybrid":
@@ -384,12 +575,35 @@ class PostgresCollection:
             else:
                 ranked = dense[: query.top_k]
                 parts = {cid: {"dense": score} for cid, score in ranked}
+            for cid, extra in lifted.items():
+                if cid in parts:
+                    parts[cid].update(extra)
             t = time.perf_counter()
             hits = await hydrate(conn, row, [cid for cid, _ in ranked])
             timings["hydrate"] = _ms(t)
             if not hits:
                 await self._check_alive(conn)
         return [ScoredHit(hits[cid], score, parts[cid]) for cid, score in ranked if cid in hits]
+
+    async def _with_questions(
+        self,
+        conn: AsyncConnection,
+        vector: np.ndarray,
+        dense: Ranking,
+        depth: int,
+        flt_sql: str,
+        flt_params: builtins.list[Any],
+    ) -> tuple[Ranking, dict[int, dict[str, float]]]:
+        """The dense chunk ranking merged with the known questions (the union of both keys,
+        :func:`~indexes.questions.lift_by_questions`), ``depth`` deep. The ``depth`` documents
+        with the best questions are enough: a document past them cannot outrank the ``depth``
+        best chunks they bring."""
+        questions = await question_ranking(conn, self._row, vector, depth, flt_sql, flt_params)
+        if not questions:
+            return dense, {}
+        best = await best_chunks(conn, self._row, vector, [pk for pk, _ in questions])
+        ranking, lifted = lift_by_questions(dense, dict(questions), best)
+        return ranking[:depth], lifted
 
     async def _dense(
         self,

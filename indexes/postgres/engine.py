@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
+from functools import cached_property
 from typing import Any, TypeVar
 
 import psycopg
@@ -45,6 +46,7 @@ from indexes.postgres import schema
 from indexes.postgres.adapters import AdapterRecord, delete_adapter, list_adapters, put_adapter
 from indexes.postgres.collection import PostgresCollection, apply_writes, check_storable
 from indexes.postgres.errors import RETRYABLE, map_errors
+from indexes.postgres.reindex import PostgresReindexer
 from indexes.postgres.sql import IndexSpec, parse_index
 from indexes.types import CollectionOptions, CollectionRow, DocumentWrite, WriteOutcome
 
@@ -57,14 +59,25 @@ T = TypeVar("T")
 CHANNEL = "rag_collections"
 _COLS = (
     "id, name, embedding_model, dimension, index_factory, chunk_tokens, chunk_overlap, "
-    "documents, chunks, extract(epoch FROM created_at)::float8, search_defaults"
+    "documents, chunks, extract(epoch FROM created_at)::float8, search_defaults, questions"
 )
 
 
 def _row(r: Sequence[Any]) -> CollectionRow:
     cid, dim, tokens, overlap, docs, chunks = (int(r[i]) for i in (0, 3, 5, 6, 7, 8))
     return CollectionRow(
-        cid, r[1], r[2], dim, r[4], tokens, overlap, docs, chunks, float(r[9]), dict(r[10])
+        cid,
+        r[1],
+        r[2],
+        dim,
+        r[4],
+        tokens,
+        overlap,
+        docs,
+        chunks,
+        float(r[9]),
+        dict(r[10]),
+        questions=int(r[11]),
     )
 
 
@@ -300,8 +313,8 @@ class PostgresEngine:
                     f"(dimension {row.dimension}), not of {options.embedding_model!r} "
                     f"(dimension {options.dimension})"
                 )
-            outcome, documents, chunks = await apply_writes(conn, row, writes)
-            return replace(row, documents=documents, chunks=chunks), outcome
+            outcome, documents, chunks, questions = await apply_writes(conn, row, writes)
+            return replace(row, documents=documents, chunks=chunks, questions=questions), outcome
 
         row, outcome = await self._write(body)
         return self._remember(row), outcome
@@ -349,6 +362,11 @@ class PostgresEngine:
             self._collections.pop(name, None)
             raise CollectionGone(f"collection {name!r} not found")
         return self._remember(row).row
+
+    @cached_property
+    def reindexer(self) -> PostgresReindexer:
+        """Moves collections to another embedding model (:mod:`indexes.postgres.reindex`)."""
+        return PostgresReindexer(self)
 
     # ---- the shared adapter registry ----------------------------------------------------
     async def adapters_list(self) -> builtins.list[AdapterRecord]:
@@ -531,6 +549,11 @@ class PostgresEngine:
                 cached = self._collections.get(note["name"])
                 if cached is not None and cached.row.id == note["id"]:
                     self._forget(cached)
+            elif note["op"] == "reindexed":  # another embedding model (indexes.reindex)
+                cached = self._collections.get(note["name"])
+                if cached is not None and cached.row.id == note["id"]:
+                    model, dimension = str(note["embedding_model"]), int(note["dimension"])
+                    cached._refresh(replace(cached.row, embedding_model=model, dimension=dimension))
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable collection notification: %.200s", payload)
 

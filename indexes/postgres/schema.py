@@ -18,6 +18,14 @@ Tables (all prefixed ``rag_`` so they can share a database with other applicatio
     ``embedding::vector(<dimension>)`` with inner-product operators. So collections of
     different dimensions share one table, an index is built on an empty table at creation, a
     search touches one collection's rows, and a dropped collection's chunks go as one table.
+``rag_questions``
+    known questions of documents (text, ``embedding vector`` of the collection's dimension,
+    checked on write), deleted with their document or collection; searched exactly, per
+    collection, beside the chunks (see :mod:`indexes.questions`). ``rag_collections.questions``
+    counts them.
+``rag_reindex_jobs``, ``rag_reindex_vectors``
+    reindex jobs (a collection moving to another embedding model) and the new model's
+    vectors until the swap (:mod:`indexes.postgres.reindex`); both go with their collection.
 ``rag_adapters``
     the adapter registry every replica shares.
 ``rag_api_keys``
@@ -44,6 +52,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "Migration",
+    "create_hnsw_index",
     "create_partition",
     "drop_partition",
     "migrate",
@@ -138,6 +147,48 @@ CREATE TABLE rag_api_keys (
         "per-collection search defaults",
         """
 ALTER TABLE rag_collections ADD COLUMN search_defaults jsonb NOT NULL DEFAULT '{}';
+""",
+    ),
+    Migration(
+        4,
+        "known questions as extra keys of documents",
+        """
+CREATE TABLE rag_questions (
+    id bigserial PRIMARY KEY,
+    collection_id bigint NOT NULL REFERENCES rag_collections (id) ON DELETE CASCADE,
+    doc_pk bigint NOT NULL REFERENCES rag_documents (pk) ON DELETE CASCADE,
+    text text NOT NULL,
+    embedding vector NOT NULL
+);
+CREATE INDEX rag_questions_doc ON rag_questions (doc_pk);
+CREATE INDEX rag_questions_collection ON rag_questions (collection_id);
+ALTER TABLE rag_collections ADD COLUMN questions bigint NOT NULL DEFAULT 0;
+""",
+    ),
+    Migration(
+        5,
+        "reindex jobs and their shadow vectors (see indexes.postgres.reindex)",
+        """
+CREATE TABLE rag_reindex_jobs (
+    id bigserial PRIMARY KEY,
+    collection_id bigint NOT NULL REFERENCES rag_collections (id) ON DELETE CASCADE,
+    embedding_model text NOT NULL,
+    dimension integer NOT NULL CHECK (dimension > 0),
+    source_model text NOT NULL,
+    state text NOT NULL,
+    done bigint NOT NULL DEFAULT 0,
+    total bigint NOT NULL DEFAULT 0,
+    error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX rag_reindex_jobs_collection ON rag_reindex_jobs (collection_id, id);
+CREATE TABLE rag_reindex_vectors (
+    collection_id bigint NOT NULL REFERENCES rag_collections (id) ON DELETE CASCADE,
+    key bigint NOT NULL,
+    embedding vector NOT NULL,
+    PRIMARY KEY (collection_id, key)
+);
 """,
     ),
 )
@@ -241,11 +292,26 @@ async def create_partition(
     )
     await conn.execute(f"ALTER TABLE rag_chunks ATTACH PARTITION {table} FOR VALUES IN ({cid})")
     if spec.hnsw:
-        await conn.execute(
-            f"CREATE INDEX {table}_hnsw ON {table} USING hnsw "
-            f"((embedding::vector({dim})) vector_ip_ops) "
-            f"WITH (m = {int(spec.m)}, ef_construction = {int(spec.ef_construction)})"
-        )
+        await create_hnsw_index(conn, table, dim, spec)
+
+
+async def create_hnsw_index(
+    conn: AsyncConnection,
+    table: str,
+    dimension: int,
+    spec: IndexSpec,
+    *,
+    concurrently: bool = False,
+) -> None:
+    """A chunk partition's HNSW index, on ``embedding::vector(<dimension>)`` with
+    inner-product operators: at creation, and ``concurrently`` (on an autocommit connection,
+    searches and writes going on) after a reindex changed the dimension."""
+    how = "CONCURRENTLY IF NOT EXISTS " if concurrently else ""
+    await conn.execute(
+        f"CREATE INDEX {how}{table}_hnsw ON {table} USING hnsw "
+        f"((embedding::vector({int(dimension)})) vector_ip_ops) "
+        f"WITH (m = {int(spec.m)}, ef_construction = {int(spec.ef_construction)})"
+    )
 
 
 async def orphan_partitions(conn: AsyncConnection) -> list[tuple[str, bool, bool]]:

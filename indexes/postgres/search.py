@@ -15,7 +15,14 @@ from psycopg import AsyncConnection
 from indexes.postgres.sql import IndexSpec, text_query
 from indexes.types import CollectionRow, Hit
 
-__all__ = ["count_matching", "dense_ranking", "hydrate", "sparse_ranking"]
+__all__ = [
+    "best_chunks",
+    "count_matching",
+    "dense_ranking",
+    "hydrate",
+    "question_ranking",
+    "sparse_ranking",
+]
 
 _EXACT = IndexSpec(hnsw=False)
 
@@ -88,6 +95,45 @@ async def sparse_ranking(
         [*words, *flt_params, depth],
     )
     return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
+
+
+async def question_ranking(
+    conn: AsyncConnection,
+    row: CollectionRow,
+    vector: np.ndarray,
+    depth: int,
+    flt_sql: str,
+    flt_params: list[Any],
+) -> list[tuple[int, float]]:
+    """``(document pk, score of its best question)`` for the ``depth`` documents whose known
+    questions are nearest to ``vector`` (exact: every question of the collection is scored,
+    one row per document)."""
+    cid = int(row.id)
+    join, where = "", f"q.collection_id = {cid}"
+    if flt_sql != "TRUE":
+        join = " JOIN rag_documents d ON d.pk = q.doc_pk"
+        where += f" AND d.collection_id = {cid} AND {flt_sql}"
+    cur = await conn.execute(
+        f"SELECT q.doc_pk, min(q.embedding <#> %b) AS dist FROM rag_questions q{join} "
+        f"WHERE {where} GROUP BY q.doc_pk ORDER BY dist, q.doc_pk LIMIT %s",
+        [vector, *flt_params, depth],
+    )
+    return [(int(r[0]), -float(r[1])) for r in await cur.fetchall()]
+
+
+async def best_chunks(
+    conn: AsyncConnection, row: CollectionRow, vector: np.ndarray, doc_pks: list[int]
+) -> dict[int, tuple[int, float]]:
+    """``{document pk: (chunk id, score)}``: each document's chunk nearest to ``vector``."""
+    if not doc_pks:
+        return {}
+    cur = await conn.execute(
+        "SELECT DISTINCT ON (c.doc_pk) c.doc_pk, c.id, c.embedding <#> %b AS dist "
+        f"FROM rag_chunks c WHERE c.collection_id = {int(row.id)} AND c.doc_pk = ANY(%s) "
+        "ORDER BY c.doc_pk, dist, c.id",
+        [vector, doc_pks],
+    )
+    return {int(r[0]): (int(r[1]), -float(r[2])) for r in await cur.fetchall()}
 
 
 async def hydrate(conn: AsyncConnection, row: CollectionRow, ids: list[int]) -> dict[int, Hit]:

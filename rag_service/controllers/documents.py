@@ -13,6 +13,7 @@ from indexes.types import DocumentRow
 from rag_service.dependencies import provide_kb
 from rag_service.knowledge import KnowledgeBase
 from rag_service.openapi import error_responses
+from rag_service.questions import document_questions, matched_by
 from rag_service.schemas import (
     DocumentList,
     DocumentOut,
@@ -88,7 +89,10 @@ class DocumentController(Controller):
         responses=error_responses(404),
     )
     async def get_document(self, name: NamePath, doc_id: str, kb: KnowledgeBase) -> DocumentOut:
-        return _document_out(await kb.get_document(name, doc_id[1:]), with_text=True)
+        doc = await kb.get_document(name, doc_id[1:])
+        out = _document_out(doc, with_text=True)
+        out.questions = await document_questions(kb, name, doc.id)
+        return out
 
     @delete(
         "/documents/{doc_id:path}",
@@ -117,6 +121,8 @@ class DocumentController(Controller):
             mode=data.mode,
             alpha=data.alpha,
             fusion=data.fusion,
+            rerank=data.rerank,
+            rerank_depth=data.rerank_depth,
         )
         return SearchResponse(
             results=[
@@ -130,6 +136,7 @@ class DocumentController(Controller):
                     start=h.hit.start,
                     end=h.hit.end,
                     scores={k: round(v, 6) for k, v in h.parts.items()} if data.debug else None,
+                    matched=matched_by(h.parts) if data.debug else None,
                 )
                 for h in hits
             ],

@@ -28,14 +28,18 @@ class EmbeddingsController(Controller):
         responses=error_responses(404),
     )
     async def create(self, data: EmbeddingsRequest, kb: KnowledgeBase) -> EmbeddingsResponse:
-        name = kb.embedder.name
-        if data.model and data.model not in (name, name.rsplit("/", 1)[-1]):
+        """Vectors by the default embedding model, or by ``model``: any model loaded here (a
+        collection's, see /v1/collections)."""
+        model = kb.models.find(data.model) if data.model else kb.models.default
+        if model is None:
+            served = ", ".join(repr(m.id) for m in kb.models.loaded())
             raise ModelNotFound(
-                f"model {data.model!r} is not served here; use {name!r}", param="model"
+                f"model {data.model!r} is not served here; use one of {served}", param="model"
             )
-        if data.dimensions is not None and data.dimensions != kb.embedder.dimension:
+        name = model.id
+        if data.dimensions is not None and data.dimensions != model.dimension:
             raise InvalidRequest(
-                f"{name} makes {kb.embedder.dimension}-dimensional vectors", param="dimensions"
+                f"{name} makes {model.dimension}-dimensional vectors", param="dimensions"
             )
         texts = [data.input] if isinstance(data.input, str) else data.input
         limit = kb.settings.max_query_chars
@@ -45,7 +49,7 @@ class EmbeddingsController(Controller):
                 raise InvalidRequest("input must not be empty", param=where)
             if len(text) > limit:
                 raise InvalidRequest(f"input is longer than {limit} characters", param=where)
-        vectors, tokens = await kb.embed_queries(texts)
+        vectors, tokens = await kb.embed_queries(texts, model)
         items = [
             EmbeddingData(
                 index=i,

@@ -6,6 +6,13 @@ per mode, one at a time so the latency is that of a lone query. Hits are ranked 
 documents (``document_id`` / ``document_ids``) or gives an ``answer`` text, matched to the one
 document whose text holds it; rows that match no document or several are reported in
 ``unmatched`` and left out of the figures.
+
+Modes: ``dense`` and ``hybrid`` are those retrievals alone (no reranking, whatever the
+collection's defaults say); ``rerank`` is the collection's default retrieval mode (dense unless
+its search defaults say hybrid) followed by the cross-encoder over the ``SEARCH_DEPTH``
+candidates (or ``rerank_depth``, when deeper), i.e. what ``rerank: true`` does to a search of
+the collection. Left out, ``modes`` is dense and hybrid, plus rerank when a reranker is
+configured; asking for rerank without one is a 400 naming ``modes``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from rag_service.evaluation import (
 )
 from rag_service.knowledge import KnowledgeBase
 from rag_service.openapi import error_responses
-from rag_service.schemas import DOC_ID_PATTERN, Alpha, Fusion, NamePath
+from rag_service.schemas import DOC_ID_PATTERN, Alpha, Fusion, NamePath, RerankDepth
 
 __all__ = [
     "EvaluationController",
@@ -47,7 +54,7 @@ MAX_ROWS = 2000
 SEARCH_DEPTH = 50
 _LIST_PAGE = 1000
 
-Mode = Literal["dense", "hybrid"]
+Mode = Literal["dense", "hybrid", "rerank"]
 Question = Annotated[str, msgspec.Meta(min_length=1, max_length=10_000, pattern=r"\S")]
 DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=DOC_ID_PATTERN)]
 Answer = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, pattern=r"\S")]
@@ -64,13 +71,23 @@ class EvaluationRow(msgspec.Struct, forbid_unknown_fields=True):
 
 class EvaluationRequest(msgspec.Struct, forbid_unknown_fields=True):
     rows: Annotated[list[EvaluationRow], msgspec.Meta(min_length=1, max_length=MAX_ROWS)]
-    modes: Annotated[list[Mode], msgspec.Meta(min_length=1, max_length=2)] = msgspec.field(
-        default_factory=lambda: ["dense", "hybrid"]
-    )
+    modes: (
+        Annotated[
+            list[Mode],
+            msgspec.Meta(
+                min_length=1,
+                max_length=3,
+                description="left out: dense, hybrid, and rerank when a reranker is configured",
+            ),
+        ]
+        | None
+    ) = None
     # Hybrid weights to evaluate; left out: the collection's search defaults, then the
     # service's settings (RAG_HYBRID_ALPHA, RAG_HYBRID_FUSION).
     alpha: Alpha | None = None
     fusion: Fusion | None = None
+    # The rerank mode's candidates (its ranking is that deep); left out: the search depth, 50.
+    rerank_depth: RerankDepth | None = None
 
 
 class ModeFigures(msgspec.Struct):
@@ -116,22 +133,26 @@ class EvaluationController(Controller):
         self, name: NamePath, data: EvaluationRequest, kb: KnowledgeBase
     ) -> EvaluationResponse:
         _check_rows(data.rows, kb.settings.max_query_chars)
+        wanted = _modes(data.modes, reranker=kb.reranker is not None)
         collection = await kb.collection(name)
         relevant, unmatched = await _relevant_sets(collection, data.rows)
         top_k = min(kb.settings.max_top_k, SEARCH_DEPTH)
         modes: dict[str, ModeFigures] = {}
-        for mode in dict.fromkeys(data.modes):
+        for mode in wanted:
             rankings: list[list[str]] = []
             latencies: list[float] = []
+            depth = data.rerank_depth if mode == "rerank" and data.rerank_depth else top_k
             for row, _ in relevant:
                 t0 = time.perf_counter()
                 hits, _timings = await kb.search(
                     name,
                     data.rows[row].question,
-                    top_k=top_k,
-                    mode=mode,
+                    top_k=min(top_k, depth),
+                    rerank_depth=depth if mode == "rerank" else None,
+                    mode=None if mode == "rerank" else mode,
                     alpha=data.alpha,
                     fusion=data.fusion,
+                    rerank=mode == "rerank",
                 )
                 latencies.append((time.perf_counter() - t0) * 1000)
                 rankings.append(documents_in_order(h.hit.document_id for h in hits))
@@ -152,6 +173,19 @@ class EvaluationController(Controller):
             unmatched=unmatched,
             modes=modes,
         )
+
+
+def _modes(asked: list[Mode] | None, *, reranker: bool) -> list[Mode]:
+    """The modes to evaluate, each once, in the order asked."""
+    if asked is None:
+        return ["dense", "hybrid", "rerank"] if reranker else ["dense", "hybrid"]
+    if "rerank" in asked and not reranker:
+        raise InvalidRequest(
+            "modes holds rerank but no reranker is configured: set RAG_RERANKER_MODEL to a "
+            "cross-encoder directory",
+            param="modes",
+        )
+    return list(dict.fromkeys(asked))
 
 
 def _check_rows(rows: list[EvaluationRow], max_query_chars: int) -> None:

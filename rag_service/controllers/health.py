@@ -49,7 +49,9 @@ def ready(state: State) -> Response[Any]:
             "status": "ready",
             "pid": os.getpid(),  # which process answered (several with serve --workers N)
             "embedding_model": kb.embedder.name,
+            "embedding_models": [m.id for m in kb.models.loaded()],  # the default's first
             "device": kb.embedder.device,
+            **({"reranker_model": kb.reranker.name} if kb.reranker is not None else {}),
             **store,
         }
     )

@@ -1,0 +1,227 @@
+"""Command line: ``rag-service serve | ingest | search | eval | questions | reindex``.
+
+``serve`` takes every setting as a flag (and from its ``RAG_*`` variable); ``--workers N``
+runs N processes on one port (postgres engine only). ``ingest`` and ``search`` (here) and
+``eval``, ``questions`` and ``reindex`` (their own modules) talk to a running service over
+HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rag_service.cli.client import client, client_flags, error_message, post
+from rag_service.cli.evaluate import add_eval_parser, eval_command
+from rag_service.cli.questions import add_questions_parser, questions_command
+from rag_service.cli.reindex import add_reindex_parser, reindex_command
+
+__all__ = ["main", "worker_app"]
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    from rag_service.settings import ENV_PREFIX, Settings, field_type
+
+    for f in dataclasses.fields(Settings):
+        typ, choices = field_type(f)
+        default = "bundled all-MiniLM-L6-v2" if f.name == "embedding_model" else f.default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            choices=choices or None,
+            metavar=None if choices else typ.__name__.upper(),
+            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; default {default}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rag-service",
+        description="Run the RAG service (serve), or talk to a running one (ingest, search, "
+        "eval, questions, reindex).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    _settings_flags(serve)
+    ingest = sub.add_parser("ingest", help="upsert files or folders into a collection")
+    ingest.add_argument("paths", nargs="+", type=Path, help="files or folders (recursive)")
+    client_flags(ingest)
+    ingest.add_argument("--batch-size", type=int, default=32, help="documents per request")
+    ingest.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    search = sub.add_parser("search", help="search a collection")
+    search.add_argument("query")
+    client_flags(search)
+    search.add_argument("--top-k", "-k", type=int, default=5)
+    search.add_argument("--mode", choices=("dense", "hybrid"), default="dense")
+    search.add_argument(
+        "--rerank", action="store_true", help="rerank with the service's cross-encoder"
+    )
+    search.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    add_eval_parser(sub)
+    add_questions_parser(sub)
+    add_reindex_parser(sub)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rag_service.http_protocol import CoalescingHttpToolsProtocol
+    from rag_service.logs import start_logging
+    from rag_service.settings import ENV_PREFIX, Settings, SettingsError, parse_value
+
+    overrides: dict[str, Any] = {}
+    flags: dict[str, str] = {}
+    try:
+        for f in dataclasses.fields(Settings):
+            raw = getattr(args, f.name)
+            if raw is not None:
+                overrides[f.name] = parse_value(f, raw)
+                flags[ENV_PREFIX + f.name.upper()] = raw
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        print(f"rag-service: {exc}", file=sys.stderr)
+        return 2
+    listener = start_logging(settings.log_level)
+    # log_config=None: uvicorn's loggers (the access log included) propagate to ours.
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "log_config": None,
+        "timeout_graceful_shutdown": 10,
+        "http": CoalescingHttpToolsProtocol,
+    }
+    try:
+        if settings.workers == 1:
+            from rag_service.app import create_app
+
+            uvicorn.run(create_app(settings), **options)
+        else:
+            # Each worker is a fresh (spawned) process that builds its app with worker_app,
+            # from the environment: the flags given here travel there as their RAG_* variables.
+            os.environ.update(flags)
+            uvicorn.run(
+                "rag_service.cli.main:worker_app", factory=True, workers=settings.workers, **options
+            )
+    finally:
+        listener.stop()
+    return 0
+
+
+def worker_app() -> Any:
+    """The app of one ``serve --workers N`` process: settings from the environment, logging
+    of its own (a spawned process inherits no handlers)."""
+    import atexit
+
+    from rag_service.app import create_app
+    from rag_service.logs import start_logging
+    from rag_service.settings import Settings
+
+    settings = Settings.from_env()
+    atexit.register(start_logging(settings.log_level).stop)
+    return create_app(settings)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    import httpx
+    from tqdm import tqdm
+
+    from rag_service.loaders import LoadError, discover, load
+
+    try:
+        files = list(discover(args.paths))
+    except LoadError as exc:
+        print(f"rag-service: {exc}", file=sys.stderr)
+        return 2
+    counts = {"created": 0, "updated": 0, "unchanged": 0}
+    failures = 0
+    batch: list[dict[str, Any]] = []
+    with (
+        client(args) as http,
+        tqdm(total=len(files), unit="file", disable=args.no_progress) as bar,
+    ):
+
+        def flush() -> bool:
+            if not batch:
+                return True
+            resp = http.post(
+                f"/v1/collections/{args.collection}/documents", json={"documents": batch}
+            )
+            batch.clear()
+            if resp.status_code != 200:
+                tqdm.write(
+                    f"rag-service: upsert failed ({resp.status_code}): {error_message(resp)}",
+                    file=sys.stderr,
+                )
+                return False
+            for doc in resp.json()["documents"]:
+                counts[doc["status"]] += 1
+            bar.set_postfix(counts)
+            return True
+
+        try:
+            for path, doc_id in files:
+                try:
+                    docs = load(path, doc_id)
+                except LoadError as exc:
+                    tqdm.write(f"rag-service: skipped {exc}", file=sys.stderr)
+                    failures += 1
+                    docs = []
+                for doc in docs:
+                    batch.append({"id": doc.id, "text": doc.text, "metadata": doc.metadata})
+                    if len(batch) >= args.batch_size and not flush():
+                        return 1
+                bar.update(1)
+            if not flush():
+                return 1
+        except httpx.HTTPError as exc:
+            print(f"rag-service: cannot reach {args.url}: {exc}", file=sys.stderr)
+            return 1
+    print(
+        f"{len(files)} files: {counts['created']} created, {counts['updated']} updated, "
+        f"{counts['unchanged']} unchanged" + (f", {failures} skipped" if failures else "")
+    )
+    return 1 if failures else 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    body = {"query": args.query, "top_k": args.top_k, "mode": args.mode}
+    if args.rerank:
+        body["rerank"] = True
+    data = post(args, f"/v1/collections/{args.collection}/search", body, "search")
+    if data is None:
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(data["results"], start=1):
+        snippet = " ".join(hit["text"].split())[:200]
+        print(f"{rank}. [{hit['score']:.3f}] {hit['document_id']}#{hit['position']}\n   {snippet}")
+    if not data["results"]:
+        print("no results")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {
+        "serve": _serve,
+        "ingest": _ingest,
+        "search": _search,
+        "eval": eval_command,
+        "questions": questions_command,
+        "reindex": reindex_command,
+    }[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

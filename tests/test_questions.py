@@ -1,0 +1,395 @@
+"""Known questions as keys: upsert semantics, search, attach endpoint and CLI, on both engines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from rag_service.cli import main
+from rag_service.schemas import MAX_QUESTIONS_PER_DOCUMENT
+from rag_service.settings import Settings
+from tests.conftest import ENGINES, engine_database_url, error_of, free_port, running_server
+from tests.test_documents import search, upsert
+
+
+@pytest.fixture(params=ENGINES)
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Every test of this module runs on both storage engines."""
+    return engine_database_url(request)
+
+
+FACTS = [
+    ("paris", "Paris is the capital of France and home to the Eiffel Tower.", "geo"),
+    ("python", "Python is a programming language created by Guido van Rossum.", "tech"),
+    ("rust", "Rust is a systems programming language focused on memory safety.", "tech"),
+    ("nile", "The Nile is the longest river in Africa.", "geo"),
+    ("coffee", "Espresso is brewed by forcing hot water through finely ground coffee.", "food"),
+]
+TEXT = dict((i, t) for i, t, _ in FACTS)
+# Worded unlike the Rust document: plain dense search ranks the Python one first, while the
+# known question of the Rust document is close to it (the bundled model: 0.44 vs 0.32, 0.88).
+QUERY = "What programming language came out of Mozilla?"
+KNOWN = "Which language did Mozilla create?"
+
+
+def docs(**questions):
+    return [
+        {"id": i, "text": t, "metadata": {"topic": topic}}
+        | ({"questions": questions[i]} if i in questions else {})
+        for i, t, topic in FACTS
+    ]
+
+
+def doc(doc_id, text=None, **fields):
+    """One of :data:`FACTS` as an upsert row (its metadata included), text and fields changed."""
+    _, original, topic = next(f for f in FACTS if f[0] == doc_id)
+    return {"id": doc_id, "text": text or original, "metadata": {"topic": topic}, **fields}
+
+
+def debug_search(client, query, collection="kb", **kw):
+    return search(client, query, collection, debug=True, **kw)
+
+
+def info(client, name="kb"):
+    resp = client.get("/v1/collections")
+    return next(c for c in resp.json()["data"] if c["name"] == name)
+
+
+def stored_questions(client, doc_id, collection="kb"):
+    resp = client.get(f"/v1/collections/{collection}/documents/{doc_id}")
+    assert resp.status_code == 200, resp.text
+    return resp.json()["questions"]
+
+
+def test_known_question_finds_its_document(client):
+    upsert(client, docs())
+    plain = debug_search(client, QUERY, top_k=3)
+    assert plain[0]["document_id"] == "python"
+    assert all(r["matched"] == "chunk" and "question" not in r["scores"] for r in plain)
+    rust_plain = next(r for r in plain if r["document_id"] == "rust")
+
+    out = upsert(client, [doc("rust", questions=[KNOWN])])
+    assert out["rust"] == {"id": "rust", "chunks": 1, "status": "updated"}
+    assert stored_questions(client, "rust") == [KNOWN]
+    assert info(client)["questions"] == 1
+
+    lifted = debug_search(client, QUERY, top_k=3)
+    top = lifted[0]
+    assert top["document_id"] == "rust" and top["matched"] == "question"
+    assert top["chunk_id"] == rust_plain["chunk_id"]  # the document's chunk, not the question
+    assert top["text"] == TEXT["rust"]
+    assert top["scores"]["question"] == pytest.approx(top["score"], abs=1e-5)
+    assert top["scores"]["question"] > top["scores"]["chunk"]
+    assert top["scores"]["chunk"] == pytest.approx(rust_plain["score"], abs=1e-4)
+    assert lifted[1]["document_id"] == "python" and lifted[1]["matched"] == "chunk"
+    ids = [r["document_id"] for r in lifted]
+    assert len(ids) == len(set(ids)) == 3  # no second result for the lifted chunk
+
+    assert [r["document_id"] for r in search(client, QUERY, top_k=1)] == ["rust"]
+    assert "matched" not in search(client, QUERY)[0]  # debug only
+    hybrid = debug_search(client, QUERY, top_k=3, mode="hybrid")
+    assert hybrid[0]["document_id"] == "rust" and hybrid[0]["matched"] == "question"
+    # A filter applies to the question keys too.
+    tech = search(client, QUERY, filter={"topic": "tech"})
+    assert [r["document_id"] for r in tech] == ["rust", "python"]
+    geo = search(client, QUERY, filter={"topic": "geo"}, top_k=5)
+    assert {r["document_id"] for r in geo} == {"paris", "nile"}
+    # min_score applies to the lifted score.
+    cut = lifted[0]["score"] - 1e-4
+    assert [r["document_id"] for r in search(client, QUERY, min_score=cut)] == ["rust"]
+
+
+def test_upsert_keeps_replaces_and_clears_questions(client):
+    upsert(client, docs(rust=[KNOWN, "which language did mozilla create?  ", "Who made Rust?"]))
+    assert stored_questions(client, "rust") == [KNOWN, "Who made Rust?"]  # repeats dropped
+    chunk_id = search(client, QUERY, top_k=1)[0]["chunk_id"]
+
+    # Re-ingest of the same text, questions left out: unchanged, and they stay.
+    again = upsert(client, docs())
+    assert {d["status"] for d in again.values()} == {"unchanged"}
+    assert stored_questions(client, "rust") == [KNOWN, "Who made Rust?"]
+    assert debug_search(client, QUERY)[0]["matched"] == "question"
+    # The same questions again: unchanged too.
+    same = upsert(client, [doc("rust", questions=[KNOWN, "Who made Rust?"])])
+    assert same["rust"]["status"] == "unchanged"
+
+    # Only the questions change: "updated", chunks kept (same chunk id, nothing re-chunked).
+    embedded_before = _chunks_embedded(client)
+    resp = client.post(
+        "/v1/collections/kb/documents?debug=true",
+        json={"documents": [doc("rust", questions=["Who made Rust?"])]},
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["documents"][0]["status"] == "updated"
+    assert "embed_questions" in resp.json()["timings_ms"]
+    assert _chunks_embedded(client) == embedded_before
+    assert stored_questions(client, "rust") == ["Who made Rust?"]
+    top = debug_search(client, QUERY)[0]
+    assert top["document_id"] == "python"  # the Mozilla question is gone
+    assert debug_search(client, "Who made Rust?")[0]["chunk_id"] == chunk_id
+
+    # New text, questions left out: the text is re-embedded and the questions survive.
+    edited = "Rust is a systems programming language with an ownership model."
+    out = upsert(client, [doc("rust", edited)])
+    assert out["rust"]["status"] == "updated"
+    assert stored_questions(client, "rust") == ["Who made Rust?"]
+    top = debug_search(client, "Who made Rust?")[0]
+    assert top["document_id"] == "rust" and top["text"] == edited
+
+    # [] clears them.
+    upsert(client, [doc("rust", edited, questions=[])])
+    assert stored_questions(client, "rust") == []
+    assert info(client)["questions"] == 0
+    assert all(r["matched"] == "chunk" for r in debug_search(client, "Who made Rust?", top_k=5))
+
+
+def _chunks_embedded(client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("rag_chunks_embedded_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_delete_removes_questions(client):
+    upsert(client, docs(rust=[KNOWN], python=["Who is Guido?"]))
+    assert info(client)["questions"] == 2
+    assert client.delete("/v1/collections/kb/documents/rust").status_code == 204
+    assert info(client)["questions"] == 1
+    assert all(r["document_id"] != "rust" for r in search(client, QUERY, top_k=5))
+    # The same id again without questions: the old question keys are gone for good.
+    upsert(client, [doc("rust")])
+    assert stored_questions(client, "rust") == []
+    assert debug_search(client, QUERY)[0]["document_id"] == "python"
+    # Dropping the collection takes the rest.
+    assert client.delete("/v1/collections/kb").status_code == 204
+    upsert(client, docs())
+    assert info(client)["questions"] == 0
+    assert stored_questions(client, "python") == []
+
+
+def test_restart_restores_question_keys(make_client, tmp_path, database_url):
+    data = tmp_path / "data"
+    first = make_client(data_dir=data)
+    upsert(first, docs(rust=[KNOWN]))
+    first.__exit__(None, None, None)  # a clean shutdown writes the index snapshot
+
+    second = make_client(data_dir=data)
+    top = debug_search(second, QUERY)[0]
+    assert (top["document_id"], top["matched"]) == ("rust", "question")
+    assert info(second)["questions"] == 1
+    if database_url is not None:
+        return  # postgres holds everything in the database: no index to restore
+    report = second.get("/ready").json()["restore"][0]
+    assert (report["from_snapshot"], report["added_from_store"]) == (6, 0)  # 5 chunks + 1
+    assert 'rag_index_vectors{collection="kb"} 6.0' in second.get("/metrics").text
+    # A question written after the snapshot, then a stop that skips the exit snapshot.
+    attach = {"questions": [{"question": "Who is Guido?", "document_id": "python"}]}
+    assert second.post("/v1/collections/kb/questions", json=attach).status_code == 200
+    second.app.state["kb"].engine.get("kb").dirty = False
+    second.__exit__(None, None, None)
+
+    third = make_client(data_dir=data)
+    report = third.get("/ready").json()["restore"][0]
+    assert (report["from_snapshot"], report["added_from_store"], report["reembedded"]) == (6, 1, 0)
+    assert debug_search(third, "Who is Guido?")[0]["matched"] == "question"
+    third.__exit__(None, None, None)
+
+    shutil.rmtree(data / "indexes")  # no snapshot at all: rebuilt from the store
+    fourth = make_client(data_dir=data)
+    report = fourth.get("/ready").json()["restore"][0]
+    assert (report["from_snapshot"], report["added_from_store"]) == (0, 7)
+    top = debug_search(fourth, QUERY)[0]
+    assert (top["document_id"], top["matched"]) == ("rust", "question")
+
+
+def test_attach_endpoint(client):
+    upsert(client, docs())
+    resp = client.post(
+        "/v1/collections/kb/questions",
+        json={
+            "questions": [
+                {"question": KNOWN, "document_id": "rust"},
+                {"question": "which language did Mozilla create?", "document_id": "rust"},
+                {"question": "What is the longest river?", "answer": "the longest river in africa"},
+                {"question": "Which one is a language?", "answer": "programming language"},
+                {"question": "Is there a moon base?", "answer": "a moon base"},
+            ]
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["added"] == 2
+    assert {d["id"]: (d["added"], d["questions"]) for d in body["documents"]} == {
+        "rust": (1, 1),
+        "nile": (1, 1),
+    }
+    assert [(u["row"], u["reason"]) for u in body["unmatched"]] == [
+        (3, "ambiguous"),
+        (4, "no_match"),
+    ]
+    assert set(body["unmatched"][0]["documents"]) == {"python", "rust"}
+    assert stored_questions(client, "rust") == [KNOWN]
+    assert info(client)["questions"] == 2
+    assert debug_search(client, QUERY)[0]["matched"] == "question"
+
+    # Appending again: duplicates dropped, nothing added.
+    resp = client.post(
+        "/v1/collections/kb/questions",
+        json={"questions": [{"question": KNOWN.upper(), "document_id": "rust"}]},
+    )
+    assert resp.json()["added"] == 0 and resp.json()["documents"][0]["questions"] == 1
+
+    # An unknown document: 404 naming the row, and the valid row before it is not written.
+    resp = client.post(
+        "/v1/collections/kb/questions",
+        json={
+            "questions": [
+                {"question": "Who is Guido?", "document_id": "python"},
+                {"question": "Who?", "document_id": "nobody"},
+            ]
+        },
+    )
+    assert resp.status_code == 404, resp.text
+    assert error_of(resp)["param"] == "questions[1].document_id"
+    assert stored_questions(client, "python") == []
+    assert (
+        client.post(
+            "/v1/collections/missing/questions",
+            json={"questions": [{"question": "x", "document_id": "a"}]},
+        ).status_code
+        == 404
+    )
+
+
+@pytest.mark.parametrize(
+    ("questions", "param"),
+    [
+        ([""], "documents[1].questions[0]"),
+        (["   "], "documents[1].questions[0]"),
+        (["ok", "x" * 1001], "documents[1].questions[1]"),
+        (["bad\x00"], "documents[1].questions[0]"),
+        ([f"q{i}" for i in range(MAX_QUESTIONS_PER_DOCUMENT + 1)], "documents[1].questions"),
+        ("one", "documents[1].questions"),
+    ],
+)
+def test_bad_questions_on_upsert(client, questions, param):
+    resp = client.post(
+        "/v1/collections/kb/documents",
+        json={
+            "documents": [
+                {"id": "a", "text": "A valid document."},
+                {"id": "b", "text": "Another one.", "questions": questions},
+            ]
+        },
+    )
+    assert resp.status_code == 400, resp.text
+    assert error_of(resp)["param"] == param
+    assert client.get("/v1/collections/kb/documents/a").status_code == 404  # nothing written
+
+
+def test_bad_attach_requests(client):
+    upsert(client, docs(rust=[f"q{i}" for i in range(MAX_QUESTIONS_PER_DOCUMENT - 1)]))
+    cases = [
+        ({"questions": []}, 400, "questions"),
+        ({"questions": [{"question": " ", "document_id": "rust"}]}, 400, "questions[0].question"),
+        ({"questions": [{"question": "x"}]}, 400, "questions[0].document_id"),
+        (
+            {"questions": [{"question": "x", "document_id": "rust", "answer": "Rust"}]},
+            400,
+            "questions[0].document_id",
+        ),
+        (
+            {
+                "questions": [
+                    {"question": "one more", "document_id": "rust"},
+                    {"question": "Who is Guido?", "document_id": "python"},
+                    {"question": "and another", "document_id": "rust"},
+                ]
+            },
+            400,
+            "questions[2].question",
+        ),
+    ]
+    for body, status, param in cases:
+        resp = client.post("/v1/collections/kb/questions", json=body)
+        assert resp.status_code == status, (body, resp.text)
+        assert error_of(resp)["param"] == param, body
+    assert len(stored_questions(client, "rust")) == MAX_QUESTIONS_PER_DOCUMENT - 1
+    assert stored_questions(client, "python") == []  # the refused batch wrote nothing
+    assert info(client)["questions"] == MAX_QUESTIONS_PER_DOCUMENT - 1
+
+
+@pytest.fixture
+def server(tmp_path, embedder, fake_server, database_url):
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        port=free_port(),
+        upstream_url=fake_server.url,
+        database_url=database_url,
+    )
+    with running_server(settings, embedder) as url:
+        yield url
+
+
+def test_cli_questions_add(server, tmp_path, capsys):
+    import httpx
+
+    httpx.post(f"{server}/v1/collections/kb/documents", json={"documents": docs()}, timeout=60)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        "\n".join(
+            json.dumps(row)
+            for row in [
+                {"question": KNOWN, "document_id": "rust"},
+                {"question": "Where is the Eiffel Tower?", "answer": "home to the Eiffel Tower"},
+                {"question": "Name a language", "document_ids": ["python", "rust"]},
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "How is espresso made?"},
+                        {
+                            "role": "assistant",
+                            "content": "By forcing hot water through finely ground coffee.",
+                        },
+                        {"role": "user", "content": "Thanks!"},
+                        {"role": "assistant", "content": "You are welcome."},
+                    ]
+                },
+            ]
+        )
+        + "\n"
+    )
+    common = ["--url", server, "--collection", "kb"]
+    assert main(["questions", "add", str(qa), *common]) == 0
+    captured = capsys.readouterr()
+    assert "6 questions: 5 added to 4 documents, 0 already there, 1 unmatched" in captured.out
+    assert f"{qa}:4: left out, the answer is in no document" in captured.err
+    with httpx.Client(base_url=server) as http:
+        doc = http.get("/v1/collections/kb/documents/rust").json()
+        assert doc["questions"] == [KNOWN, "Name a language"]
+        assert http.get("/v1/collections/kb/documents/coffee").json()["questions"] == [
+            "How is espresso made?"
+        ]
+        body = {"query": QUERY, "debug": True}
+        top = http.post("/v1/collections/kb/search", json=body).json()["results"][0]
+        assert (top["document_id"], top["matched"]) == ("rust", "question")
+
+    assert main(["questions", "add", str(qa), *common]) == 0  # again: all there already
+    assert "0 added to 0 documents, 5 already there" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\nnot json\n')
+    assert main(["questions", "add", str(bad), *common]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1:" in err and f"{bad}:2: not JSON" in err
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(
+        json.dumps({"question": "a", "document_id": "rust"})
+        + "\n"
+        + json.dumps({"question": "b", "document_id": "ghost"})
+        + "\n"
+    )
+    assert main(["questions", "add", str(unknown), *common]) == 1
+    assert f"(404) at {unknown}:2" in capsys.readouterr().err
