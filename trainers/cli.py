@@ -9,6 +9,13 @@
     rag-train full --train-file F [--val-file F] --output-dir D [hyperparameters]
     rag-train eval [--model BASE] [--adapter DIR] --data test.jsonl [--json OUT]
     rag-train merge [--base BASE] --adapter DIR --out DIR
+    rag-train embed --output-dir D (--qa-file F | --chat-file F | --pseudo-queries |
+                    --question-writer MODEL) [--corpus F | --collection NAME] [options]
+    rag-train rerank (same data flags) [--embedding-model DIR] [--candidates N] [options]
+
+embed and rerank hold out a validation split, report base vs trained on it, and exit 3 when
+the trained model is worse than base (it is still written, with a WORSE_THAN_BASE file)
+unless --allow-worse.
 
 Several GPUs: ``accelerate launch -m trainers.cli lora ...`` or
 ``torchrun --nproc-per-node N -m trainers.cli lora ...`` (DDP through the HF Trainer).
@@ -44,10 +51,10 @@ def _count_fn(tokenizer: Any) -> Any:
     return count
 
 
-def _config_flags(parser: argparse.ArgumentParser) -> None:
+def _config_flags(parser: argparse.ArgumentParser, config: Any = None) -> None:
     from trainers.config import SFTConfig
 
-    for f in dataclasses.fields(SFTConfig):
+    for f in dataclasses.fields(config or SFTConfig):
         if f.name == "method":
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -66,6 +73,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
             type=typ,
             required=required,
             default=default,
+            choices=f.metadata.get("choices"),
             help=f"{f.metadata['help']} (default: {default})",
         )
 
@@ -116,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", default="")
     m.add_argument("--adapter", type=Path, required=True)
     m.add_argument("--out", type=Path, required=True)
+    from trainers.retrieval_config import EmbedConfig, RerankConfig
+
+    em = sub.add_parser("embed", help="fine-tune the embedding model on your data")
+    _config_flags(em, EmbedConfig)
+    rr = sub.add_parser("rerank", help="train a cross-encoder reranker on your data")
+    _config_flags(rr, RerankConfig)
     return parser
 
 
@@ -231,14 +245,48 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retriever(args: argparse.Namespace) -> int:
+    from trainers.retrieval_config import WORSE_THAN_BASE_EXIT, EmbedConfig, RerankConfig
+    from trainers.retrievers import format_comparison, train_embedder, train_reranker
+
+    config = EmbedConfig if args.command == "embed" else RerankConfig
+    cfg = config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)})
+    trainer = train_embedder if args.command == "embed" else train_reranker
+    result = trainer(cfg, progress=True)  # type: ignore[arg-type]
+    m = result.metrics
+    print(f"validation: {m['val_pairs']} questions (by {cfg.split}), {m['train_pairs']} to train")
+    print(format_comparison(m["base"], m["trained"]))
+    print(f"best epoch {m['best_epoch']} of {m['epochs_run']}, {m['train_seconds']} s")
+    print(f"written to {result.output_dir}")
+    if not result.worse_than_base:
+        if not m["better_than_base"]:
+            print("note: the trained model is no better than base on the validation split")
+        return 0
+    bar = "!" * 78
+    print(
+        f"{bar}\nWARNING: the trained {args.command} model is WORSE than base on the held-out"
+        f" validation split\n(MRR@10 {m['base']['mrr@10']:.3f} -> {m['trained']['mrr@10']:.3f}). "
+        f"It is written, flagged by {result.output_dir / 'WORSE_THAN_BASE'};\ndo not serve it."
+        f"\n{bar}",
+        file=sys.stderr,
+    )
+    return 0 if cfg.allow_worse else WORSE_THAN_BASE_EXIT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from trainers.sft import TrainingError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handler = {"data": _data, "lora": _train, "full": _train, "eval": _eval, "merge": _merge}[
-        args.command
-    ]
+    handler = {
+        "data": _data,
+        "lora": _train,
+        "full": _train,
+        "eval": _eval,
+        "merge": _merge,
+        "embed": _retriever,
+        "rerank": _retriever,
+    }[args.command]
     try:
         return handler(args)
     except (TrainingError, ValueError, FileNotFoundError) as exc:
