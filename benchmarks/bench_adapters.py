@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
 
-    from rag_service.backends.local import materialize_bundled_model
+    from rag_service.model_cache import materialize_bundled_model
     from rag_service.settings import Settings
 
     default_mode = Settings().adapter_mixing

@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--naive-max-length", type=int, default=512)
     args = parser.parse_args()
 
-    from rag_service.backends.local import materialize_bundled_model
+    from rag_service.model_cache import materialize_bundled_model
     from trainers.config import SFTConfig
     from trainers.data import write_jsonl
     from trainers.evaluate import evaluate_model

