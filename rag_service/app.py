@@ -229,6 +229,14 @@ async def _load(
                 follower = asyncio.create_task(adapters.run_follow(), name="adapters-follow")
                 stack.push_async_callback(_cancel, follower)
         chat = ChatService(settings, kb, backend, adapters)
+        if await engine.lookup(settings.rag_collection) is None:
+            log.warning(
+                "chat retrieval searches collection %r by default, which does not exist: chats "
+                "without rag.collection answer without sources (retrieval.reason "
+                "'no_collection') until documents are upserted into it (RAG_RAG_COLLECTION "
+                "names another)",
+                settings.rag_collection,
+            )
         state["kb"] = kb
         state["chat"] = chat
         state["adapters"] = adapters

@@ -50,6 +50,9 @@ class PreparedChat:
     stream: bool
     include_usage: bool
     adapter: str | None = None
+    # What retrieval did, for the response's ``retrieval`` field: the collection, whether it
+    # was searched, and why not (so an answer without sources is never silently so).
+    retrieval: dict[str, Any] | None = None
 
 
 class ChatService:
@@ -98,6 +101,20 @@ class ChatService:
                 }
                 for a in self.adapters.registry.list()
             ]
+        # The embedding models too, as OpenAI clients look for the embeddings model here.
+        out += [
+            {
+                "id": m.id,
+                "object": "model",
+                "created": created,
+                "owned_by": "rag-service",
+                "root": str(m.path),
+                "parent": None,
+                "type": "embedding",
+                "dimension": m.dimension,
+            }
+            for m in self.kb.models.loaded()
+        ]
         return out
 
     # ---- preparation -------------------------------------------------------------------
@@ -162,10 +179,11 @@ class ChatService:
 
     async def _retrieve(
         self, body: dict[str, Any], options: RagOptions, principal: Principal | None = None
-    ) -> tuple[bool, list[PromptSource]]:
-        if not options.enabled:
-            return False, []
+    ) -> tuple[bool, list[PromptSource], dict[str, Any]]:
+        """Whether retrieval applies, the sources, and what happened (``retrieval``)."""
         collection = options.collection or self.settings.rag_collection
+        if not options.enabled:
+            return False, [], {"collection": None, "searched": False, "reason": "disabled"}
         if principal is not None:  # before the lookup, so a refusal says nothing of existence
             principal.require("read", collection, param="rag.collection")
         if await self.kb.engine.lookup(collection) is None:
@@ -173,10 +191,13 @@ class ChatService:
                 raise CollectionNotFound(
                     f"collection {collection!r} does not exist", param="rag.collection"
                 )
-            return True, []  # nothing ingested yet: the model is told no context was found
+            # Nothing ingested into the default collection yet: the model is told no context
+            # was found, and the response says no collection was searched.
+            missing = {"collection": collection, "searched": False, "reason": "no_collection"}
+            return True, [], missing
         query = retrieval_query(body["messages"])
         if query is None:
-            return True, []
+            return True, [], {"collection": collection, "searched": False, "reason": "no_query"}
         try:
             hits, _ = await self.kb.search(
                 collection,
@@ -194,12 +215,13 @@ class ChatService:
             if exc.param and not exc.param.startswith("rag."):
                 exc.param = f"rag.{exc.param}"
             raise
-        return True, [
+        sources = [
             PromptSource(
                 i, h.hit.document_id, h.hit.chunk_id, h.hit.text, round(h.score, 6), h.hit.metadata
             )
             for i, h in enumerate(hits, start=1)
         ]
+        return True, sources, {"collection": collection, "searched": True}
 
     async def prepare(
         self, request: ChatRequest, body: dict[str, Any], *, principal: Principal | None = None
@@ -213,7 +235,7 @@ class ChatService:
         if self.backend.name == "local":
             self._check_local(request)
         chars = self._check_size(request)
-        rag, sources = await self._retrieve(body, request.rag or RagOptions(), principal)
+        rag, sources, retrieval = await self._retrieve(body, request.rag or RagOptions(), principal)
         fit = functools.partial(
             fit_prompt,
             list(body["messages"]),
@@ -242,7 +264,7 @@ class ChatService:
             if ensure is not None:
                 await ensure(info.name)
             adapter = info.name
-        return PreparedChat(out, used, request.stream, include_usage, adapter)
+        return PreparedChat(out, used, request.stream, include_usage, adapter, retrieval)
 
     # ---- answering ---------------------------------------------------------------------
     def _acquire(self, prepared: PreparedChat) -> None:
@@ -262,6 +284,7 @@ class ChatService:
         if prepared.adapter is not None:
             response["model"] = prepared.adapter
         response["sources"] = [s.to_dict() for s in prepared.sources]
+        response["retrieval"] = prepared.retrieval
         return response
 
     async def open_stream(self, prepared: PreparedChat) -> AsyncIterator[bytes]:
@@ -289,6 +312,7 @@ class ChatService:
         try:
             if first is not None:
                 first["sources"] = [s.to_dict() for s in prepared.sources]
+                first["retrieval"] = prepared.retrieval
                 if prepared.adapter is not None:
                     first["model"] = prepared.adapter
                 yield _event(first)

@@ -250,7 +250,12 @@ class SearchResponse(msgspec.Struct, omit_defaults=True):
 class EmbeddingsRequest(msgspec.Struct):
     """OpenAI embeddings request. Unknown fields are ignored, as OpenAI clients send extras."""
 
-    input: InputText | Annotated[list[InputText], msgspec.Meta(min_length=1, max_length=2048)]
+    # Token-id arrays (what OpenAI's API also takes, and what LangChain's OpenAIEmbeddings sends
+    # by default) are read only to be refused with a message saying what to send instead.
+    input: (
+        InputText
+        | Annotated[list[InputText | int | list[int]], msgspec.Meta(min_length=1, max_length=2048)]
+    )
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -310,9 +311,42 @@ def test_stream_ends_even_if_the_upstream_keeps_talking_after_done(server, fake_
     assert ok.status_code == 200  # the cut connection was replaced
 
 
-def test_models_list(sdk):
+def test_models_list(sdk, embedder):
     models = sdk.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, embedder.name]
+    embedding = models.data[1].model_extra
+    assert embedding["type"] == "embedding" and embedding["dimension"] == embedder.dimension
+    # The embeddings endpoint answers to the id it is listed under.
+    assert sdk.embeddings.create(model=embedder.name, input="hi").data[0].embedding
+
+
+def test_retrieval_says_what_was_searched(server, fake_upstream):
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "capital of France?"}]}
+    resp = httpx.post(f"{server}/v1/chat/completions", json=ask, timeout=30)
+    assert resp.json()["retrieval"] == {"collection": "default", "searched": True}
+    assert resp.headers["x-rag-retrieval"] == "searched; collection=default"
+    # The default collection gone: still an answer, but it says no collection was searched.
+    assert httpx.delete(f"{server}/v1/collections/default", timeout=30).status_code == 204
+    for stream in (False, True):
+        resp = httpx.post(
+            f"{server}/v1/chat/completions", json={**ask, "stream": stream}, timeout=30
+        )
+        assert resp.status_code == 200
+        assert resp.headers["x-rag-retrieval"] == "none; reason=no_collection"
+        first = (
+            json.loads(resp.text.split("\n\n")[0].removeprefix("data: ")) if stream else resp.json()
+        )
+        assert first["sources"] == []
+        assert first["retrieval"] == {
+            "collection": "default",
+            "searched": False,
+            "reason": "no_collection",
+        }
+    off = httpx.post(
+        f"{server}/v1/chat/completions", json={**ask, "rag": {"enabled": False}}, timeout=30
+    )
+    assert off.json()["retrieval"]["reason"] == "disabled"
+    assert off.headers["x-rag-retrieval"] == "none; reason=disabled"
 
 
 def test_chat_requires_api_key(make_client, fake_upstream):

@@ -42,7 +42,7 @@ def test_errors(client):
         ({"input": ""}, 400, "input"),
         ({"input": ["ok", " "]}, 400, "input[1]"),
         ({"input": []}, 400, "input"),
-        ({"input": [1, 2]}, 400, "input[0]"),
+        ({"input": [1, 2]}, 400, "input"),  # token ids: refused with the way out
         ({"input": "x", "model": "text-embedding-3-small"}, 404, "model"),
         ({"input": "x", "dimensions": 1536}, 400, "dimensions"),
         ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
@@ -150,3 +150,15 @@ def test_library_preprocessing_is_kept_when_the_batch_tokenizer_differs(monkeypa
     fallback = Embedder(Settings().embedding_model_path, device="cpu")
     assert fallback._batch_tokenizer is None
     assert np.allclose(fallback.encode(TOKENIZER_TEXTS, tokens), expected, atol=1e-6)
+
+
+def test_token_id_arrays_are_refused_with_the_way_out(client):
+    """LangChain's OpenAIEmbeddings sends tiktoken ids by default; they cannot be decoded for
+    this model, so the answer says what to send instead."""
+    for given in ([[9906, 1917]], [9906, 1917], ["hello", [9906]]):
+        resp = client.post("/v1/embeddings", json={"input": given})
+        assert resp.status_code == 400, resp.text
+        err = error_of(resp)
+        assert err["param"] == "input"
+        assert "check_embedding_ctx_length=False" in err["message"]
+    assert client.post("/v1/embeddings", json={"input": ["hello"]}).status_code == 200

@@ -41,10 +41,25 @@ class ChatController(Controller):
         # this service does not know, to forward them upstream untouched.
         body: dict[str, Any] = await request.json()
         prepared = await chat.prepare(data, body, principal=principal)
+        # The header says at once whether any collection was searched (the body's
+        # ``retrieval`` says which and why not), for clients that read no extra fields.
+        searched = {"X-RAG-Retrieval": _retrieval_header(prepared.retrieval)}
         if not prepared.stream:
-            return Response(await chat.complete(prepared))
+            return Response(await chat.complete(prepared), headers=searched)
         events = await chat.open_stream(prepared)
-        return EventStream(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(
+            events,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **searched},
+        )
+
+
+def _retrieval_header(retrieval: dict[str, Any] | None) -> str:
+    """``searched; collection=NAME``, or ``none; reason=...`` when no collection was searched."""
+    if retrieval is None:
+        return "none"
+    if retrieval["searched"]:
+        return f"searched; collection={retrieval['collection']}"
+    return f"none; reason={retrieval['reason']}"
 
 
 @get(

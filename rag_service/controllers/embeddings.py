@@ -41,7 +41,15 @@ class EmbeddingsController(Controller):
             raise InvalidRequest(
                 f"{name} makes {model.dimension}-dimensional vectors", param="dimensions"
             )
-        texts = [data.input] if isinstance(data.input, str) else data.input
+        given = [data.input] if isinstance(data.input, str) else data.input
+        texts = [text for text in given if isinstance(text, str)]
+        if len(texts) != len(given):
+            raise InvalidRequest(
+                "input holds token ids; this service embeds text with its own model's "
+                "tokenizer, so send the text itself (LangChain's OpenAIEmbeddings sends token "
+                "ids unless created with check_embedding_ctx_length=False)",
+                param="input",
+            )
         limit = kb.settings.max_query_chars
         for i, text in enumerate(texts):
             where = "input" if isinstance(data.input, str) else f"input[{i}]"
