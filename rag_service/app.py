@@ -49,7 +49,7 @@ from rag_service.errors import exception_handlers
 from rag_service.keys import EngineKeyRows, KeyRows, KeyStore, SqliteKeyRows
 from rag_service.knowledge import KnowledgeBase
 from rag_service.metrics import Metrics
-from rag_service.openapi import StrictStructSchemaPlugin, openapi_config
+from rag_service.openapi import StrictStructSchemaPlugin, docs_assets_router, openapi_config
 from rag_service.reindexing import FOLLOW_S, Reindexing
 from rag_service.request_body import BoundedRequest
 from rag_service.reranking import open_reranker
@@ -331,7 +331,7 @@ def create_app(
     )
     state: dict[str, Any] = {"settings": settings, "metrics": Metrics()}
     return Litestar(
-        route_handlers=[health, ready, metrics, v1],
+        route_handlers=[health, ready, metrics, v1, docs_assets_router()],
         lifespan=[lifespan],
         state=State(state),
         dependencies={"settings": Provide(provide_settings, sync_to_thread=False)},

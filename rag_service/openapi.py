@@ -8,13 +8,15 @@ schemathesis to hold the service to it (tests/test_fuzz.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
+from litestar import Router
 from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.openapi import ResponseSpec
 from litestar.openapi.config import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import (
     OpenAPIMediaType,
     OpenAPIResponse,
@@ -22,6 +24,7 @@ from litestar.openapi.spec import (
     Operation,
     Schema,
 )
+from litestar.static_files import create_static_files_router
 
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator
@@ -32,9 +35,15 @@ __all__ = [
     "ErrorDetail",
     "StreamingOperation",
     "StrictStructSchemaPlugin",
+    "docs_assets_router",
     "error_responses",
     "openapi_config",
 ]
+
+# Swagger UI's files, served by the service itself (from the swagger-ui-bundle package), so
+# the interactive page works on a machine with no internet access.
+DOCS_ASSETS = "/schema/assets"
+
 
 _DESCRIPTIONS = {
     400: "Invalid request: the body, a parameter or a field (named in `param`) is wrong",
@@ -84,7 +93,28 @@ def openapi_config() -> OpenAPIConfig:
             'Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}.'
         ),
         path="/schema",
-        render_plugins=[JsonRenderPlugin()],
+        render_plugins=[
+            JsonRenderPlugin(),
+            SwaggerRenderPlugin(
+                js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                standalone_preset_js_url=f"{DOCS_ASSETS}/swagger-ui-standalone-preset.js",
+                path="/",  # /schema: the interactive page; /schema/openapi.json: the JSON
+                favicon=f"<link rel='icon' href='{DOCS_ASSETS}/favicon-32x32.png'>",
+            ),
+        ],
+    )
+
+
+def docs_assets_router() -> Router:
+    """Swagger UI's JavaScript and CSS at :data:`DOCS_ASSETS` (no key needed, like /schema)."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    return create_static_files_router(
+        path=DOCS_ASSETS,
+        directories=[Path(str(swagger_ui_path))],
+        include_in_schema=False,
+        name="docs-assets",
     )
 
 
