@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rag_service import peft_compat
 from trainers.sft import TrainingError, load_base
 
 __all__ = ["load_with_adapter", "merge"]
@@ -41,7 +42,8 @@ def load_with_adapter(base: Path, adapter: Path) -> tuple[Any, Any]:
                 f"{base} does not have: it was trained for another base"
             )
     try:
-        model = PeftModel.from_pretrained(model, adapter)
+        with peft_compat.wrapping():
+            model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise TrainingError(f"adapter {adapter} does not fit base model {base}: {exc}") from exc
     return model, tokenizer

@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rag_service import peft_compat
 from rag_service.model_cache import materialize_bundled_model
 from trainers.config import SFTConfig
 from trainers.data import load_examples
@@ -190,7 +191,8 @@ def train(cfg: SFTConfig, *, callbacks: list[Any] | None = None) -> TrainResult:
             task_type="CAUSAL_LM",
         )
         try:
-            model = get_peft_model(model, lora)
+            with peft_compat.wrapping():
+                model = get_peft_model(model, lora)
         except ValueError as exc:
             raise TrainingError(f"LoRA target modules do not fit this model: {exc}") from exc
     pad_id = (
