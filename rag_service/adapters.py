@@ -11,12 +11,20 @@ strings, ...) and so is the safetensors header (read without loading a tensor): 
 (``<data_dir>/adapters.json``) is the truth about what is loaded; a restart loads the same
 adapters again. Every load of a name gets a new version, so a backend that caches by name (vLLM)
 sees ``name@version`` and never serves stale weights.
+
+:class:`AdapterManager` owns every adapter decision of the service, over an
+:class:`~rag_service.backends.base.AdapterBackend` (the app makes one only for a backend with
+that capability): load and unload, and for a chat, whether its ``model`` names an adapter
+(:meth:`~AdapterManager.serves`) and the name the backend serves it under while the request
+holds it (:meth:`~AdapterManager.acquire` / :meth:`~AdapterManager.release`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -27,7 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 from indexes.engine import AdapterStore
+from rag_service.backends.base import AdapterBackend
 from rag_service.errors import Conflict, InvalidRequest, NotFound
 
 __all__ = [
@@ -41,6 +52,8 @@ __all__ = [
     "read_tensor_header",
     "resolve_adapter_path",
 ]
+
+log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONFIG_FILE = "adapter_config.json"
@@ -75,10 +88,6 @@ class AdapterInfo:
     target_modules: list[str]
     base_model: str | None
     loaded_at: int
-
-    @property
-    def upstream_name(self) -> str:
-        return f"{self.name}@{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,8 +193,6 @@ def adapter_ranks(config: dict[str, Any]) -> set[int]:
 
 def read_tensor_header(file: Path, where: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{name: (dtype, shape)}`` from a safetensors header; no tensor is read."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(file), framework="pt") as f:
             header = {}
@@ -379,7 +386,7 @@ class AdapterManager:
         self,
         adapters_dir: Path,
         registry: AdapterRegistry,
-        backend: Any,
+        backend: AdapterBackend,
         *,
         max_rank: int | None = None,
         drain_timeout_s: float = 120.0,
@@ -394,26 +401,13 @@ class AdapterManager:
         # replica serves: loads and unloads are written there, and each replica follows it.
         self.shared = shared
         self._shared_versions: dict[str, int] = {}  # name -> shared version loaded here
-        self._lock: Any = None
-        self._inflight: dict[str, int] = {}
-        self._idle: dict[str, Any] = {}
-
-    def _mutex(self) -> Any:
-        import asyncio
-
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
-
-    def supported(self) -> bool:
-        return hasattr(self.backend, "load_adapter")
+        self._lock = asyncio.Lock()  # loads and unloads, one at a time
+        self._inflight: dict[str, int] = {}  # name -> requests using it now
+        self._idle: dict[str, asyncio.Event] = {}  # set when an unloading name's last one ends
 
     async def restore(self, *, scan: bool) -> list[str]:
         """Load the registered adapters again (and, with ``scan``, every adapter directory
         found in the adapters directory). Returns the names loaded."""
-        import logging
-
-        log = logging.getLogger(__name__)
         loaded = []
         for info in self.registry.list():
             try:
@@ -445,11 +439,9 @@ class AdapterManager:
         return config
 
     async def load(self, name: str, raw_path: str, *, share: bool = True) -> AdapterInfo:
-        import asyncio
-
         path = resolve_adapter_path(self.adapters_dir, raw_path)
         config = await asyncio.to_thread(self._inspect, path)
-        async with self._mutex():
+        async with self._lock:
             info = self.registry.next_info(name, path, config)
             await self.backend.load_adapter(info.name, info.path, info.version)
             self.registry.add(info)
@@ -469,9 +461,7 @@ class AdapterManager:
         return info
 
     async def unload(self, name: str, *, share: bool = True) -> AdapterInfo:
-        import asyncio
-
-        async with self._mutex():
+        async with self._lock:
             self.registry.get(name)  # 404 before anything changes
             if self.shared is not None and share:
                 await self.shared.adapters_delete(name)
@@ -490,9 +480,6 @@ class AdapterManager:
         """One pass of following the shared store: load what it lists and this replica does
         not serve (or serves in an older version), unload what it no longer lists. Returns
         what changed, as ``+name`` / ``-name``."""
-        import logging
-
-        log = logging.getLogger(__name__)
         if self.shared is None:
             return []
         wanted = {r.name: r for r in await self.shared.adapters_list()}
@@ -517,10 +504,6 @@ class AdapterManager:
 
     async def run_follow(self, interval_s: float = 2.0) -> None:
         """Follow the shared store for as long as the service runs."""
-        import asyncio
-        import logging
-
-        log = logging.getLogger(__name__)
         while True:
             try:
                 changed = await self.follow_shared()
@@ -530,10 +513,22 @@ class AdapterManager:
                 log.warning("adapters could not follow the database: %s", exc)
             await asyncio.sleep(interval_s)
 
-    def acquire(self, name: str) -> AdapterInfo:
+    # ---- a chat request's use of an adapter ---------------------------------------------
+    def serves(self, model: str) -> bool:
+        """Whether ``model`` names a loaded adapter (it is then asked for by that name)."""
+        return self.registry.find(model) is not None
+
+    async def acquire(self, name: str) -> str:
+        """Hold adapter ``name`` for one request (an unload waits until :meth:`release`) and
+        return the ``model`` to send the backend for it. AdapterNotFound if it was unloaded
+        since :meth:`serves`; a backend that cannot serve it raises, holding nothing."""
         info = self.registry.get(name)
         self._inflight[name] = self._inflight.get(name, 0) + 1
-        return info
+        try:
+            return await self.backend.adapter_model(info.name, info.version)
+        except BaseException:
+            self.release(name)
+            raise
 
     def release(self, name: str) -> None:
         left = self._inflight.get(name, 1) - 1

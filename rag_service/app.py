@@ -29,7 +29,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexes.engine import AdapterStore, Engine, KeyRowStore, StoreUnavailable
 from rag_service.adapters import AdapterManager, AdapterRegistry
-from rag_service.backends.base import ChatBackend
+from rag_service.backends.base import AdapterBackend, ChatBackend
 from rag_service.batching import MicroBatcher
 from rag_service.chat import ChatService
 from rag_service.controllers.adapters import AdapterController
@@ -168,7 +168,7 @@ async def _load(
         await batcher.start()
         stack.push_async_callback(batcher.stop)
         if engine is None:
-            engine = make_engine(settings, embedder, metrics_)
+            engine = make_engine(settings, metrics_)
             await _open_engine(engine, state)
             stack.push_async_callback(engine.close)
         reranker = await open_reranker(settings, batcher, metrics_)  # on batcher's threads
@@ -209,14 +209,15 @@ async def _load(
         if generator is not None:
             generator.on_batch = metrics_.generation_batch_size.observe
         shared = engine if isinstance(engine, AdapterStore) else None
-        adapters = AdapterManager(
-            settings.adapters_path,
-            AdapterRegistry(Path(settings.data_dir) / "adapters.json"),
-            backend,
-            max_rank=settings.max_lora_rank,
-            shared=shared,
-        )
-        if hasattr(backend, "load_adapter"):
+        adapters = None  # a backend without the capability serves no adapters
+        if isinstance(backend, AdapterBackend):
+            adapters = AdapterManager(
+                settings.adapters_path,
+                AdapterRegistry(Path(settings.data_dir) / "adapters.json"),
+                backend,
+                max_rank=settings.max_lora_rank,
+                shared=shared,
+            )
             # With a shared store the database is the truth: this replica follows it.
             restored = (
                 await adapters.follow_shared()

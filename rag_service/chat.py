@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ class PreparedChat:
     sources: list[PromptSource]
     stream: bool
     include_usage: bool
-    adapter: str | None = None
+    adapter: str | None = None  # the adapter ``model`` names (None: the base model)
     # What retrieval did, for the response's ``retrieval`` field: the collection, whether it
     # was searched, and why not (so an answer without sources is never silently so).
     retrieval: dict[str, Any] | None = None
@@ -118,18 +118,19 @@ class ChatService:
         return out
 
     # ---- preparation -------------------------------------------------------------------
-    def _model(self, request: ChatRequest) -> str | None:
+    def _model(self, request: ChatRequest) -> tuple[str | None, str | None]:
+        """The model to answer with, and the adapter it names (None: the base model)."""
         served = self.backend.models()
         if request.model is None:
-            return served[0] if served else None
-        if self.adapters is not None and self.adapters.registry.find(request.model):
-            return request.model
+            return (served[0] if served else None), None
+        if self.adapters is not None and self.adapters.serves(request.model):
+            return request.model, request.model
         if served and request.model not in served:
             raise ModelNotFound(
                 f"model {request.model!r} is not served here; available: {', '.join(served)}",
                 param="model",
             )
-        return request.model
+        return request.model, None
 
     def _completion_budget(self, request: ChatRequest) -> int:
         window = self.backend.context_window
@@ -228,7 +229,7 @@ class ChatService:
     ) -> PreparedChat:
         """Check and build the request for the backend; ``principal`` (None: no key checks)
         must be able to read the collection retrieval searches."""
-        model = self._model(request)
+        model, adapter = self._model(request)
         completion = self._completion_budget(request)
         if not any(m.role == "user" for m in request.messages):
             raise InvalidRequest("messages must contain a user message", param="messages")
@@ -256,29 +257,23 @@ class ChatService:
         if model is not None:
             out["model"] = model
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        adapter = None
-        if self.adapters is not None and model is not None and self.adapters.registry.find(model):
-            info = self.adapters.registry.get(model)
-            out["model"] = self.backend.served_name(info.name, info.version)  # type: ignore
-            ensure = getattr(self.backend, "ensure_adapter", None)
-            if ensure is not None:
-                await ensure(info.name)
-            adapter = info.name
         return PreparedChat(out, used, request.stream, include_usage, adapter, retrieval)
 
     # ---- answering ---------------------------------------------------------------------
-    def _acquire(self, prepared: PreparedChat) -> None:
-        if prepared.adapter is not None and self.adapters is not None:
-            self.adapters.acquire(prepared.adapter)
+    async def _acquire(self, prepared: PreparedChat) -> dict[str, Any]:
+        """The body for the backend; an adapter stays held (not unloaded) until _release."""
+        if prepared.adapter is None or self.adapters is None:
+            return prepared.body
+        return {**prepared.body, "model": await self.adapters.acquire(prepared.adapter)}
 
     def _release(self, prepared: PreparedChat) -> None:
         if prepared.adapter is not None and self.adapters is not None:
             self.adapters.release(prepared.adapter)
 
     async def complete(self, prepared: PreparedChat) -> dict[str, Any]:
-        self._acquire(prepared)
+        body = await self._acquire(prepared)
         try:
-            response = await self.backend.complete(prepared.body)
+            response = await self.backend.complete(body)
         finally:
             self._release(prepared)
         if prepared.adapter is not None:
@@ -289,14 +284,13 @@ class ChatService:
 
     async def open_stream(self, prepared: PreparedChat) -> AsyncIterator[bytes]:
         """Start the backend stream (errors raise here) and return the SSE byte stream."""
-        self._acquire(prepared)
-        chunks = self.backend.stream(prepared.body)
+        chunks = self.backend.stream(await self._acquire(prepared))
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
             first = None
         except BaseException:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
             self._release(prepared)
             raise
         return self._sse(first, chunks, prepared)
@@ -304,7 +298,7 @@ class ChatService:
     async def _sse(
         self,
         first: dict[str, Any] | None,
-        chunks: AsyncIterator[dict[str, Any]],
+        chunks: AsyncGenerator[dict[str, Any], None],
         prepared: PreparedChat,
     ) -> AsyncIterator[bytes]:
         local_usage = self.backend.name == "local"
@@ -337,7 +331,7 @@ class ChatService:
             log.warning("stream ended by backend error: %s", exc.message)
             yield _event(error_body(exc.message, exc.error_type, None, exc.code))
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
             self._release(prepared)
         yield b"data: [DONE]\n\n"
 

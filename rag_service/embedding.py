@@ -1,7 +1,10 @@
 """The embedding model: sentence-transformers, loaded from a local directory (never a hub).
 
-One :class:`Embedder` per process. It is blocking and not thread-safe by design: the
-micro-batcher (:mod:`rag_service.batching`) owns it from a single worker thread.
+One :class:`Embedder` per process. Its methods block, so they run off the event loop: the
+micro-batcher (:mod:`rag_service.batching`) calls :meth:`Embedder.encode` from its two lane
+threads (interactive and bulk) side by side, which is safe (see ``encode`` for the one step
+that is serialised). The token helpers (``count_tokens``, ``offsets``, ``tokenizer``) use a
+fast tokenizer with fixed settings, safe from any thread.
 """
 
 from __future__ import annotations

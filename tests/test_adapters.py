@@ -469,7 +469,8 @@ def test_vllm_load_unload_and_versions(upstream, fake_upstream, adapters_dir):
     ).json()
     assert fake_upstream.requests[-1]["model"] == "alpha@1"
     assert reply["model"] == "alpha"
-    models = [m["id"] for m in httpx.get(upstream + "/v1/models").json()["data"]]
+    listed = httpx.get(upstream + "/v1/models").json()["data"]
+    models = [m["id"] for m in listed if m.get("type") != "embedding"]
     assert models == [MODEL, "alpha"]
     assert httpx.delete(upstream + "/v1/adapters/alpha").status_code == 204
     assert fake_upstream.lora_calls[-1] == ("unload", "alpha@1")
@@ -555,3 +556,48 @@ def test_replicas_on_one_database_serve_the_same_adapters(
         assert httpx.delete(b + "/v1/adapters/alpha").status_code == 204
         wait_for(a, [])
         assert served(b) == []
+
+
+# ---- the adapter capability ----------------------------------------------------------------
+
+
+def test_backends_declare_the_adapter_capability(bundled_model_dir):
+    """Both backends subclass AdapterBackend, so the type checker holds them to it, and are
+    found to be adapter backends by the app's check even before a model is loaded."""
+    from rag_service.backends.base import AdapterBackend
+    from rag_service.backends.upstream import UpstreamBackend
+
+    assert AdapterBackend in LocalBackend.__mro__ and AdapterBackend in UpstreamBackend.__mro__
+    upstream = UpstreamBackend(
+        Settings(upstream_url="http://127.0.0.1:9/v1", upstream_model="m"),
+        count_text_tokens=len,
+    )
+    local = LocalBackend(Settings(local_model=str(bundled_model_dir)))  # not started
+    assert isinstance(upstream, AdapterBackend) and isinstance(local, AdapterBackend)
+
+
+def test_a_request_that_fails_before_the_upstream_answers_holds_no_adapter(
+    make_client, adapters_dir
+):
+    """The upstream went away: a chat for an adapter fails (502, no connection, naming what it
+    was doing) and holds nothing, so the unload after it does not wait for the request."""
+    from tests.fake_upstream import serve_fake
+
+    with serve_fake(free_port()) as fake:
+        client = make_client(upstream_url=fake.url, adapters_dir=adapters_dir, max_lora_rank=64)
+        assert (
+            client.post("/v1/adapters", json={"name": "alpha", "path": "alpha"}).status_code == 201
+        )
+        body = {"model": "alpha", "messages": QUESTION, "rag": {"enabled": False}}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    time.sleep(5.1)  # past the interval after which the upstream is asked for its adapters
+    for stream in (False, True):
+        resp = client.post("/v1/chat/completions", json={**body, "stream": stream})
+        assert resp.status_code == 502, resp.text
+        message = error_of(resp)["message"]
+        assert "cannot connect to the upstream server" in message and "listing models" in message
+    started = time.monotonic()
+    resp = client.delete("/v1/adapters/alpha")
+    assert time.monotonic() - started < 30, "the unload waited for a request that had failed"
+    assert resp.status_code == 502 and "(unload_lora_adapter)" in error_of(resp)["message"]
+    assert client.get("/v1/adapters").json()["data"] == []

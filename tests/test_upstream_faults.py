@@ -170,3 +170,81 @@ def test_odd_json_answer_is_a_502(server, fake_upstream, data):
     assert resp.status_code == 502
     err = error_of(resp)
     assert err["type"] == "upstream_error" and "not a chat.completion" in err["message"]
+
+
+# ---- (c) transport failures: one map from httpx's errors to the service's ------------------
+def _httpx_errors(kind: type[httpx.HTTPError] = httpx.HTTPError) -> list[type[httpx.HTTPError]]:
+    out = [kind]
+    for sub in kind.__subclasses__():
+        out += _httpx_errors(sub)
+    return out
+
+
+@pytest.mark.parametrize("kind", _httpx_errors(), ids=lambda k: k.__name__)
+def test_every_httpx_error_becomes_an_upstream_error(kind):
+    """Whatever httpx raises inside ``map_transport_errors`` leaves as an UpstreamError (from
+    it): a timeout is 504, no connection 502 naming the server, anything else 502."""
+    from rag_service.backends.upstream import map_transport_errors
+    from rag_service.errors import UpstreamError, UpstreamTimeout
+
+    request = httpx.Request("POST", "http://upstream.invalid/v1/chat/completions")
+    raised = (
+        kind("boom", request=request, response=httpx.Response(500, request=request))
+        if kind is httpx.HTTPStatusError
+        else kind("boom")
+    )
+    with (
+        pytest.raises(UpstreamError) as caught,
+        map_transport_errors("doing a thing", "http://upstream.invalid/v1"),
+    ):
+        raise raised
+    error = caught.value
+    assert error.__cause__ is raised and "(doing a thing)" in error.message
+    if issubclass(kind, httpx.ConnectError | httpx.ConnectTimeout):
+        assert type(error) is UpstreamError and error.status_code == 502
+        assert (
+            "cannot connect to the upstream server at http://upstream.invalid/v1" in error.message
+        )
+    elif issubclass(kind, httpx.TimeoutException):
+        assert type(error) is UpstreamTimeout and error.status_code == 504
+    else:
+        assert type(error) is UpstreamError and error.status_code == 502
+
+
+def test_other_errors_pass_through_the_map():
+    from rag_service.backends.upstream import map_transport_errors
+
+    with (
+        pytest.raises(ValueError, match="not a transport error"),
+        map_transport_errors("doing a thing", "http://upstream.invalid/v1"),
+    ):
+        raise ValueError("not a transport error")
+
+
+@pytest.fixture(scope="module")
+def impatient(
+    tmp_path_factory: pytest.TempPathFactory, embedder: Any, fake_server: FakeUpstream
+) -> Iterator[str]:
+    """A service that waits 0.5 s for the upstream's next bytes."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("impatient"),
+        port=free_port(),
+        upstream_url=fake_server.url,
+        upstream_read_timeout_s=0.5,
+    )
+    with running_server(settings, embedder) as url:
+        yield url
+
+
+def test_stream_that_goes_silent_ends_with_a_timeout_event(impatient, fake_upstream):
+    fake_upstream.chunk_delay_s = 1.5  # the first event, then silence past the read timeout
+    resp = httpx.post(impatient + "/v1/chat/completions", json=STREAM, timeout=30)
+    assert resp.status_code == 200  # the first event was sent before the silence
+    got = events(resp)
+    assert got[-1] == "[DONE]"
+    error = got[-2]["error"]
+    assert error["type"] == "upstream_timeout" and error["code"] == "timeout"
+    assert "did not answer in time (reading the answer stream)" in error["message"]
+    assert text_of(got[:-2]) == ""  # nothing of the answer was made up
+    fake_upstream.chunk_delay_s = 0.0
+    assert_still_serving(impatient, fake_upstream)

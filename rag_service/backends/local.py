@@ -20,12 +20,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+from rag_service import peft_compat
 from rag_service.adapters import LORA_KEY, WEIGHTS_FILE, read_tensor_header
-from rag_service.backends.base import completion_id
+from rag_service.backends.base import AdapterBackend, completion_id
 from rag_service.backends.generation import BatchGenerator, GenerationRequest, GenerationResult
 from rag_service.chat_schemas import message_text
 from rag_service.errors import InvalidRequest, Overloaded
@@ -37,7 +38,7 @@ __all__ = ["LocalBackend"]
 log = logging.getLogger(__name__)
 
 
-class LocalBackend:
+class LocalBackend(AdapterBackend):
     name = "local"
 
     def __init__(
@@ -256,7 +257,8 @@ class LocalBackend:
         active = None if first else self._peft.active_adapter
         try:
             if first:
-                peft = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                with peft_compat.wrapping():
+                    peft = PeftModel.from_pretrained(self.model, path, adapter_name=name)
                 peft.eval()
                 self._peft, self.model = peft, peft
             else:
@@ -312,8 +314,8 @@ class LocalBackend:
     async def unload_adapter(self, name: str, version: int) -> None:
         await asyncio.to_thread(self._exclusive, self._unload_adapter, name)
 
-    def served_name(self, name: str, version: int) -> str:
-        return name
+    async def adapter_model(self, name: str, version: int) -> str:
+        return name  # one process, one registry: the name is the served name
 
     def _admit(self) -> None:
         if self._waiting >= self.settings.generation_queue_size:
@@ -360,7 +362,7 @@ class LocalBackend:
         text, finish = _cut_at_stop(result.text, result.finish_reason, request.stop)
         return self._response(body, text, finish, result.prompt_tokens, result.completion_tokens)
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         self._admit()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()

@@ -9,6 +9,11 @@ Every answer and stream event is checked where it enters: a stream event must be
 it started given a ``finish_reason``; one whose body ends before that was cut short
 (:class:`UpstreamIncomplete`), so its partial answer is never passed on as a complete one.
 Closing a stream (the client went away) closes the upstream response and frees its connection.
+
+httpx's errors become the service's in one place, :func:`map_transport_errors` (one table, as
+httpx's own ``map_httpcore_exceptions`` maps httpcore's): no answer within the read timeout is
+504 (:class:`UpstreamTimeout`), no connection or any other transport failure 502
+(:class:`UpstreamError`). Every call to the upstream runs inside it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import msgspec
 
+from rag_service.backends.base import AdapterBackend
 from rag_service.chat_schemas import message_text
 from rag_service.errors import (
     UpstreamError,
@@ -33,7 +39,7 @@ from rag_service.errors import (
 )
 from rag_service.settings import Settings
 
-__all__ = ["UpstreamBackend"]
+__all__ = ["UpstreamBackend", "map_transport_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,37 @@ DEFAULT_WINDOW = 8192
 # connection is closed instead of going back to the pool.
 DRAIN_TIMEOUT_S = 0.25
 
+# Failures where the request never reached the upstream: the only ones retried.
+NOT_SENT: tuple[type[httpx.TransportError], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
 
-class UpstreamBackend:
+# httpx's errors -> the service's. The first row a failure is an instance of decides, so the
+# specific rows come first; the last row catches every other httpx error.
+TRANSPORT_ERRORS: tuple[tuple[tuple[type[httpx.HTTPError], ...], type[UpstreamError], str], ...] = (
+    (NOT_SENT, UpstreamError, "cannot connect to the upstream server at {url} ({doing}): {exc}"),
+    (
+        (httpx.TimeoutException,),
+        UpstreamTimeout,
+        "the upstream server did not answer in time ({doing}): {exc}",
+    ),
+    ((httpx.HTTPError,), UpstreamError, "the upstream server failed ({doing}): {exc}"),
+)
+
+
+@contextlib.contextmanager
+def map_transport_errors(doing: str, url: object) -> Iterator[None]:
+    """Raise the service's error for any httpx error inside, from it; ``doing`` and ``url``
+    say in the message what failed where."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        for kinds, error, message in TRANSPORT_ERRORS:
+            if isinstance(exc, kinds):
+                detail = str(exc) or type(exc).__name__
+                raise error(message.format(url=url, doing=doing, exc=detail)) from exc
+        raise  # unreachable: the last row matches every httpx error
+
+
+class UpstreamBackend(AdapterBackend):
     name = "upstream"
 
     def __init__(
@@ -100,10 +135,11 @@ class UpstreamBackend:
             )
         if not self._models:
             try:
-                resp = await self._client.get("models")
-                resp.raise_for_status()
+                with self._errors("listing models"):
+                    resp = await self._client.get("models")
+                    resp.raise_for_status()
                 self._models = [m["id"] for m in resp.json().get("data", [])][:1]
-            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            except (UpstreamError, ValueError, KeyError, TypeError) as exc:
                 log.warning("could not list upstream models (%s); set RAG_UPSTREAM_MODEL", exc)
         log.info(
             "upstream backend %s, model %s", self.settings.upstream_url, self._models or "unknown"
@@ -120,6 +156,9 @@ class UpstreamBackend:
         if self._client is not None and self._owns_client:
             await self._client.aclose()
 
+    def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        return map_transport_errors(doing, self.settings.upstream_url)
+
     # ---- adapters (vLLM runtime LoRA API) ------------------------------------------------
     # Each load of a name is registered upstream as "name@version", so a new version never
     # shares a name with stale weights; our registry is the truth, and an adapter the upstream
@@ -127,18 +166,17 @@ class UpstreamBackend:
     def check_adapter(self, config: dict[str, Any]) -> None:
         return None  # the upstream checks fit against its base model on load
 
-    def served_name(self, name: str, version: int) -> str:
+    @staticmethod
+    def _served_name(name: str, version: int) -> str:
         return f"{name}@{version}"
 
     async def _lora_call(self, endpoint: str, body: dict[str, Any]) -> httpx.Response:
         assert self._client is not None
-        try:
+        with self._errors(endpoint):
             return await self._client.post(endpoint, json=body)
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream {endpoint} failed: {exc}") from exc
 
     async def load_adapter(self, name: str, path: str, version: int) -> None:
-        served = self.served_name(name, version)
+        served = self._served_name(name, version)
         resp = await self._lora_call("load_lora_adapter", {"lora_name": served, "lora_path": path})
         if resp.status_code == 400 and "already" in resp.text.lower():
             # Another replica sharing this server (and the adapter registry) loaded it first.
@@ -157,7 +195,7 @@ class UpstreamBackend:
         self._confirmed[served] = time.monotonic()
 
     async def unload_adapter(self, name: str, version: int) -> None:
-        served = self.served_name(name, version)
+        served = self._served_name(name, version)
         self._adapters.pop(name, None)
         self._confirmed.pop(served, None)
         resp = await self._lora_call("unload_lora_adapter", {"lora_name": served})
@@ -166,21 +204,24 @@ class UpstreamBackend:
                 "upstream unload of %s answered %s: %s", served, resp.status_code, resp.text[:200]
             )
 
-    async def ensure_adapter(self, name: str) -> None:
-        """Re-register ``name`` if the upstream no longer lists it (checked every 5 s)."""
+    async def adapter_model(self, name: str, version: int) -> str:
+        """``name@version``, registered again first if the upstream no longer lists it
+        (checked at most every 5 s)."""
         served, path = self._adapters[name]
         if time.monotonic() - self._confirmed.get(served, 0.0) < 5.0:
-            return
+            return served
         assert self._client is not None
         try:
-            listed = {m.get("id") for m in (await self._client.get("models")).json()["data"]}
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            raise UpstreamError(f"cannot list upstream models: {exc}") from exc
+            with self._errors("listing models"):
+                resp = await self._client.get("models")
+            listed = {m.get("id") for m in resp.json()["data"]}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamError(f"the upstream's model list is unreadable: {exc}") from exc
         if served not in listed:
             log.warning("upstream lost adapter %s; registering it again", served)
-            version = int(served.rsplit("@", 1)[1])
             await self.load_adapter(name, path, version)
         self._confirmed[served] = time.monotonic()
+        return served
 
     # ---- requests ------------------------------------------------------------------------
     async def _send(self, body: dict[str, Any], *, stream: bool) -> httpx.Response:
@@ -192,22 +233,15 @@ class UpstreamBackend:
             headers={"Content-Type": "application/json"},
         )
         attempt = 0
-        while True:
-            try:
-                return await self._client.send(request, stream=stream)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                # Nothing reached the upstream: safe to retry.
-                if attempt >= self.settings.upstream_retries:
-                    raise UpstreamError(
-                        f"cannot connect to the upstream server at "
-                        f"{self.settings.upstream_url}: {exc}"
-                    ) from exc
-                attempt += 1
-                await asyncio.sleep(0.1 * 2**attempt)
-            except httpx.TimeoutException as exc:
-                raise UpstreamTimeout("the upstream server did not answer in time") from exc
-            except httpx.HTTPError as exc:
-                raise UpstreamError(f"upstream request failed: {exc}") from exc
+        with self._errors("sending the chat request"):
+            while True:
+                try:
+                    return await self._client.send(request, stream=stream)
+                except NOT_SENT:  # nothing reached the upstream: safe to retry
+                    if attempt >= self.settings.upstream_retries:
+                        raise
+                    attempt += 1
+                    await asyncio.sleep(0.1 * 2**attempt)
 
     @staticmethod
     def _error_for(response: httpx.Response, raw: bytes) -> UpstreamError:
@@ -244,44 +278,41 @@ class UpstreamBackend:
             raise UpstreamError("upstream answer is not a chat.completion object")
         return data
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         response = await self._send({**body, "stream": True}, stream=True)
         try:
-            if response.status_code >= 400:
-                raise self._error_for(response, await response.aread())
-            lines = response.aiter_lines()
-            started: set[int] = set()  # choice indexes seen, and those given a finish_reason
-            finished: set[int] = set()
-            async for line in lines:
-                if not line or line.startswith(":"):
-                    continue
-                if not line.startswith("data:"):
-                    if line.startswith(("event:", "id:", "retry:")):
+            with self._errors("reading the answer stream"):
+                if response.status_code >= 400:
+                    raise self._error_for(response, await response.aread())
+                lines = response.aiter_lines()
+                started: set[int] = set()  # choice indexes seen, and those given a finish_reason
+                finished: set[int] = set()
+                async for line in lines:
+                    if not line or line.startswith(":"):
                         continue
-                    raise UpstreamError(f"malformed event stream from upstream: {line[:100]!r}")
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    await _drain(lines)
-                    return
-                try:
-                    chunk = msgspec.json.decode(data)
-                except msgspec.DecodeError as exc:
-                    raise UpstreamError(
-                        f"malformed event stream from upstream: {data[:100]!r}"
-                    ) from exc
-                if isinstance(chunk, dict) and "error" in chunk:
-                    raise UpstreamError(f"upstream error mid-stream: {chunk['error']}")
-                _track_choices(chunk, data, started, finished)
-                yield chunk
-            if not started or started != finished:
-                raise UpstreamIncomplete(
-                    "the upstream stream ended early (no [DONE] and no finish_reason): "
-                    "the answer is incomplete"
-                )
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout("the upstream server stopped sending") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream stream broke: {exc}") from exc
+                    if not line.startswith("data:"):
+                        if line.startswith(("event:", "id:", "retry:")):
+                            continue
+                        raise UpstreamError(f"malformed event stream from upstream: {line[:100]!r}")
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        await _drain(lines)
+                        return
+                    try:
+                        chunk = msgspec.json.decode(data)
+                    except msgspec.DecodeError as exc:
+                        raise UpstreamError(
+                            f"malformed event stream from upstream: {data[:100]!r}"
+                        ) from exc
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        raise UpstreamError(f"upstream error mid-stream: {chunk['error']}")
+                    _track_choices(chunk, data, started, finished)
+                    yield chunk
+                if not started or started != finished:
+                    raise UpstreamIncomplete(
+                        "the upstream stream ended early (no [DONE] and no finish_reason): "
+                        "the answer is incomplete"
+                    )
         finally:
             await response.aclose()
 
