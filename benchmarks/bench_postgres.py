@@ -146,12 +146,9 @@ def options(name: str, index: str) -> Any:
 
 def embedded_engine(data: Path) -> Any:
     from indexes.embedded import EmbeddedEngine
-    from rag_service.embedding import BUNDLED_NAME
 
     # The service's defaults: synchronous FULL, efSearch 64.
-    return EmbeddedEngine(
-        data, embedding_model=BUNDLED_NAME, dimension=384, snapshot_interval_s=3600
-    )
+    return EmbeddedEngine(data, snapshot_interval_s=3600)
 
 
 async def write_all(engine: Any, name: str, index: str, docs: list[Any], batch: int) -> float:

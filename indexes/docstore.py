@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from indexes.engine import StaleWrite
-from indexes.questions import QUESTION_ID_OFFSET, QuestionsOutcome, QuestionWrite
+from indexes.questions import QUESTION_ID_OFFSET, QuestionsOutcome, QuestionWrite, new_questions
 from indexes.stopwords import content_words
 from indexes.types import (
     CollectionOptions,
@@ -396,6 +396,18 @@ class DocumentStore:
             return None
         return DocumentRow(row[0], row[1], json.loads(row[2]), *row[3:])
 
+    def document_texts(self, collection_id: int, ids: Sequence[str]) -> dict[str, str]:
+        """``{id: text}`` for those of ``ids`` that exist (a bulk read, by batches)."""
+        out: dict[str, str] = {}
+        for part in _batches(list(ids)):
+            rows = self._reader.execute(
+                f"SELECT id, text FROM documents WHERE collection_id = ? "
+                f"AND id IN ({','.join('?' * len(part))})",
+                (collection_id, *part),
+            ).fetchall()
+            out.update({r[0]: r[1] for r in rows})
+        return out
+
     def list_documents(
         self, collection_id: int, *, limit: int, after: str | None
     ) -> tuple[list[DocumentRow], bool]:
@@ -598,9 +610,10 @@ class DocumentStore:
     def stage_add_questions(
         self, collection_id: int, writes: Sequence[QuestionWrite], limit: int
     ) -> tuple[StagedWrite, QuestionsOutcome]:
-        """Append questions in an open transaction (texts a document holds already are
-        skipped). When the outcome names missing or over-limit documents the transaction is
-        rolled back before returning (nothing held)."""
+        """Append questions in an open transaction (questions a document holds already, the
+        same after :func:`~indexes.questions.normalise`, are skipped). When the outcome names
+        missing or over-limit documents the transaction is rolled back before returning
+        (nothing held)."""
         self._write_lock.acquire()
         w = self._writer
         staged = StagedWrite(w, self._write_lock)
@@ -616,8 +629,8 @@ class DocumentStore:
                 if found is None:
                     outcome.missing.append(write.document_id)
                     continue
-                stored = set(self._questions_in(w, found[0]))
-                keep = [i for i, t in enumerate(write.questions) if t not in stored]
+                stored = self._questions_in(w, found[0])
+                keep = new_questions(stored, write.questions)
                 total = len(stored) + len(keep)
                 if total > limit:
                     outcome.over_limit.append(write.document_id)

@@ -161,6 +161,10 @@ class EmbeddedCollection:
     async def get(self, doc_id: str) -> DocumentRow | None:
         return await self._engine.read(self._engine.store.get_document, self._row.id, doc_id)
 
+    async def texts(self, ids: Sequence[str]) -> dict[str, str]:
+        """``{id: text}`` of those of ``ids`` stored, in one read (:class:`DocumentTexts`)."""
+        return await self._engine.read(self._engine.store.document_texts, self._row.id, list(ids))
+
     async def list(
         self, *, limit: int, after: str | None
     ) -> tuple[builtins.list[DocumentRow], bool]:
@@ -275,12 +279,14 @@ class EmbeddedCollection:
         self, query: SearchQuery, timings: dict[str, float]
     ) -> builtins.list[ScoredHit] | None:
         """The search on the event loop when it is sure to be short (dense, unfiltered, a
-        small index, no writer holding or waiting for the collection); None: use a thread."""
+        small index, no known questions, no writer holding or waiting for the collection);
+        None: use a thread. Question keys rule it out: a question hit reads the store
+        (its document, the document's chunk vectors) and may repeat the search deeper."""
         limit = self._engine.inline_search_max_vectors
         if query.mode != "dense" or query.filter is not None or limit == 0:
             return None
         with self.lock.read_nowait() as acquired:
-            if not acquired or len(self.usable_index()) > limit:
+            if not acquired or self.question_keys > 0 or len(self.usable_index()) > limit:
                 return None
             with _busy():
                 return self._search_locked(query, timings)
@@ -379,8 +385,7 @@ class EmbeddedEngine:
     """SQLite + FAISS in one process; see the module docstring.
 
     Every collection records its own embedding model and dimension, and its index is built
-    for them; ``embedding_model`` and ``dimension`` (the service's default model) are kept
-    for callers and refuse nothing.
+    for them.
     """
 
     name = "embedded"
@@ -389,8 +394,6 @@ class EmbeddedEngine:
         self,
         data_dir: Path,
         *,
-        embedding_model: str | None = None,
-        dimension: int | None = None,
         synchronous: str = "FULL",
         busy_timeout_ms: int = 30_000,
         ef_search: int = 64,
@@ -402,8 +405,6 @@ class EmbeddedEngine:
         store: DocumentStore | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.embedding_model = embedding_model
-        self.dimension = dimension
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
         self.ef_search = ef_search
@@ -663,17 +664,22 @@ class EmbeddedEngine:
         return path, path.with_suffix(".json")
 
     def snapshot(self, collection: EmbeddedCollection) -> bool:
-        """Blocking: write the collection's index to disk if it changed; True if written."""
+        """Blocking: write the collection's index to disk if it changed; True if written.
+
+        The index, its record (model, dimension) and the row are read under one read lock: a
+        reindex swaps index and row under the write lock, so the snapshot never labels one
+        model's vectors with the other's name."""
         if collection.index is None or not collection.dirty:
             return False
         with collection.lock.read():
-            data = collection.index.serialize()
-            staged = collection.index.staged
+            index, row = collection.index, collection.row
+            data = index.serialize()
+            meta, staged = index.meta, index.staged
             collection.dirty = False
-        if self._collections.get(collection.name) is not collection:
+        if self._collections.get(row.name) is not collection:
             return False  # dropped meanwhile
-        path, _ = self.snapshot_paths(collection.row)
-        write_snapshot(path, data, collection.index.meta, staged=staged)
+        path, _ = self.snapshot_paths(row)
+        write_snapshot(path, data, meta, staged=staged)
         return True
 
     def snapshot_all(self) -> int:

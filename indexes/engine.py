@@ -37,6 +37,7 @@ __all__ = [
     "Collection",
     "CollectionGone",
     "CollectionTaken",
+    "DocumentTexts",
     "Engine",
     "IndexUnusable",
     "InvalidIndex",
@@ -117,9 +118,10 @@ class Collection(Protocol):
     async def add_questions(
         self, writes: Sequence[QuestionWrite], *, limit: int, model: str | None = None
     ) -> QuestionsOutcome:
-        """Append questions to documents in one transaction (texts a document holds already
-        are skipped); nothing is written when a document is missing or would hold more than
-        ``limit`` questions (the outcome names them). ``model`` as for :meth:`upsert`."""
+        """Append questions to documents in one transaction (questions a document holds
+        already, the same after :func:`~indexes.questions.normalise`, are skipped); nothing is
+        written when a document is missing or would hold more than ``limit`` questions (the
+        outcome names them). ``model`` as for :meth:`upsert`."""
         ...
 
     async def list(
@@ -132,6 +134,16 @@ class Collection(Protocol):
         self, query: SearchQuery, timings: dict[str, float] | None = None
     ) -> builtins.list[ScoredHit]:
         """Top-k chunks for the query (dense, or hybrid with BM25), filter applied first."""
+        ...
+
+
+@runtime_checkable
+class DocumentTexts(Protocol):
+    """A :class:`Collection` that also reads many documents' texts in one go (postgres does;
+    callers fall back to :meth:`Collection.get` per document elsewhere)."""
+
+    async def texts(self, ids: Sequence[str]) -> dict[str, str]:
+        """``{id: text}`` for those of ``ids`` stored."""
         ...
 
 

@@ -17,14 +17,23 @@ best chunk for the query (scored from the chunks' stored vectors): :func:`lift_b
 turns a chunk ranking and the best question per document into one dense ranking, the same
 way for both engines. Such a result's debug parts carry ``question`` (and the chunk's own
 score as ``chunk``) when the question beat the chunk.
+
+Two wordings of one question are one key when they are equal after :func:`normalise` (Unicode
+form, case and whitespace). The service drops such repeats before it embeds, and the engines
+compare stored questions by the same function inside their write transaction, so two
+concurrent attaches of "What is X?" and "what is x?" store one of them.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from indexes.types import Ranking
 
 __all__ = [
     "QUESTION_ID_OFFSET",
@@ -33,6 +42,8 @@ __all__ = [
     "Ranking",
     "is_question_key",
     "lift_by_questions",
+    "new_questions",
+    "normalise",
 ]
 
 # FAISS ids of question vectors in the embedded engine: the question's row id plus this. Chunk
@@ -40,7 +51,26 @@ __all__ = [
 # ranges never meet and any id tells which table it names.
 QUESTION_ID_OFFSET = 1 << 48
 
-Ranking = list[tuple[int, float]]
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """The comparison key of a text: NFKC, case-folded, every run of whitespace one space.
+    Questions are deduplicated by it (service and engines alike), answers matched by it."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def new_questions(stored: list[str], questions: list[str]) -> list[int]:
+    """Positions of those of ``questions`` that are new to a document holding ``stored``
+    (compared after :func:`normalise`; of two equal new ones, the first)."""
+    seen = {normalise(q) for q in stored}
+    keep: list[int] = []
+    for i, question in enumerate(questions):
+        key = normalise(question)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
 
 
 def is_question_key(index_id: int) -> bool:

@@ -22,7 +22,14 @@ same three steps:
    new FAISS index before committing and replaces index and row under the collection's write
    lock; PostgreSQL does it in the transaction. A search or a write whose vectors were made
    by the model the collection no longer records fails with :class:`ModelChanged`, and the
-   service embeds again with the new one.
+   service embeds again with the new one. Before it holds writers off, the swap catches up
+   (:func:`catch_up`) pass after pass while writes go on, until a pass finds nothing new (at
+   most :data:`CATCH_UP_ROUNDS` passes; each is shorter than the one before, as it has only
+   what writes added during that one); writers then wait only for the rest that the last
+   pass left (and, with PostgreSQL, for the rewrite of the rows).
+
+A request for the model of the collection's latest job resumes that job unless it is done;
+any other starts a new one (:func:`decide_resume`).
 
 A job is *claimed* by the one runner that works on it: :class:`ReindexRunning` answers
 anyone else. The embedded engine's claims live in its one process; PostgreSQL's are session
@@ -35,7 +42,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -43,6 +50,8 @@ from indexes.engine import StaleWrite, StorageError
 from indexes.types import CollectionRow
 
 __all__ = [
+    "CATCH_UP_BATCH",
+    "CATCH_UP_ROUNDS",
     "JOB_STATES",
     "Embed",
     "JobState",
@@ -52,10 +61,15 @@ __all__ = [
     "ReindexJob",
     "ReindexRunning",
     "Reindexer",
+    "Resumption",
+    "catch_up",
+    "decide_resume",
 ]
 
 JobState = Literal["running", "done", "failed"]
 JOB_STATES: tuple[JobState, ...] = ("running", "done", "failed")
+CATCH_UP_BATCH = 256  # keys the swap embeds and stores per step of its catch-up
+CATCH_UP_ROUNDS = 8  # catch-up passes at most while writes go on, before writers are held off
 
 # Texts -> their vectors under the new model, shape (len(texts), dimension).
 Embed = Callable[[list[str]], Awaitable[np.ndarray]]
@@ -87,6 +101,59 @@ class ReindexJob:
     created_at: float
     updated_at: float
 
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> ReindexJob:
+        """A job from a row of the engines' job query: id, collection name, collection id,
+        target model, dimension, source model, state, done, total, error, and the times of
+        creation and last change in epoch seconds."""
+        return cls(
+            int(r[0]),
+            str(r[1]),
+            int(r[2]),
+            str(r[3]),
+            int(r[4]),
+            str(r[5]),
+            r[6],
+            int(r[7]),
+            int(r[8]),
+            r[9],
+            float(r[10]),
+            float(r[11]),
+        )
+
+
+# What a request does with the collection's latest job: go on with it, or start a new job
+# (first marking the latest, still running for another model, failed).
+Resumption = Literal["resume", "replace", "new"]
+
+
+def decide_resume(
+    latest: tuple[str, int, str] | None, embedding_model: str, dimension: int
+) -> Resumption:
+    """The rule of :meth:`Reindexer.start`, given the collection's latest job as
+    ``(target model, dimension, state)`` (None: it never had one). ``"resume"``: the same
+    target and not done, so its shadow vectors are kept. ``"replace"``: a job for another
+    target is still running; it is marked failed and a new one starts. ``"new"``: a new job
+    starts (its shadow vectors from nothing)."""
+    if latest is None:
+        return "new"
+    model, dim, state = latest
+    if (model, int(dim)) == (embedding_model, int(dimension)) and state != "done":
+        return "resume"
+    return "replace" if state == "running" else "new"
+
+
+async def catch_up(claim: ReindexClaim, embed: Embed, limit: int = CATCH_UP_BATCH) -> int:
+    """Embed and store, ``limit`` at a time, every key of the claim's collection that has no
+    shadow vector; how many. Writes that go on meanwhile may leave more behind."""
+    count, after = 0, 0
+    while batch := await claim.pending(after, limit):
+        keys = [k for k, _ in batch]
+        await claim.store(keys, await embed([t for _, t in batch]))
+        count += len(keys)
+        after = keys[-1]
+    return count
+
 
 @runtime_checkable
 class ReindexClaim(Protocol):
@@ -107,8 +174,9 @@ class ReindexClaim(Protocol):
         ...
 
     async def swap(self, embed: Embed) -> CollectionRow:
-        """Catch up on what is still missing (``embed`` makes those vectors), then switch
-        model, dimension and every vector in one transaction; the collection's new row.
+        """Catch up on what is still missing (``embed`` makes those vectors: while writes go
+        on, then the small rest with writers held off), then switch model, dimension and
+        every vector in one transaction; the collection's new row.
         :class:`~indexes.engine.CollectionGone` when the collection was dropped."""
         ...
 

@@ -11,12 +11,16 @@ Claims are a set of collection ids in this process: the engine is one process, s
 ``running`` at start was left by a runner that died with the previous one, and
 :meth:`EmbeddedReindexer.stalled` claims it.
 
-The swap holds the collection's writer lock (its upserts and deletes wait, searches go on):
-it embeds whatever still lacks a shadow vector, builds the new FAISS index from the shadow
-vectors off the event loop, then on the store's writer thread opens one transaction that
-rewrites every chunk's and question's embedding, the collection's model and dimension, drops
-the shadow rows and marks the job done, and commits it under the collection's write lock
-while swapping in the new index and row. A search holds the read lock for all of its work
+The swap first catches up and builds the new FAISS index from the shadow vectors while writes
+go on: it embeds whatever lacks a shadow vector, builds the index off the event loop (minutes
+for a large HNSW index), then brings that private index up to what writes did meanwhile,
+pass after pass until one finds nothing new (:data:`~indexes.reindex.CATCH_UP_ROUNDS` at most).
+Only then does it take the collection's writer lock (its upserts and deletes wait, searches go
+on) for the small rest: it embeds the keys still without a shadow vector, adds them to the new
+index and removes what was deleted, then on the store's writer thread opens one transaction
+that rewrites every chunk's and question's embedding, the collection's model and dimension,
+drops the shadow rows and marks the job done, and commits it under the collection's write
+lock while swapping in the new index and row. A search holds the read lock for all of its work
 (index, stored chunk vectors, rows), so it sees all of the old state or all of the new. A
 crash before the commit leaves the old model serving and the job resumable; after it, the old
 snapshot no longer matches the collection's model and is rebuilt from the store at restart.
@@ -37,7 +41,14 @@ from indexes.docstore import DocumentStore
 from indexes.engine import CollectionGone, StorageError
 from indexes.faiss_index import FaissIndex
 from indexes.questions import QUESTION_ID_OFFSET
-from indexes.reindex import Embed, ReindexJob, ReindexRunning
+from indexes.reindex import (
+    CATCH_UP_ROUNDS,
+    Embed,
+    ReindexJob,
+    ReindexRunning,
+    catch_up,
+    decide_resume,
+)
 from indexes.types import CollectionRow
 
 if TYPE_CHECKING:
@@ -45,7 +56,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbeddedClaim", "EmbeddedReindexer"]
 
-CATCH_UP_BATCH = 256
 _SQL_VARS = 900
 _JOB_COLS = (
     "j.id, c.name, j.collection_id, j.embedding_model, j.dimension, j.source_model, j.state, "
@@ -54,28 +64,11 @@ _JOB_COLS = (
 _JOBS = f"SELECT {_JOB_COLS} FROM reindex_jobs j JOIN collections c ON c.id = j.collection_id"
 
 
-def _job(r: Sequence[Any]) -> ReindexJob:
-    return ReindexJob(
-        int(r[0]),
-        str(r[1]),
-        int(r[2]),
-        str(r[3]),
-        int(r[4]),
-        str(r[5]),
-        r[6],
-        int(r[7]),
-        int(r[8]),
-        r[9],
-        float(r[10]),
-        float(r[11]),
-    )
-
-
 def _read_job(conn: Any, job_id: int) -> ReindexJob:
     found = conn.execute(f"{_JOBS} WHERE j.id = ?", (job_id,)).fetchone()
     if found is None:
         raise CollectionGone("the collection of this reindex was deleted")
-    return _job(found)
+    return ReindexJob.from_row(found)
 
 
 def _keys_total(conn: Any, collection_id: int) -> int:
@@ -104,8 +97,9 @@ def _begin(store: DocumentStore, collection_id: int, model: str, dimension: int)
             (collection_id,),
         ).fetchone()
         now = time.time()
-        same = latest is not None and (latest[1], latest[2]) == (model, dimension)
-        if latest is not None and same and latest[3] != "done":
+        last = None if latest is None else (latest[1], latest[2], latest[3])
+        decision = decide_resume(last, model, dimension)
+        if decision == "resume":
             job_id = int(latest[0])
             conn.execute(
                 "UPDATE reindex_jobs SET state = 'running', error = NULL, total = ?, "
@@ -113,7 +107,7 @@ def _begin(store: DocumentStore, collection_id: int, model: str, dimension: int)
                 (total, now, job_id),
             )
         else:
-            if latest is not None and latest[3] == "running":
+            if decision == "replace":
                 conn.execute(
                     "UPDATE reindex_jobs SET state = 'failed', error = ?, updated_at = ? "
                     "WHERE id = ?",
@@ -221,7 +215,7 @@ class EmbeddedReindexer:
             f"{_JOBS} WHERE j.id IN (SELECT max(id) FROM reindex_jobs GROUP BY collection_id) "
             "ORDER BY c.name",
         )
-        return [_job(r) for r in rows]
+        return [ReindexJob.from_row(r) for r in rows]
 
     async def start(self, name: str, embedding_model: str, dimension: int) -> EmbeddedClaim:
         collection = self._engine.get(name)
@@ -289,19 +283,29 @@ class EmbeddedClaim:
 
     async def swap(self, embed: Embed) -> CollectionRow:
         engine, collection = self._engine, self._collection
-        async with collection.writer:
+        job = self._job
+        target = replace(
+            collection.row, embedding_model=job.embedding_model, dimension=job.dimension
+        )
+        # While writes go on: what the sweeps left, then the new index from the shadow
+        # vectors (minutes for a large HNSW index), then what writes did meanwhile.
+        await catch_up(self, embed)
+        index = await asyncio.to_thread(engine.new_index, target)
+        await engine.read(lambda: self._sync(index, complete=False))
+        for _ in range(CATCH_UP_ROUNDS):
+            caught = await catch_up(self, embed)
+            changed = await engine.read(lambda: self._sync(index, complete=False))
+            if caught + changed == 0:
+                break
+        async with collection.writer:  # writers wait for the small rest and the commit
             if engine.find(collection.name) is not collection:
                 raise CollectionGone(f"collection {collection.name!r} was deleted")
-            while True:  # writers are held off: this ends
-                missing = await self.pending(0, CATCH_UP_BATCH)
-                if not missing:
-                    break
-                await self.store([k for k, _ in missing], await embed([t for _, t in missing]))
+            await catch_up(self, embed)
+            await engine.read(lambda: self._sync(index, complete=True))
             job = self._job
             row = replace(
                 collection.row, embedding_model=job.embedding_model, dimension=job.dimension
             )
-            index = await asyncio.to_thread(self._build, row)
             store = engine.store
 
             def apply() -> None:
@@ -344,24 +348,36 @@ class EmbeddedClaim:
             collection._changed()
         return row
 
-    def _build(self, row: CollectionRow) -> FaissIndex:
-        """The collection's index under the new model, from the shadow vectors (blocking)."""
+    def _sync(self, index: FaissIndex, *, complete: bool) -> int:
+        """Bring the new model's ``index`` (still private to this swap) to the collection's
+        chunks and questions as stored now, from their shadow vectors: keys gone are removed,
+        keys new to it are added; how many changed (blocking). A key without a shadow vector
+        yet is left for the next pass, or, when ``complete`` (writers held off, catch-up
+        done), is a :class:`~indexes.engine.StorageError`."""
         store = self._engine.store
-        index = self._engine.new_index(row)
-        keys = np.concatenate([store.chunk_ids(row.id), store.question_vector_ids(row.id)])
-        for start in range(0, len(keys), _SQL_VARS):
-            part = keys[start : start + _SQL_VARS].tolist()
+        job = self._job
+        cid = job.collection_id
+        stored = np.concatenate([store.chunk_ids(cid), store.question_vector_ids(cid)])
+        present = index.ids()
+        gone = np.setdiff1d(present, stored, assume_unique=True)
+        missing = np.setdiff1d(stored, present, assume_unique=True)
+        index.remove(gone)
+        added = 0
+        for start in range(0, len(missing), _SQL_VARS):
+            part = missing[start : start + _SQL_VARS].tolist()
             rows = store.query(
                 "SELECT key, embedding FROM reindex_vectors "
                 f"WHERE key IN ({','.join('?' * len(part))})",
                 part,
             )
-            if len(rows) != len(part):
+            if complete and len(rows) != len(part):
                 raise StorageError(
-                    f"{len(part) - len(rows)} vectors of {row.embedding_model} are missing "
-                    f"from the reindex of {row.name!r}"
+                    f"{len(part) - len(rows)} vectors of {job.embedding_model} are missing "
+                    f"from the reindex of {job.collection!r}"
                 )
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-            index.add(ids, vectors.reshape(len(rows), row.dimension))
-        return index
+            if rows:
+                ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+                index.add(ids, vectors.reshape(len(rows), job.dimension))
+                added += len(rows)
+        return added + len(gone)

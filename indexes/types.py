@@ -1,7 +1,10 @@
 """Value types shared by the storage engines and the service.
 
 Every engine speaks these: typed collection options, chunks, document writes, a parsed metadata
-filter (each engine compiles it to its own SQL), a search query and its hits.
+filter (each engine compiles it to its own SQL), a search query and its hits, and the search
+vocabulary (:data:`SearchMode`, :data:`Fusion`, :data:`Ranking`) the service's wire types and
+settings import from here. Light to import (numpy only for type checking), since the CLI's
+settings import it.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "Chunk",
@@ -22,9 +26,12 @@ __all__ = [
     "DocumentRow",
     "DocumentWrite",
     "FilterError",
+    "Fusion",
     "Hit",
     "MetadataFilter",
+    "Ranking",
     "ScoredHit",
+    "SearchMode",
     "SearchQuery",
     "WriteOutcome",
     "canonical_json",
@@ -34,7 +41,8 @@ __all__ = [
 
 Scalar = str | int | float | bool
 SearchMode = Literal["dense", "hybrid"]
-Fusion = Literal["convex", "rrf"]
+Fusion = Literal["convex", "rrf"]  # how a hybrid search fuses its rankings (see fuse)
+Ranking = list[tuple[int, float]]  # (chunk id, score), best first
 
 RRF_K = 60
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -261,9 +269,6 @@ class SearchQuery:
     # The model that made ``vector``: an engine refuses the query (ModelChanged) when the
     # collection no longer records it, because a reindex swapped meanwhile. None: unchecked.
     embedding_model: str | None = None
-
-
-Ranking = list[tuple[int, float]]
 
 
 def fuse(

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from rag_service.schemas import NAME_PATTERN, Alpha, Fusion, Mode, RerankDepth, TopK
+from indexes.types import Fusion, SearchMode
+from rag_service.schemas import NAME_PATTERN, Alpha, RerankDepth, TopK
 
 __all__ = ["ChatMessage", "ChatRequest", "RagOptions", "StreamOptions", "message_text"]
 
@@ -40,7 +41,7 @@ class RagOptions(msgspec.Struct, forbid_unknown_fields=True):
     filter: Annotated[dict[str, Any], msgspec.Meta(max_length=32)] | None = None
     min_score: float | None = None
     # Left out: the collection's search defaults, then the service's.
-    mode: Mode | None = None
+    mode: SearchMode | None = None
     alpha: Alpha | None = None
     fusion: Fusion | None = None
     rerank: bool | None = None

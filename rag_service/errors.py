@@ -47,7 +47,7 @@ from indexes.engine import (
     StoreBusy,
     StoreUnavailable,
 )
-from indexes.reindex import ReindexRunning
+from indexes.reindex import ModelChanged, ReindexRunning
 
 __all__ = [
     "CollectionExists",
@@ -301,6 +301,12 @@ def from_storage(exc: StorageError) -> RagError:
         return EmbeddingMismatch(message, param="collection")
     if isinstance(exc, ReindexRunning):
         return ReindexInProgress(message, param="name")
+    if isinstance(exc, ModelChanged):  # a StaleWrite, but not a write race: check it first
+        return Overloaded(
+            f"{message}: a reindex moved the collection to another embedding model while "
+            "this request was being embedded; retry",
+            retry_after_s=1,
+        )
     if isinstance(exc, StaleWrite):
         return Overloaded(f"{message} (other writes of these ids kept winning)", retry_after_s=1)
     if isinstance(exc, StoreBusy):

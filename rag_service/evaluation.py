@@ -2,6 +2,8 @@
 
 Pure functions: no I/O, no service objects. The evaluate endpoint
 (:mod:`rag_service.controllers.evaluation`) runs the searches and hands the rankings here.
+Answers are matched after :func:`normalise`, the key known questions are deduplicated by
+(defined in :mod:`indexes.questions`, so the engines compare questions the same way).
 
 Definitions (per question, then averaged over the questions that have a relevant set):
 
@@ -21,11 +23,11 @@ Definitions (per question, then averaged over the questions that have a relevant
 from __future__ import annotations
 
 import math
-import re
 import statistics
-import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from indexes.questions import normalise
 
 __all__ = [
     "KS",
@@ -44,8 +46,6 @@ __all__ = [
 KS = (1, 5, 10)
 # How many matching documents are named for an ambiguous answer.
 MAX_CANDIDATES = 5
-
-_SPACE = re.compile(r"\s+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +118,6 @@ def score_rankings(
 def median(values: Sequence[float]) -> float:
     """The p50 of ``values`` (0.0 when empty)."""
     return float(statistics.median(values)) if values else 0.0
-
-
-def normalise(text: str) -> str:
-    """Text for answer matching: NFKC, case-folded, every run of whitespace one space."""
-    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
 def match_answers(

@@ -80,9 +80,10 @@ class UpsertOutcome:
 class RerankPlan:
     """A reranked search: the candidates retrieved, then what is kept of them."""
 
-    depth: int  # candidates retrieved and scored: max(rerank_depth, top_k)
+    depth: int  # candidates retrieved: max(rerank_depth, top_k)
     top_k: int
     min_score: float | None  # applies to the reranker's score
+    scored: int = 0  # the first this many candidates are reranked; 0: all of them
 
 
 class KnowledgeBase:
@@ -396,10 +397,16 @@ class KnowledgeBase:
         fusion: str | None = None,
         rerank: bool | None = None,
         rerank_depth: int | None = None,
+        keep_unreranked: bool = False,
     ) -> tuple[list[ScoredHit], dict[str, float]]:
         """Top-k chunks for ``query``. ``mode``, ``alpha``, ``fusion``, ``rerank`` and
         ``rerank_depth`` left as None take the collection's search defaults, then the
-        service's settings."""
+        service's settings.
+
+        A reranked search scores ``max(rerank_depth, top_k)`` candidates. With
+        ``keep_unreranked`` (the evaluate endpoint's ranking) only the first ``rerank_depth``
+        are reranked, and the rest of the ``top_k`` follow them in retrieval order, with their
+        retrieval scores (``min_score`` then applies to the reranked ones only)."""
         if top_k > self.settings.max_top_k:
             raise InvalidRequest(f"top_k must be at most {self.settings.max_top_k}", param="top_k")
         if len(query) > self.settings.max_query_chars:
@@ -415,7 +422,9 @@ class KnowledgeBase:
         self._check_rerank_depth(rerank_depth, "rerank_depth")
         collection = await self.collection(name, vectors=True)
         defaults = collection.row.search
-        plan = self._rerank_plan(defaults, rerank, rerank_depth, top_k, min_score)
+        plan = self._rerank_plan(
+            defaults, rerank, rerank_depth, top_k, min_score, keep_unreranked=keep_unreranked
+        )
         request = SearchQuery(
             text=query,
             vector=np.zeros((1, 0), np.float32),  # filled in once the query is embedded
@@ -493,6 +502,8 @@ class KnowledgeBase:
         rerank_depth: int | None,
         top_k: int,
         min_score: float | None,
+        *,
+        keep_unreranked: bool = False,
     ) -> RerankPlan | None:
         """None for a plain search; else how many candidates to rerank and what to keep."""
         if rerank is None and defaults.get("rerank"):
@@ -503,26 +514,31 @@ class KnowledgeBase:
         self._require_reranker("rerank")
         depth = _first(rerank_depth, defaults.get("rerank_depth"), self.settings.rerank_depth)
         self._check_rerank_depth(depth, "rerank_depth")
-        return RerankPlan(max(depth, top_k), top_k, min_score)
+        return RerankPlan(max(depth, top_k), top_k, min_score, depth if keep_unreranked else 0)
 
     async def _rerank(
         self, query: str, hits: list[ScoredHit], plan: RerankPlan, timings: dict[str, float]
     ) -> list[ScoredHit]:
         """The candidates ordered by the reranker's score (ties keep the retrieval order),
         ``min_score`` applied to it, the first ``top_k`` kept. ``parts`` keeps the retrieval
-        parts and adds ``retrieval`` (the score before reranking) and ``rerank``."""
+        parts and adds ``retrieval`` (the score before reranking) and ``rerank``. Candidates
+        past ``plan.scored`` (when set) are not reranked: they follow, in retrieval order."""
         assert self.reranker is not None
+        head = hits[: plan.scored] if plan.scored else hits
         t = time.perf_counter()
-        scores = await self.reranker.score(query, [h.hit.text for h in hits])
+        scores = await self.reranker.score(query, [h.hit.text for h in head])
         timings["rerank"] = _ms(t)
         reranked = [
             ScoredHit(h.hit, s, {**h.parts, "retrieval": h.score, "rerank": s})
-            for h, s in zip(hits, map(float, scores), strict=True)
+            for h, s in zip(head, map(float, scores), strict=True)
         ]
         reranked.sort(key=lambda h: -h.score)
         if plan.min_score is not None:
             reranked = [h for h in reranked if h.score >= plan.min_score]
-        return reranked[: plan.top_k]
+        rest = [
+            ScoredHit(h.hit, h.score, {**h.parts, "retrieval": h.score}) for h in hits[len(head) :]
+        ]
+        return (reranked + rest)[: plan.top_k]
 
 
 def _first(*values: Any) -> Any:

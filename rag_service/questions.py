@@ -25,7 +25,6 @@ whitespace) to drop duplicates; the first wording is kept.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -33,9 +32,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from indexes.engine import Collection
-from indexes.questions import QuestionWrite
+from indexes.questions import QuestionsOutcome, QuestionWrite
+from indexes.reindex import ModelChanged
+from rag_service.answers import find_answers
 from rag_service.errors import DocumentNotFound, InvalidRequest
-from rag_service.evaluation import MAX_CANDIDATES, match_answers, normalise
+from rag_service.evaluation import MAX_CANDIDATES, normalise
 from rag_service.schemas import MAX_QUESTIONS_PER_DOCUMENT, DocumentIn
 
 if TYPE_CHECKING:  # the knowledge base imports this module
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # the knowledge base imports this module
     from rag_service.knowledge import KnowledgeBase
 
 __all__ = [
+    "ATTACH_ATTEMPTS",
     "AttachOutcome",
     "AttachRow",
     "attach_questions",
@@ -53,7 +55,9 @@ __all__ = [
     "upsert_questions",
 ]
 
-_LIST_PAGE = 1000
+# A reindex that swaps the collection's model between the embedding and the write makes the
+# engine refuse the write (ModelChanged); the questions are embedded again with the new model.
+ATTACH_ATTEMPTS = 3
 
 
 def matched_by(parts: Mapping[str, float]) -> Literal["chunk", "question"]:
@@ -145,7 +149,9 @@ async def attach_questions(
     kb: KnowledgeBase, name: str, rows: Sequence[AttachRow], *, param: str = "questions"
 ) -> AttachOutcome:
     """Append questions to documents without resending their text (see the module docstring).
-    All of it is written in one transaction, or nothing."""
+    All of it is written in one transaction, or nothing. When a reindex swaps the collection
+    to another embedding model between the embedding and the write, the questions are
+    embedded again with the new model (up to :data:`ATTACH_ATTEMPTS` times in all)."""
     for i, row in enumerate(rows):
         if (row.document_id is None) == (row.answer is None):
             raise InvalidRequest(
@@ -154,7 +160,6 @@ async def attach_questions(
             )
         unique_questions([row.question], f"{param}[{i}].question")
     collection = await kb.collection(name, vectors=True)
-    model = await kb.model_for(collection.row)
     outcome = AttachOutcome()
     named = [i for i, r in enumerate(rows) if r.document_id is not None]
     existing = await collection.existing(list({rows[i].document_id or "" for i in named}))
@@ -167,13 +172,35 @@ async def attach_questions(
     target: dict[int, str] = {i: rows[i].document_id or "" for i in named}
     answers = {i: r.answer for i, r in enumerate(rows) if r.answer is not None}
     if answers:
-        for i, found in (await _match_answers(collection, answers)).items():
+        for i, found in (await find_answers(collection, answers)).items():
             if len(found) == 1:
                 target[i] = found[0]
             else:
                 reason = "ambiguous" if found else "no_match"
                 outcome.unmatched.append((i, reason, found[:MAX_CANDIDATES]))
     outcome.unmatched.sort()
+    for attempt in range(ATTACH_ATTEMPTS):
+        try:
+            await _attach(kb, name, rows, target, outcome, param)
+            return outcome
+        except ModelChanged:  # a reindex swapped meanwhile: embed with the new model
+            if attempt == ATTACH_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _attach(
+    kb: KnowledgeBase,
+    name: str,
+    rows: Sequence[AttachRow],
+    target: dict[int, str],
+    outcome: AttachOutcome,
+    param: str,
+) -> None:
+    """Plan, embed (with the model the collection records now) and write the questions of
+    ``rows`` to the documents of ``target`` (row -> document id); fills ``outcome``."""
+    collection = await kb.collection(name, vectors=True)
+    model = await kb.model_for(collection.row)
     stored = await collection.questions(list(dict.fromkeys(target.values())))
     seen = {doc: {normalise(q) for q in qs} for doc, qs in stored.items()}
     plan: dict[str, list[tuple[int, str]]] = {}
@@ -189,18 +216,20 @@ async def attach_questions(
                 f"document {doc!r} would hold more than {MAX_QUESTIONS_PER_DOCUMENT} questions",
                 param=f"{param}[{i}].question",
             )
-    texts = [q for planned in plan.values() for _, q in planned]
-    vectors = await embed_texts(kb, texts, model)
-    writes: list[QuestionWrite] = []
-    offset = 0
-    for doc, planned in plan.items():
-        writes.append(
-            QuestionWrite(doc, [q for _, q in planned], vectors[offset : offset + len(planned)])
+    result = QuestionsOutcome()
+    if plan:  # else every row repeats a stored question: no write at all
+        texts = [q for planned in plan.values() for _, q in planned]
+        vectors = await embed_texts(kb, texts, model)
+        writes: list[QuestionWrite] = []
+        offset = 0
+        for doc, planned in plan.items():
+            writes.append(
+                QuestionWrite(doc, [q for _, q in planned], vectors[offset : offset + len(planned)])
+            )
+            offset += len(planned)
+        result = await collection.add_questions(
+            writes, limit=MAX_QUESTIONS_PER_DOCUMENT, model=model.id
         )
-        offset += len(planned)
-    result = await collection.add_questions(
-        writes, limit=MAX_QUESTIONS_PER_DOCUMENT, model=model.id
-    )
     if result.missing:  # deleted since the check above
         first = min(i for doc in result.missing for i, _ in plan[doc])
         raise DocumentNotFound(
@@ -219,23 +248,3 @@ async def attach_questions(
         total = result.totals.get(doc, len(stored.get(doc, ())))
         outcome.documents[doc] = (added, total)
         outcome.added += added
-    return outcome
-
-
-async def _match_answers(collection: Collection, answers: dict[int, str]) -> dict[int, list[str]]:
-    """Every document of the collection, page by page, searched for the answer texts."""
-    found: dict[int, list[str]] = {row: [] for row in answers}
-    after: str | None = None
-    while True:
-        page, more = await collection.list(limit=_LIST_PAGE, after=after)
-        texts: list[tuple[str, str]] = []
-        for listed in page:
-            doc = await collection.get(listed.id)
-            if doc is not None:
-                texts.append((doc.id, doc.text))
-        matched = await asyncio.to_thread(match_answers, answers, texts)
-        for row, docs in matched.items():
-            found[row].extend(docs[: MAX_CANDIDATES + 1 - len(found[row])])
-        if not more or not page:
-            return found
-        after = page[-1].id

@@ -15,11 +15,12 @@ it) and a runner task works on it in the background, answering 202 at once:
              -> commit the vectors and the progress (engine)      the old index serves
     swap:    catch up and switch model, dimension and vectors in one transaction (engine)
 
-Two sweeps over the keys pick up what writes added meanwhile; the swap embeds the rest while
-it holds the collection's writers off. A runner that stops on an error records it on the job
-(the old index keeps serving) and the same request resumes from the vectors stored. A crash
-leaves the job ``running`` in the store: at start (and, with a database shared by replicas,
-every few seconds) a runner is started for each running job whose runner is gone.
+Two sweeps over the keys pick up what writes added meanwhile; the swap catches up on the rest
+while writes go on, then embeds what little is left while it holds the collection's writers
+off. A runner that stops on an error records it on the job (the old index keeps serving) and
+the same request resumes from the vectors stored. A crash leaves the job ``running`` in the
+store: at start (and, with a database shared by replicas, every few seconds) a runner is
+started for each running job whose runner is gone.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import TypeVar
 
 from indexes.engine import CollectionGone, Engine, StorageError, StoreBusy, StoreUnavailable
 from indexes.reindex import ReindexCapable, ReindexClaim, Reindexer, ReindexJob, ReindexRunning
+from indexes.types import CollectionRow
 from rag_service.embedders import WORSE_THAN_BASE, EmbeddingModels, LoadedModel, ModelLoadError
 from rag_service.errors import (
     CollectionNotFound,
@@ -94,28 +96,43 @@ class Reindexing:
         self._follower = None
 
     async def resume(self) -> list[str]:
-        """Start a runner for every running job whose runner is gone."""
+        """Start a runner for every running job whose runner is gone. A claim is given up
+        unless a runner took it, whatever stops this partway (an error, a cancellation): a
+        claim that nobody runs would keep its job from resuming anywhere."""
         if self.reindexer is None:
             return []
         resumed = []
-        for claim in await self.reindexer.stalled():
-            job = claim.job
-            try:
-                model = await self.models.get(job.embedding_model)
-            except ModelLoadError as exc:
-                log.error("reindex of %r cannot resume: %s", job.collection, exc)
-                await claim.fail(f"the model {job.embedding_model} cannot be loaded: {exc}")
-                await claim.release()
-                continue
-            log.info(
-                "resuming the reindex of %r to %s (%d of %d done)",
-                job.collection,
-                job.embedding_model,
-                job.done,
-                job.total,
-            )
-            self._spawn(claim, model)
-            resumed.append(job.collection)
+        claims = await self.reindexer.stalled()
+        try:
+            while claims:
+                job = claims[0].job
+                try:
+                    model = await self.models.get(job.embedding_model)
+                except ModelLoadError as exc:
+                    log.error("reindex of %r cannot resume: %s", job.collection, exc)
+                    claim = claims.pop(0)
+                    try:
+                        await claim.fail(f"the model {job.embedding_model} cannot be loaded: {exc}")
+                    except StorageError as failed:  # still running: tried again at next start
+                        log.warning(
+                            "could not record the failure of %r: %s", job.collection, failed
+                        )
+                    finally:
+                        await claim.release()
+                    continue
+                log.info(
+                    "resuming the reindex of %r to %s (%d of %d done)",
+                    job.collection,
+                    job.embedding_model,
+                    job.done,
+                    job.total,
+                )
+                self._spawn(claims.pop(0), model)  # the runner releases it
+                resumed.append(job.collection)
+        finally:
+            for claim in claims:
+                with contextlib.suppress(Exception):
+                    await claim.release()
         return resumed
 
     async def _follow(self) -> None:
@@ -137,8 +154,11 @@ class Reindexing:
     async def job(self, name: str) -> ReindexJob | None:
         return (await self.jobs()).get(name)
 
-    async def request(self, name: str, embedding_model: str, *, force: bool = False) -> ReindexJob:
-        """Start (or resume) moving ``name`` to ``embedding_model``; the job as started."""
+    async def request(
+        self, name: str, embedding_model: str, *, force: bool = False
+    ) -> tuple[CollectionRow, ReindexJob]:
+        """Start (or resume) moving ``name`` to ``embedding_model``; the collection's row as
+        read before the start and the job as started."""
         if self.reindexer is None:
             raise InvalidRequest(
                 f"the {self.engine.name} storage engine cannot move collections to another "
@@ -186,9 +206,13 @@ class Reindexing:
             "resumed" if claim.job.done else "started",
         )
         self._spawn(claim, model)
-        return claim.job
+        return row, claim.job
 
     def _check_fits(self, name: str, index: str, chunk_tokens: int, model: LoadedModel) -> None:
+        """The index can hold the model's vectors, and the collection's chunks fit the model's
+        window approximately: ``chunk_tokens`` was counted by the tokenizer of the model the
+        collection was chunked for, and another tokenizer counts the same text a little
+        differently."""
         try:
             self.engine.check_index(index, model.dimension)
         except ValueError as exc:
@@ -200,8 +224,9 @@ class Reindexing:
         window = model.embedder.content_window
         if chunk_tokens > window:
             raise InvalidRequest(
-                f"collection {name!r} has chunks of {chunk_tokens} tokens; {model.id} reads "
-                f"at most {window}, so it would embed only part of each chunk",
+                f"collection {name!r} has chunks of approximately {chunk_tokens} tokens "
+                f"(counted by the tokenizer it was chunked with); {model.id} reads at most "
+                f"{window}, so it would embed only part of each chunk",
                 param="embedding_model",
             )
 

@@ -6,9 +6,11 @@ A search with ``rerank`` (:meth:`~rag_service.knowledge.KnowledgeBase.search`) r
 The result's ``score`` is the reranker's; the retrieval score stays among the score parts
 (``retrieval``, beside ``dense`` / ``bm25`` / ``fused``) that ``debug`` shows.
 
-Scores are the sigmoid of the model's one logit, in (0, 1): the CrossEncoder's own activation
-for a one-label model. The order is that of the logits (the sigmoid is monotonic); the fixed
-scale is what lets ``min_score`` be used with a reranked search (it applies to this score).
+Scores are the sigmoid of the model's one logit, in (0, 1), whatever activation the model's
+configuration names: sentence-transformers applies the one saved with the model (a reranker
+trained and saved with ``Identity`` would give raw logits), so the sigmoid is passed
+explicitly. The order is that of the logits (the sigmoid is monotonic); the fixed scale is
+what lets ``min_score`` be used with a reranked search (it applies to this score).
 Pairs longer than the model's window are cut from the longer side first (the chunk text, not
 the query): the window is the tokenizer's ``model_max_length``, capped by the model's
 position embeddings.
@@ -120,6 +122,7 @@ class Reranker:
         check_reranker_dir(model_path)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import torch
         from sentence_transformers import CrossEncoder
 
         self.device = resolve_device(device)
@@ -130,7 +133,11 @@ class Reranker:
             kwargs["model_kwargs"] = {"torch_dtype": "float16"}
         try:
             self._model = CrossEncoder(
-                model_path, device=self.device, local_files_only=True, **kwargs
+                model_path,
+                device=self.device,
+                local_files_only=True,
+                activation_fn=torch.nn.Sigmoid(),  # not the saved one: see the module docstring
+                **kwargs,
             )
         except (OSError, ValueError) as exc:
             raise SettingsError(

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar.params import Parameter
 
+from indexes.types import Fusion, SearchMode
 from rag_service.errors import InvalidRequest
 
 __all__ = [
@@ -61,7 +62,6 @@ InputText = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, patter
 # The one ceiling of top_k is RAG_MAX_TOP_K, checked by the service for search and chat alike.
 TopK = Annotated[int, msgspec.Meta(ge=1, description="at most RAG_MAX_TOP_K (default 100)")]
 FilterSpec = Annotated[dict[str, Any], msgspec.Meta(max_length=32)]
-Mode = Literal["dense", "hybrid"]
 Alpha = Annotated[
     float,
     msgspec.Meta(
@@ -70,7 +70,6 @@ Alpha = Annotated[
         description="hybrid: weight of the dense ranking (1 - alpha goes to BM25)",
     ),
 ]
-Fusion = Literal["convex", "rrf"]
 # Known questions of a document (extra search keys, see indexes.questions).
 MAX_QUESTIONS_PER_DOCUMENT = 64
 MAX_QUESTION_CHARS = 1000
@@ -101,7 +100,7 @@ class SearchDefaults(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     """A collection's search defaults: what a search (or a chat's retrieval) of it uses for
     each field the request leaves out. Unset fields fall back to the service's settings."""
 
-    mode: Mode | None = None
+    mode: SearchMode | None = None
     alpha: Alpha | None = None
     fusion: Fusion | None = None
     rerank: bool | None = None
@@ -215,7 +214,7 @@ class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):
     filter: FilterSpec | None = None
     min_score: float | None = None
     # Left out: the collection's search defaults, then the service's (dense, RAG_HYBRID_*).
-    mode: Mode | None = None
+    mode: SearchMode | None = None
     alpha: Alpha | None = None
     fusion: Fusion | None = None
     # Rerank the candidates with the cross-encoder (RAG_RERANKER_MODEL); score = its score.

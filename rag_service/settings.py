@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from indexes.types import Fusion  # one definition; field_type finds it in these globals
 from rag_service.model_cache import cache_dir
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "bundled_embedding_model"]
@@ -24,7 +25,6 @@ Device = Literal["auto", "cpu", "cuda"]
 Synchronous = Literal["NORMAL", "FULL"]
 Backend = Literal["auto", "local", "upstream"]
 AdapterMixing = Literal["rows", "switch"]
-Fusion = Literal["convex", "rrf"]
 
 
 class SettingsError(ValueError):
@@ -105,7 +105,9 @@ class Settings:
     )
     reindex_batch_size: int = field(
         default=256,
-        metadata=_help("Chunks a reindex embeds and commits per step (its progress unit)."),
+        metadata=_help(
+            "Chunks and known questions a reindex embeds and commits per step (its progress unit)."
+        ),
     )
     reindex_pause_ms: float = field(
         default=0.0,

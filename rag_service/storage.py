@@ -8,14 +8,13 @@ replica that points at the same database.
 from __future__ import annotations
 
 from indexes.engine import Engine
-from rag_service.embedding import Embedder
 from rag_service.metrics import Metrics
 from rag_service.settings import Settings
 
 __all__ = ["make_engine"]
 
 
-def make_engine(settings: Settings, embedder: Embedder, metrics: Metrics) -> Engine:
+def make_engine(settings: Settings, metrics: Metrics) -> Engine:
     def observe_size(name: str, size: int | None) -> None:
         if size is not None:
             metrics.index_vectors.labels(name).set(size)
@@ -34,8 +33,6 @@ def make_engine(settings: Settings, embedder: Embedder, metrics: Metrics) -> Eng
 
     return EmbeddedEngine(
         settings.data_dir,
-        embedding_model=embedder.name,
-        dimension=embedder.dimension,
         synchronous=settings.sqlite_synchronous,
         busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         ef_search=settings.hnsw_ef_search,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -77,6 +78,34 @@ def test_ingest_reingest_update_and_search(server, tree, capsys):
     assert "var x" not in hit["text"] and "8am" in hit["text"]
 
 
+def test_search_leaves_the_mode_to_the_collection(server, tree, capsys):
+    """Without --mode the collection's search defaults apply; --mode overrides them."""
+    import httpx
+
+    common = ["--url", server, "--api-key", "k", "--collection", "hb"]
+    assert run("ingest", str(tree), *common, "--no-progress") == 0
+    auth = {"Authorization": "Bearer k"}
+    resp = httpx.patch(
+        f"{server}/v1/collections/hb", json={"search": {"mode": "hybrid"}}, headers=auth
+    )
+    assert resp.status_code == 200, resp.text
+    query = "paid leave days"
+
+    def scores(mode):
+        body = {"query": query, "top_k": 5, "mode": mode}
+        resp = httpx.post(f"{server}/v1/collections/hb/search", json=body, headers=auth)
+        return [(h["chunk_id"], h["score"]) for h in resp.json()["results"]]
+
+    def cli(*flags):
+        capsys.readouterr()
+        assert run("search", query, *common, "--json", *flags) == 0
+        return [(h["chunk_id"], h["score"]) for h in json.loads(capsys.readouterr().out)["results"]]
+
+    assert scores("hybrid") != scores("dense")
+    assert cli() == scores("hybrid")
+    assert cli("--mode", "dense") == scores("dense")
+
+
 def test_cli_errors(server, tree, tmp_path, capsys):
     assert run("ingest", str(tmp_path / "missing"), "--url", server, "--api-key", "k") == 2
     assert "no such file" in capsys.readouterr().err
@@ -113,6 +142,29 @@ def test_serve_rejects_bad_setting():
     )
     assert proc.returncode == 2
     assert "RAG_PORT: expected int" in proc.stderr
+
+
+def test_serve_on_a_taken_port_exits_at_once(tmp_path):
+    """No model is loaded and nothing is logged after the refusal."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "rag_service", "serve", "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAG_DATA_DIR": str(tmp_path / "data")},
+        )
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "in use" in proc.stderr
+    assert "Loading" not in proc.stderr and "embedding" not in proc.stderr.lower()
+    assert not (tmp_path / "data").exists()  # the store was never opened
 
 
 def test_serve_logging_writes_from_a_listener_thread(capsys):

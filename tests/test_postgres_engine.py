@@ -29,6 +29,7 @@ from indexes.engine import (
     StoreUnavailable,
 )
 from indexes.postgres import SCHEMA_VERSION, PostgresEngine, SchemaTooNew
+from indexes.reindex import ModelChanged
 from indexes.types import (
     Chunk,
     CollectionOptions,
@@ -318,9 +319,13 @@ def test_failed_upsert_writes_nothing(pg_url: str) -> None:
             assert await counters(engine, "kept") == (1, 1)
             page, _ = await col.list(limit=10, after=None)
             assert [d.id for d in page] == ["first"]
-            with pytest.raises(IndexUnusable):
+            with pytest.raises(ModelChanged):  # embedded with another model meanwhile: retry
                 await engine.upsert_new(
                     CollectionOptions("kept", "another-model", DIM), [doc("y", ["y"], rng)]
+                )
+            with pytest.raises(IndexUnusable):
+                await engine.upsert_new(
+                    CollectionOptions("kept", MODEL, DIM + 1), [doc("y", ["y"], rng)]
                 )
 
     run(body())

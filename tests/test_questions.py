@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
+from functools import partial
 
 import pytest
 
+from indexes.questions import QuestionWrite
+from rag_service.answers import find_answers
 from rag_service.cli import main
+from rag_service.questions import embed_texts
 from rag_service.schemas import MAX_QUESTIONS_PER_DOCUMENT
 from rag_service.settings import Settings
 from tests.conftest import ENGINES, engine_database_url, error_of, free_port, running_server
 from tests.test_documents import search, upsert
+from tests.test_reindex import NEW, models_dir, wait_reindexed  # noqa: F401
 
 
 @pytest.fixture(params=ENGINES)
@@ -261,6 +268,122 @@ def test_attach_endpoint(client):
         ).status_code
         == 404
     )
+
+
+def test_engines_drop_repeats_by_the_normalised_key(client):
+    """What two concurrent attaches of one question in two wordings hand the engine (each
+    passed the service's own check before the other wrote): the second is not stored."""
+    upsert(client, docs())
+    kb = client.app.state["kb"]
+
+    async def add(texts):
+        collection = await kb.collection("kb")
+        vectors = await embed_texts(kb, texts)
+        writes = [QuestionWrite("rust", texts, vectors)]
+        return await collection.add_questions(writes, limit=MAX_QUESTIONS_PER_DOCUMENT)
+
+    first = client.blocking_portal.call(add, ["What is X?"])
+    second = client.blocking_portal.call(add, ["what  is x?", "Who made Rust?", "WHO MADE RUST?"])
+    assert (first.added, first.totals) == ({"rust": 1}, {"rust": 1})
+    assert (second.added, second.totals) == ({"rust": 1}, {"rust": 2})
+    assert stored_questions(client, "rust") == ["What is X?", "Who made Rust?"]
+    assert info(client)["questions"] == 2
+
+
+def test_find_answers_reads_every_page(client):
+    """The answer matching shared by attach and evaluate, a few documents a page."""
+    upsert(client, docs())  # ids in order: coffee nile paris python rust
+    collection = client.blocking_portal.call(client.app.state["kb"].collection, "kb")
+    answers = {
+        0: "ESPRESSO  is brewed",  # first page
+        1: "memory safety",  # last page
+        2: "programming language",  # python and rust: two pages
+        3: "a moon base",
+        4: "   ",
+    }
+    for page in (1, 2, 500):
+        found = client.blocking_portal.call(partial(find_answers, collection, answers, page=page))
+        assert found == {0: ["coffee"], 1: ["rust"], 2: ["python", "rust"], 3: [], 4: []}, page
+
+
+def test_questions_are_scored_only_where_a_collection_has_some(make_client, tmp_path, database_url):
+    """A collection without questions skips their query; with postgres, a question another
+    replica attached is found although this replica's cached counter still says none."""
+    first = make_client(data_dir=tmp_path / "a")
+    upsert(first, docs())
+
+    def timings(client):
+        resp = client.post("/v1/collections/kb/search", json={"query": QUERY, "debug": True})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["timings_ms"]
+
+    assert "questions" not in timings(first)
+    other = make_client(data_dir=tmp_path / "b") if database_url else first
+    attach = {"questions": [{"question": KNOWN, "document_id": "rust"}]}
+    assert other.post("/v1/collections/kb/questions", json=attach).status_code == 200
+    top = debug_search(first, QUERY)[0]
+    assert (top["document_id"], top["matched"]) == ("rust", "question")
+    if database_url:
+        assert "questions" in timings(first)
+
+
+def test_model_changed_is_reported_as_what_happened():
+    from indexes.engine import StaleWrite
+    from indexes.reindex import ModelChanged
+    from rag_service.errors import Overloaded, from_storage
+
+    error = from_storage(ModelChanged("collection 'kb' is embedded with b now, not a"))
+    assert isinstance(error, Overloaded) and error.status_code == 503
+    assert "a reindex moved the collection to another embedding model" in str(error)
+    assert "kept winning" not in str(error)
+    assert "kept winning" in str(from_storage(StaleWrite("document 'x' changed")))
+
+
+def test_an_attach_racing_a_reindex_swap_is_embedded_again(
+    make_client,
+    database_url,
+    models_dir,  # noqa: F811  (the fixture imported from tests.test_reindex)
+):
+    """The race, made certain: the test holds the collection's writer lock, so the reindex's
+    swap queues on it, then an attach (embedded by the old model) queues behind the swap.
+    Released, the swap moves the collection to the new model, the engine refuses the
+    attach's old-model vectors (ModelChanged), and the attach embeds them again: 200."""
+    if database_url is not None:
+        pytest.skip("the embedded engine's writer lock orders the race")
+    client = make_client(models_dir=models_dir)
+    upsert(client, docs())
+    portal = client.blocking_portal
+    writer = client.app.state["kb"].engine.get("kb").writer
+
+    def queued(n):
+        deadline = time.monotonic() + 60
+        while len(writer._waiters or ()) < n:  # asyncio.Lock's queue of waiting tasks
+            assert time.monotonic() < deadline, "nothing queued on the writer lock"
+            time.sleep(0.01)
+
+    answers: list = []
+    attach = {"questions": [{"question": KNOWN, "document_id": "rust"}]}
+    thread = threading.Thread(
+        target=lambda: answers.append(client.post("/v1/collections/kb/questions", json=attach))
+    )
+    portal.call(writer.acquire)
+    try:
+        resp = client.post("/v1/collections/kb/reindex", json={"embedding_model": NEW})
+        assert resp.status_code == 202, resp.text
+        queued(1)  # the swap
+        thread.start()
+        queued(2)  # the attach, its questions embedded by the old model
+        assert info(client)["embedding_model"] != NEW
+    finally:
+        portal.call(writer.release)
+    thread.join(60)
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert answers[0].json()["added"] == 1
+    assert wait_reindexed(client)["state"] == "done"
+    assert info(client)["embedding_model"] == NEW
+    top = debug_search(client, KNOWN)[0]
+    assert (top["document_id"], top["matched"]) == ("rust", "question")
+    assert top["scores"]["question"] == pytest.approx(1.0, abs=2e-3)  # a new-model vector
 
 
 @pytest.mark.parametrize(

@@ -7,21 +7,46 @@ which model made it (each one is checked against both models' vectors, computed 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import shutil
 import signal
 import sqlite3
 import threading
 import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import psycopg
 import pytest
 
+from indexes.embedded import EmbeddedCollection, EmbeddedEngine
+from indexes.engine import StorageError, StoreUnavailable
+from indexes.faiss_index import FaissIndex
+from indexes.postgres import PostgresEngine
+from indexes.postgres.schema import partition_name
+from indexes.protocol import IndexMeta
+from indexes.reindex import ModelChanged
+from indexes.types import (
+    Chunk,
+    CollectionOptions,
+    CollectionRow,
+    DocumentWrite,
+    SearchQuery,
+    content_hash,
+)
+from rag_service.batching import MicroBatcher
 from rag_service.cli import main
+from rag_service.embedders import EmbeddingModels
 from rag_service.embedding import Embedder
+from rag_service.reindexing import Reindexing
 from rag_service.settings import Settings, bundled_embedding_model
 from tests.conftest import (
     ENGINES,
@@ -408,7 +433,7 @@ def test_a_collection_of_a_model_this_service_lacks_can_be_moved(make_client, mo
     assert "violins" in search(second, "string instruments", top_k=1)[0]["text"]
 
 
-def test_cli_reindex_follows_the_job(models_dir, embedder, tmp_path, capsys):
+def test_cli_reindex_follows_the_job(models_dir, embedder, tmp_path, capsys, monkeypatch):
     settings = Settings(
         data_dir=tmp_path / "data",
         port=free_port(),
@@ -416,17 +441,26 @@ def test_cli_reindex_follows_the_job(models_dir, embedder, tmp_path, capsys):
         upstream_model="none",
         models_dir=models_dir,
     )
+    # The working directory holds a directory of the model's name: a bare name still means
+    # the one in the service's models directory.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NEW).mkdir()
     with running_server(settings, embedder) as url:
-        resp = httpx.post(f"{url}/v1/collections/kb/documents", json={"documents": notes(16)})
-        assert resp.status_code == 200
+        for name, n in (("kb", 16), ("kb2", 4)):
+            docs = {"documents": notes(n)}
+            resp = httpx.post(f"{url}/v1/collections/{name}/documents", json=docs)
+            assert resp.status_code == 200
         assert main(["reindex", "kb", "--model", "nope", "--url", url]) == 1
         assert "does not exist" in capsys.readouterr().err
-        argv = ["reindex", "kb", "-m", str(models_dir / NEW), "--wait", "--url", url]
+        argv = ["reindex", "kb", "-m", NEW, "--wait", "--url", url]
         assert main([*argv, "--no-progress", "--interval", "0.05"]) == 0
         out = capsys.readouterr().out
         assert "started" in out and "kb is embedded with proj128 now (16 vectors)" in out
         vector = httpx.post(f"{url}/v1/embeddings", json={"input": "x", "model": NEW}).json()
         assert np.asarray(vector["data"][0]["embedding"]).shape == (128,)
+        # A path on this machine inside the models directory is sent absolute.
+        assert main(["reindex", "kb2", "-m", str(models_dir / NEW), "--url", url]) == 0
+        assert "reindex of kb2 to proj128 (dimension 128) started" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("database_url", [None])
@@ -455,3 +489,278 @@ def test_a_job_whose_model_went_away_fails_and_a_new_one_starts(make_client, mod
     assert resp.json()["reindex"]["done"] == 0  # another model: started over
     done = wait_reindexed(second)
     assert done["state"] == "done" and done["embedding_model"] == NEW and "error" not in done
+
+
+# ---- the engines' side, driven directly ------------------------------------------------------
+def doc_write(
+    doc_id: str,
+    text: str,
+    model: Embedder,
+    questions: list[str] | None = None,
+    vector: np.ndarray | None = None,
+) -> DocumentWrite:
+    """A one-chunk document with ``model``'s vectors (``vector`` when given) and known
+    questions."""
+    return DocumentWrite(
+        doc_id,
+        text,
+        {},
+        content_hash(text),
+        [Chunk(0, 0, len(text), text)],
+        model.encode([text]) if vector is None else vector.reshape(1, -1),
+        questions,
+        model.encode(questions) if questions else None,
+    )
+
+
+@asynccontextmanager
+async def open_engine(
+    database_url: str | None, data_dir: Path, **kw: Any
+) -> AsyncIterator[EmbeddedEngine | PostgresEngine]:
+    engine = PostgresEngine(database_url, **kw) if database_url else EmbeddedEngine(data_dir, **kw)
+    await engine.open()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+def sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(statement, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description is not None else []
+
+
+def test_writes_go_on_while_the_swap_catches_up(embedder, new_embedder, tmp_path, database_url):
+    """The swap embeds what writes added (and builds the new index) before it holds writers
+    off: a write made while it embeds its catch-up goes through at once (the embed function
+    below writes, and would wait for the swap forever). Whatever writes did during the swap,
+    the new model's index holds exactly the documents that are left, with the new vectors;
+    a write whose vectors came from the old model is then told the model changed."""
+    texts = {f"d{i}": f"Note {i}: {TOPICS[i % 4]}." for i in range(12)}
+    texts |= {
+        "faq": "Open the settings page and choose reset.",
+        "late": "Penguins huddle together on the Antarctic ice.",
+        "later": "Espresso needs finely ground coffee beans.",
+    }
+    kw: dict[str, Any] = {"lock_timeout": 2.0} if database_url else {"snapshot_interval_s": 3600}
+
+    async def body() -> None:
+        old = dict(zip(texts, embedder.encode(list(texts.values())), strict=True))
+        new = dict(zip(texts, new_embedder.encode(list(texts.values())), strict=True))
+        async with open_engine(database_url, tmp_path / "data", **kw) as engine:
+            first = [doc_write(d, texts[d], embedder, vector=old[d]) for d in texts if d[0] == "d"]
+            question = ["How do I recover a lost password?"]
+            faq = doc_write("faq", texts["faq"], embedder, question, old["faq"])
+            col, _ = await engine.upsert_new(
+                CollectionOptions("kb", OLD, 384, "HNSW16"), [*first, faq]
+            )
+            claim = await engine.reindexer.start("kb", NEW, 128)
+            writes = {  # made while the swap embeds (1st and 2nd call): each waits 5 s at most
+                1: (doc_write("late", texts["late"], embedder, vector=old["late"]), "d0"),
+                2: (doc_write("later", texts["later"], embedder, vector=old["later"]), "d1"),
+            }
+            calls = 0
+
+            async def embed(batch: list[str]) -> np.ndarray:
+                nonlocal calls
+                calls += 1
+                if calls in writes:
+                    added, removed = writes[calls]
+                    await asyncio.wait_for(col.upsert([added]), 5)
+                    assert await asyncio.wait_for(col.delete(removed), 5)
+                return new_embedder.encode(batch)
+
+            row = await claim.swap(embed)
+            assert calls > len(writes)
+            assert (row.embedding_model, row.dimension) == (NEW, 128)
+            assert (
+                claim.job.state == "done" and claim.job.done == claim.job.total == 14
+            )  # 13 chunks, 1 question
+
+            left = {d for d in texts if d not in ("d0", "d1")}
+            query = new_embedder.encode(["string instruments"])
+            hits = await col.search(
+                SearchQuery("string instruments", query, 50, embedding_model=NEW)
+            )
+            assert {h.hit.document_id for h in hits} == left
+            for h in hits:
+                if h.hit.document_id != "faq":  # (a known question may lift its score)
+                    expected = float(new[h.hit.document_id] @ query[0])
+                    assert h.score == pytest.approx(expected, abs=2e-3), h.hit.document_id
+            with pytest.raises(ModelChanged):
+                await engine.upsert_new(
+                    CollectionOptions("kb", OLD, 384),
+                    [doc_write("x", "Stale.", embedder, vector=old["d0"])],
+                )
+
+    asyncio.run(body())
+
+
+class SwapAfterSnapshotRead(EmbeddedEngine):
+    """Runs ``swap_next`` when a snapshot asks where to write, that is, after it has read the
+    index and let go of the read lock: a reindex swap can land exactly there."""
+
+    swap_next: Callable[[], None] | None = None
+
+    def snapshot_paths(self, row: CollectionRow) -> tuple[Path, Path]:
+        swap, self.swap_next = self.swap_next, None
+        if swap is not None:
+            swap()
+        return super().snapshot_paths(row)
+
+
+def test_a_snapshot_taken_across_a_swap_is_labelled_with_its_own_model(
+    embedder, new_embedder, tmp_path
+):
+    """The snapshot records the model of the vectors it holds, even when the swap comes right
+    after it read them; the next round writes the new model's index, which a restart loads."""
+    data = tmp_path / "data"
+    given = notes(10)
+    vectors = embedder.encode([d["text"] for d in given])
+    docs = [
+        doc_write(d["id"], d["text"], embedder, vector=v)
+        for d, v in zip(given, vectors, strict=True)
+    ]
+
+    async def embed(texts: list[str]) -> np.ndarray:
+        return new_embedder.encode(texts)
+
+    async def body() -> None:
+        engine = SwapAfterSnapshotRead(data, snapshot_interval_s=3600)
+        await engine.open()
+        try:
+            col, _ = await engine.upsert_new(CollectionOptions("kb", OLD, 384), docs)
+            assert isinstance(col, EmbeddedCollection)
+            claim = await engine.reindexer.start("kb", NEW, 128)
+            loop = asyncio.get_running_loop()
+            engine.swap_next = lambda: asyncio.run_coroutine_threadsafe(
+                claim.swap(embed), loop
+            ).result(60)
+            assert await asyncio.to_thread(engine.snapshot, col)
+            assert col.row.embedding_model == NEW  # the swap happened in the snapshot's midst
+            path, meta_path = engine.snapshot_paths(col.row)
+            recorded = json.loads(meta_path.read_text())["meta"]
+            assert (recorded["embedding_model"], recorded["dimension"]) == (OLD, 384)
+            old = FaissIndex.load(path, IndexMeta(OLD, 384, "Flat"))  # what it holds: old
+            assert len(old) == 10
+            assert col.dirty and await asyncio.to_thread(engine.snapshot, col)
+            assert len(FaissIndex.load(path, IndexMeta(NEW, 128, "Flat"))) == 10
+        finally:
+            await engine.close()
+        again = EmbeddedEngine(data, snapshot_interval_s=3600)
+        await again.open()
+        try:
+            assert [(r.from_snapshot, r.added_from_store) for r in again.reports] == [(10, 0)]
+        finally:
+            await again.close()
+
+    asyncio.run(body())
+
+
+def test_resume_gives_up_the_claims_it_did_not_hand_to_a_runner(embedder, models_dir, tmp_path):
+    """Jobs left running whose model is gone are failed at resume; while the store is too busy
+    to record that, resume gives their claims up, so the next look takes them again."""
+    data = tmp_path / "data"
+    settings = Settings(data_dir=data, models_dir=models_dir, upstream_url="http://127.0.0.1:9/v1")
+
+    async def body() -> None:
+        async with open_engine(None, data, busy_timeout_ms=50, snapshot_interval_s=3600) as engine:
+            for name in ("a", "b"):
+                await engine.upsert_new(
+                    CollectionOptions(name, OLD, 384), [doc_write(name, "A note.", embedder)]
+                )
+                claim = await engine.reindexer.start(name, "gone", 128)
+                await claim.release()  # running, with no runner: as a crash leaves it
+            models = EmbeddingModels.serving(settings, embedder, MicroBatcher(embedder.encode))
+            reindexing = Reindexing(settings, engine, models)
+            busy = sqlite3.connect(data / "rag.sqlite3", isolation_level=None)
+            try:
+                busy.execute("BEGIN IMMEDIATE")  # the store cannot record the failures
+                with contextlib.suppress(StorageError):
+                    await reindexing.resume()
+            finally:
+                busy.execute("ROLLBACK")
+                busy.close()
+            assert {j.state for j in await engine.reindexer.jobs()} == {"running"}
+            assert await reindexing.resume() == []  # both claimed again, and failed now
+            jobs = await engine.reindexer.jobs()
+            assert [(j.collection, j.state) for j in jobs] == [("a", "failed"), ("b", "failed")]
+            assert all("cannot be loaded" in (j.error or "") for j in jobs)
+
+    asyncio.run(body())
+
+
+def test_stalled_gives_up_its_claims_when_a_later_one_fails(embedder, pg_cluster):
+    """Two jobs wait for a runner; the connection for the second claim is refused (the role's
+    connection limit): the first claim is given up, not kept from every replica."""
+    suffix = uuid.uuid4().hex[:10]
+    role, dbname = f"reindexer_{suffix}", f"t_{suffix}"
+    admin = pg_cluster.url()
+    sql(admin, f"CREATE ROLE {role} LOGIN")
+    sql(admin, f"CREATE DATABASE {dbname} OWNER {role}")
+    sql(pg_cluster.url(dbname), "CREATE EXTENSION vector")
+    url = pg_cluster.url(dbname).replace("postgres:@", f"{role}:@")
+    held = (
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND a.usename = %s"
+    )
+
+    async def body() -> None:
+        async with open_engine(url, Path(), pool_min=1, pool_max=1, listen=False) as engine:
+            assert isinstance(engine, PostgresEngine)
+            for name in ("a", "b"):
+                await engine.upsert_new(
+                    CollectionOptions(name, OLD, 384), [doc_write(name, "A note.", embedder)]
+                )
+                claim = await engine.reindexer.start(name, NEW, 128)
+                await claim.release()
+            deadline = time.monotonic() + 10  # only the pool's connection is left
+            count = "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
+            while sql(admin, count, (role,)) != [(1,)]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            sql(admin, f"ALTER ROLE {role} CONNECTION LIMIT 2")  # the pool's and one claim
+            try:
+                with pytest.raises(StoreUnavailable, match="too many connections") as failed:
+                    await engine.reindexer.stalled()
+                assert sql(admin, held, (role,)) == [(0,)]
+                del failed
+            finally:
+                sql(admin, f"ALTER ROLE {role} CONNECTION LIMIT -1")
+            claims = await engine.reindexer.stalled()
+            assert sorted(c.job.collection for c in claims) == ["a", "b"]
+            for claim in claims:
+                await claim.release()
+
+    asyncio.run(body())
+
+
+def test_stalled_builds_missing_hnsw_indexes_in_the_background(embedder, pg_cluster):
+    """An HNSW index that a crash kept a swap from building again is built by a background
+    task: looking for stalled jobs (at every start) does not wait for the build."""
+    url = pg_cluster.create_database()
+    valid = (
+        "SELECT x.indisvalid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+        "WHERE i.relname = %s"
+    )
+
+    async def body() -> None:
+        async with open_engine(url, Path(), listen=False) as engine:
+            col, _ = await engine.upsert_new(
+                CollectionOptions("kb", OLD, 384, "HNSW16"), [doc_write("a", "A note.", embedder)]
+            )
+            table = partition_name(col.row.id)
+            sql(url, f"DROP INDEX {table}_hnsw")  # a crash after the swap's commit
+            with psycopg.connect(url) as blocker:  # the build waits for this lock
+                blocker.execute(f"LOCK TABLE {table} IN SHARE UPDATE EXCLUSIVE MODE")
+                assert await asyncio.wait_for(engine.reindexer.stalled(), 10) == []
+                await asyncio.sleep(0.2)
+                assert sql(url, valid, (f"{table}_hnsw",)) in ([], [(False,)])
+                blocker.rollback()
+            deadline = time.monotonic() + 30
+            while sql(url, valid, (f"{table}_hnsw",)) != [(True,)]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+
+    asyncio.run(body())

@@ -183,6 +183,51 @@ def test_evaluate_reports_rerank_when_configured(rk):
     }
 
 
+def test_scores_are_sigmoids_whatever_activation_the_model_saved(tmp_path, cross_encoder_dir):
+    """sentence-transformers applies the activation saved with a model: one saved with
+    Identity returns raw logits there, while the service still scores in (0, 1)."""
+    import numpy as np
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from rag_service.reranking import Reranker
+
+    raw_dir = tmp_path / "identity-ce"
+    CrossEncoder(str(cross_encoder_dir), device="cpu", activation_fn=torch.nn.Identity()).save(
+        str(raw_dir)
+    )
+    pairs = [(QUERY, text) for _, text, _ in DOCS]
+    logits = CrossEncoder(str(raw_dir), device="cpu").predict(pairs, show_progress_bar=False)
+    assert logits.min() < 0 or logits.max() > 1  # the saved Identity: raw logits
+    scores = Reranker(str(raw_dir), device="cpu").predict(pairs)
+    assert np.all((scores > 0) & (scores < 1))
+    assert scores == pytest.approx(1 / (1 + np.exp(-logits)), abs=1e-5)
+
+
+def test_evaluate_rerank_depth_reranks_the_head_of_a_ranking_ten_deep(rk, reference):
+    """recall@10 looks ten documents deep whatever rerank_depth is: the first rerank_depth
+    candidates are reranked, the retrieval ranking follows them."""
+    questions = ["Which city is the capital of France?", "hot drinks", "a French city"]
+    rows = [{"question": q, "document_id": "lyon"} for q in questions]
+    dense = search(rk, questions[0], top_k=10, rerank=False)
+    assert [r["document_id"] for r in dense].index("lyon") >= 1  # not first, within ten
+
+    def figures(**extra):
+        resp = rk.post("/v1/collections/kb/evaluate", json={"rows": rows, **extra})
+        assert resp.status_code == 200, resp.text
+        return {
+            m: {k: v for k, v in f.items() if k != "latency_p50_ms"}
+            for m, f in resp.json()["modes"].items()
+        }
+
+    base = figures(modes=["dense"])["dense"]
+    assert base["recall@10"] > base["recall@1"]
+    # Reranking one candidate changes nothing: the rerank figures are the dense ones.
+    assert figures(modes=["rerank"], rerank_depth=1)["rerank"] == base
+    # Reranking three reorders only the first three: the same ten documents.
+    assert figures(modes=["rerank"], rerank_depth=3)["rerank"]["recall@10"] == base["recall@10"]
+
+
 def test_bad_input_without_a_reranker(client):
     upsert(client, _docs()[:3])
     resp = client.post("/v1/collections/kb/search", json={"query": QUERY, "rerank": True})

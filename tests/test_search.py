@@ -168,6 +168,14 @@ def test_small_dense_searches_run_inline_and_match_the_thread_path(
     search(inline, "river", filter={"topic": "geo"})
     search(inline, "river", mode="hybrid")
     assert calls == ["_search_blocking"] * 2
+    # So does any search of a collection with known questions: a question hit reads the
+    # store (its document's chunk vectors) and may repeat the search deeper.
+    attach = {"questions": [{"question": "Who wrote Python?", "document_id": "python"}]}
+    for c in (inline, threaded):
+        assert c.post("/v1/collections/kb/questions", json=attach).status_code == 200
+    calls.clear()
+    assert search(inline, QUERIES[1], top_k=3) == search(threaded, QUERIES[1], top_k=3)
+    assert calls == ["_search_blocking"] * 2
 
 
 def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch, database_url):

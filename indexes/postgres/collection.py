@@ -29,6 +29,7 @@ from indexes.engine import CollectionGone, StaleWrite
 from indexes.postgres.reindex import check_model
 from indexes.postgres.search import (
     best_chunks,
+    collection_state,
     count_matching,
     dense_ranking,
     hydrate,
@@ -36,12 +37,13 @@ from indexes.postgres.search import (
     sparse_ranking,
 )
 from indexes.postgres.sql import EF_SEARCH_MAX, IndexSpec, compile_filter, parse_index
-from indexes.questions import QuestionsOutcome, QuestionWrite, Ranking, lift_by_questions
+from indexes.questions import QuestionsOutcome, QuestionWrite, lift_by_questions, new_questions
 from indexes.reindex import ModelChanged
 from indexes.types import (
     CollectionRow,
     DocumentRow,
     DocumentWrite,
+    Ranking,
     ScoredHit,
     SearchQuery,
     WriteOutcome,
@@ -403,9 +405,9 @@ class PostgresCollection:
                 if pk is None:
                     outcome.missing.append(w.document_id)
                     continue
-                have = set(stored.get(pk, ()))
+                have = stored.get(pk, [])
                 vectors = _vectors(row, w.vectors)
-                keep = [i for i, t in enumerate(w.questions) if t not in have]
+                keep = new_questions(have, w.questions)  # compared by their normalised keys
                 outcome.added[w.document_id] = len(keep)
                 outcome.totals[w.document_id] = len(have) + len(keep)
                 if len(have) + len(keep) > limit:
@@ -504,6 +506,17 @@ class PostgresCollection:
             )
             return {r[0]: list(r[1]) for r in await cur.fetchall()}
 
+    async def texts(self, ids: Sequence[str]) -> dict[str, str]:
+        """``{id: text}`` for those of ``ids`` stored (:class:`~indexes.engine.DocumentTexts`)."""
+        if not ids:
+            return {}
+        async with self._engine._connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, text FROM rag_documents WHERE collection_id = %s AND id = ANY(%s)",
+                (self._row.id, list(ids)),
+            )
+            return {r[0]: r[1] for r in await cur.fetchall()}
+
     async def get(self, doc_id: str) -> DocumentRow | None:
         async with self._engine._connection() as conn:
             cur = await conn.execute(
@@ -539,7 +552,9 @@ class PostgresCollection:
         """Dense: the ``top_k`` nearest chunks (HNSW or exact). Hybrid: dense and BM25-like
         rankings ``max(top_k * 4, 50)`` deep, fused by :func:`~indexes.types.fuse`.
         ``min_score`` applies to the dense similarity. One read-only snapshot for all of it,
-        which first checks that the collection still records the query's embedding model."""
+        whose first statement checks that the collection still records the query's embedding
+        model and whether it holds any known question (the questions are scored only then:
+        an EXISTS in the database, since this replica's cached counter may be stale)."""
         timings = timings if timings is not None else {}
         row = self._row
         if query.embedding_model not in (None, row.embedding_model):
@@ -554,16 +569,19 @@ class PostgresCollection:
         flt_sql, flt_params = compile_filter(query.filter)
         async with self._engine._connection() as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            if query.embedding_model is not None:
-                await check_model(conn, self, query.embedding_model)
+            model, questions = await collection_state(conn, row)
+            if query.embedding_model not in (None, model):
+                await check_model(conn, self, query.embedding_model)  # raises ModelChanged
             t = time.perf_counter()
             dense = await self._dense(conn, vector, depth, flt_sql, flt_params, timings)
             timings["dense"] = _ms(t)
-            t = time.perf_counter()
-            dense, lifted = await self._with_questions(
-                conn, vector, dense, depth, flt_sql, flt_params
-            )
-            timings["questions"] = _ms(t)
+            lifted: dict[int, dict[str, float]] = {}
+            if questions:
+                t = time.perf_counter()
+                dense, lifted = await self._with_questions(
+                    conn, vector, dense, depth, flt_sql, flt_params
+                )
+                timings["questions"] = _ms(t)
             if query.min_score is not None:
                 dense = [(cid, s) for cid, s in dense if s >= query.min_score]
             if query.mode == "hybrid":

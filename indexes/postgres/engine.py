@@ -48,6 +48,7 @@ from indexes.postgres.collection import PostgresCollection, apply_writes, check_
 from indexes.postgres.errors import RETRYABLE, map_errors
 from indexes.postgres.reindex import PostgresReindexer
 from indexes.postgres.sql import IndexSpec, parse_index
+from indexes.reindex import ModelChanged
 from indexes.types import CollectionOptions, CollectionRow, DocumentWrite, WriteOutcome
 
 __all__ = ["PostgresEngine", "database_label"]
@@ -307,7 +308,16 @@ class PostgresEngine:
                 row = _row(found) if found else await self._insert_collection(conn, options, spec)
             if row is None:
                 raise StoreBusy(f"collection {options.name!r} is being dropped; retry")
-            if (row.embedding_model, row.dimension) != (options.embedding_model, options.dimension):
+            if row.embedding_model != options.embedding_model:
+                # Made (or reindexed) with another model since the caller looked it up:
+                # the caller embeds again with the collection's model, as with the embedded
+                # engine's upsert_new; the cache learns the row it will look up.
+                self._remember(row)
+                raise ModelChanged(
+                    f"collection {row.name!r} is embedded with {row.embedding_model} now, "
+                    f"not {options.embedding_model}"
+                )
+            if row.dimension != options.dimension:
                 raise IndexUnusable(
                     f"collection {row.name!r} holds vectors of {row.embedding_model!r} "
                     f"(dimension {row.dimension}), not of {options.embedding_model!r} "
@@ -483,10 +493,12 @@ class PostgresEngine:
         if self._collections.get(col.row.name) is col:
             del self._collections[col.row.name]
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``coro`` in the background; :meth:`close` waits for it (10 s, then cancels)."""
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _drop_partition(self, cid: int) -> None:
         """Detach and drop a dropped collection's (emptied) partition, without blocking the

@@ -10,35 +10,45 @@ the moment that process dies or loses its connection, so another replica (or the
 restarted) can take the job over (:meth:`PostgresReindexer.stalled`) and no two runners ever
 work on one collection at once.
 
-The swap is one write transaction: the collection's row ``FOR UPDATE`` (writers, which take
-``FOR KEY SHARE``, wait), the catch-up on chunks and questions that still lack a shadow vector,
-then, on the collection's partition, its HNSW index and dimension constraint dropped, every
-``embedding`` set from the shadow table and the constraint made again for the new dimension;
-the questions' vectors, the collection's model and dimension, the job's state and the shadow
-rows change in the same transaction, and a NOTIFY tells the other replicas. From the
-``DROP INDEX`` on, searches of that collection wait for the commit (one that began before it
-sees the old rows under its snapshot), so they see one model or the other, never a mix; the
-wait grows with the collection (every row is rewritten). Every search and write also checks,
-inside its own transaction, that the collection still records the model its vectors came
-from (:func:`check_model`).
+The swap first catches up while writes go on (:func:`~indexes.reindex.catch_up`, pass after
+pass until one finds nothing new, :data:`~indexes.reindex.CATCH_UP_ROUNDS` at most). Then one write
+transaction: the collection's row ``FOR UPDATE`` (writers, which take ``FOR KEY SHARE``, wait),
+the small rest of the catch-up, then, on the collection's partition, its HNSW index and
+dimension constraint dropped, every ``embedding`` set from the shadow table and the constraint
+made again for the new dimension; the questions' vectors, the collection's model and dimension,
+the job's state and the shadow rows change in the same transaction, and a NOTIFY tells the
+other replicas. From the ``DROP INDEX`` on, searches of that collection wait for the commit
+(one that began before it sees the old rows under its snapshot), so they see one model or the
+other, never a mix; the wait grows with the collection (every row is rewritten). Every search
+and write also checks, inside its own transaction, that the collection still records the model
+its vectors came from (:func:`check_model`).
+
+Writers of the collection wait for that transaction for as long as it runs, and one that waits
+longer than the engine's ``lock_timeout`` (10 s by default) gives up with
+:class:`~indexes.engine.StoreBusy`, which the service answers 503 with ``Retry-After: 1``:
+expect a few short 503s on writes to a large collection at the moment of its swap (searches
+only wait). Clients that retry on 503, as they should for any busy store, see nothing else.
 
 An HNSW collection's index is built again after the commit, ``CONCURRENTLY`` (a build inside
 the transaction would index the old row versions too, which other snapshots may still see,
 and fail on their dimension); meanwhile its searches are exact. A build that a crash or a
-lost connection interrupted is finished by :meth:`PostgresReindexer.stalled`, which every
-replica runs at start and every few seconds.
+lost connection interrupted is finished by a background task that
+:meth:`PostgresReindexer.stalled` starts (every replica calls it at start and every few
+seconds), so a long build never holds up a start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psycopg
@@ -49,7 +59,16 @@ from indexes.postgres.errors import map_errors
 from indexes.postgres.schema import create_hnsw_index, partition_name
 from indexes.postgres.sql import IndexSpec, parse_index
 from indexes.questions import QUESTION_ID_OFFSET
-from indexes.reindex import Embed, ModelChanged, ReindexJob, ReindexRunning
+from indexes.reindex import (
+    CATCH_UP_BATCH,
+    CATCH_UP_ROUNDS,
+    Embed,
+    ModelChanged,
+    ReindexJob,
+    ReindexRunning,
+    catch_up,
+    decide_resume,
+)
 from indexes.types import CollectionRow
 
 if TYPE_CHECKING:
@@ -60,7 +79,6 @@ __all__ = ["PostgresClaim", "PostgresReindexer", "check_model"]
 
 log = logging.getLogger(__name__)
 
-CATCH_UP_BATCH = 256
 _JOB_COLS = (
     "j.id, c.name, j.collection_id, j.embedding_model, j.dimension, j.source_model, j.state, "
     "j.done, j.total, j.error, extract(epoch FROM j.created_at)::float8, "
@@ -90,23 +108,6 @@ def _claim_key(collection_id: int) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _job(r: Sequence[Any]) -> ReindexJob:
-    return ReindexJob(
-        int(r[0]),
-        str(r[1]),
-        int(r[2]),
-        str(r[3]),
-        int(r[4]),
-        str(r[5]),
-        r[6],
-        int(r[7]),
-        int(r[8]),
-        r[9],
-        float(r[10]),
-        float(r[11]),
-    )
-
-
 async def check_model(conn: AsyncConnection, collection: PostgresCollection, model: str) -> None:
     """:class:`~indexes.reindex.ModelChanged` unless the collection records ``model`` in the
     database as seen by ``conn``'s transaction; the cached row is refreshed first, so the
@@ -131,7 +132,7 @@ async def _read_job(conn: AsyncConnection, job_id: int) -> ReindexJob:
     found = await cur.fetchone()
     if found is None:
         raise CollectionGone("the collection of this reindex was deleted")
-    return _job(found)
+    return ReindexJob.from_row(found)
 
 
 async def _keys_total(conn: AsyncConnection, collection_id: int, lock: str = "") -> int:
@@ -217,6 +218,7 @@ class PostgresReindexer:
 
     def __init__(self, engine: PostgresEngine) -> None:
         self._engine = engine
+        self._repair: asyncio.Task[None] | None = None
 
     async def jobs(self) -> builtins.list[ReindexJob]:
         async with self._engine._connection() as conn:
@@ -226,7 +228,7 @@ class PostgresReindexer:
                 "ORDER BY j.collection_id, j.id DESC"
             )
             rows = await cur.fetchall()
-        return sorted((_job(r) for r in rows), key=lambda j: j.collection)
+        return sorted((ReindexJob.from_row(r) for r in rows), key=lambda j: j.collection)
 
     async def _lock(self, collection_id: int) -> AsyncConnection | None:
         """A connection holding the collection's reindex claim, or None when another holds it."""
@@ -249,16 +251,31 @@ class PostgresReindexer:
             return None
         return conn
 
+    def _start_repair(self) -> None:
+        """Build, in the background, the HNSW indexes that a swap dropped and a crash kept
+        from being built again (one repair at a time; each build takes the collection's
+        claim, so a swap that is building its own index is left alone)."""
+        if self._repair is None or self._repair.done():
+            self._repair = self._engine._spawn(self._repair_indexes())
+
     async def _repair_indexes(self) -> None:
-        async with self._engine._connection() as conn:
-            cur = await conn.execute(_MISSING_HNSW)
-            rows = await cur.fetchall()
+        try:
+            async with self._engine._connection() as conn:
+                cur = await conn.execute(_MISSING_HNSW)
+                rows = await cur.fetchall()
+        except StorageError as exc:
+            log.warning("could not look for HNSW indexes to build: %s", exc)
+            return
         for cid, factory, dimension in rows:
             try:
                 spec = parse_index(str(factory), int(dimension))
             except ValueError:
                 continue
-            lock = await self._lock(int(cid))
+            try:
+                lock = await self._lock(int(cid))
+            except StorageError as exc:
+                log.warning("could not claim collection %s to build its HNSW index: %s", cid, exc)
+                return
             if lock is None:
                 continue  # its reindex is building it
             try:
@@ -287,8 +304,9 @@ class PostgresReindexer:
                 (cid,),
             )
             latest = await cur.fetchone()
-            same = latest is not None and (latest[1], latest[2]) == (embedding_model, dimension)
-            if latest is not None and same and latest[3] != "done":
+            last = None if latest is None else (latest[1], latest[2], latest[3])
+            decision = decide_resume(last, embedding_model, dimension)
+            if latest is not None and decision == "resume":
                 job_id = int(latest[0])
                 await conn.execute(
                     "UPDATE rag_reindex_jobs SET state = 'running', error = NULL, total = %s, "
@@ -296,7 +314,7 @@ class PostgresReindexer:
                     (total, job_id),
                 )
             else:
-                if latest is not None and latest[3] == "running":
+                if latest is not None and decision == "replace":
                     await conn.execute(
                         "UPDATE rag_reindex_jobs SET state = 'failed', error = %s, "
                         "updated_at = now() WHERE id = %s",
@@ -322,20 +340,29 @@ class PostgresReindexer:
         return PostgresClaim(self._engine, collection, job, lock)
 
     async def stalled(self) -> builtins.list[PostgresClaim]:
-        """Claims on the running jobs whose runner is gone; first, the HNSW indexes that a
-        swap dropped and a crash kept from being built again are built."""
-        await self._repair_indexes()
-        claims = []
-        for job in await self.jobs():
-            if job.state != "running":
-                continue
-            collection = await self._engine.lookup(job.collection)
-            if collection is None or collection.row.id != job.collection_id:
-                continue
-            lock = await self._lock(job.collection_id)
-            if lock is None:
-                continue  # its runner is alive (here or in another replica)
-            claims.append(PostgresClaim(self._engine, collection, job, lock))
+        """Claims on the running jobs whose runner is gone (and, in the background, the
+        HNSW indexes that a crash kept a swap from building again are built). When a step
+        fails partway, the claims already taken are given up before the error goes on: a
+        claim nobody runs would keep the job from every replica for as long as this process
+        lives."""
+        self._start_repair()
+        claims: builtins.list[PostgresClaim] = []
+        try:
+            for job in await self.jobs():
+                if job.state != "running":
+                    continue
+                collection = await self._engine.lookup(job.collection)
+                if collection is None or collection.row.id != job.collection_id:
+                    continue
+                lock = await self._lock(job.collection_id)
+                if lock is None:
+                    continue  # its runner is alive (here or in another replica)
+                claims.append(PostgresClaim(self._engine, collection, job, lock))
+        except BaseException:
+            for claim in claims:
+                with contextlib.suppress(Exception):
+                    await claim.release()
+            raise
         return claims
 
 
@@ -399,6 +426,11 @@ class PostgresClaim:
     async def swap(self, embed: Embed) -> CollectionRow:
         from indexes.postgres.engine import CHANNEL  # the engine imports this module's users
 
+        # While writes go on, until what is left is small: the transaction below holds the
+        # collection's writers off while it embeds the rest.
+        for _ in range(CATCH_UP_ROUNDS):
+            if await catch_up(self, embed) == 0:
+                break
         job = self._job
         cid = job.collection_id
         table = partition_name(cid)
@@ -411,7 +443,7 @@ class PostgresClaim:
             if found is None:
                 raise CollectionGone(f"collection {job.collection!r} was deleted")
             await _check_running(conn, job)
-            while True:  # writers wait for the row lock: this ends
+            while True:  # writers wait for the row lock: this ends, and it is small
                 missing = await _pending(conn, cid, 0, CATCH_UP_BATCH)
                 if not missing:
                     break

@@ -3,6 +3,16 @@
 Each runs on a connection inside the caller's read-only transaction; scores are plain floats,
 rankings are ``[(chunk_id, score)]`` best first. Dense scores are inner products of normalised
 vectors (cosine), as in the embedded engine.
+
+Known questions (:func:`question_ranking`) have no vector index: every question of the
+collection (that the filter lets through) is scored exactly on each search, so its cost grows
+linearly with the collection's question count, like a Flat index. That suits the intended
+scale (at most 64 per document, attached by hand or from Q/A files: thousands to tens of
+thousands per collection); past a few hundred thousand questions a collection wants an HNSW
+index on ``rag_questions.embedding``, which this engine does not build. A collection without
+questions pays nothing: :func:`collection_state` reads whether any exist (an EXISTS on the
+questions table, true for every replica) in the statement that checks the embedding model,
+and the question query is skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from indexes.types import CollectionRow, Hit
 
 __all__ = [
     "best_chunks",
+    "collection_state",
     "count_matching",
     "dense_ranking",
     "hydrate",
@@ -35,6 +46,20 @@ def _scope(row: CollectionRow, flt_sql: str) -> tuple[str, str]:
         return "", f"c.collection_id = {cid}"
     join = " JOIN rag_documents d ON d.pk = c.doc_pk"
     return join, f"c.collection_id = {cid} AND d.collection_id = {cid} AND {flt_sql}"
+
+
+async def collection_state(conn: AsyncConnection, row: CollectionRow) -> tuple[str | None, bool]:
+    """The embedding model the collection records (None once it is dropped) and whether it
+    holds any known question, as the caller's transaction sees them: one round trip."""
+    cur = await conn.execute(
+        "SELECT c.embedding_model, EXISTS (SELECT 1 FROM rag_questions q "
+        "WHERE q.collection_id = c.id) FROM rag_collections c WHERE c.id = %s",
+        (int(row.id),),
+    )
+    found = await cur.fetchone()
+    if found is None:
+        return None, False
+    return str(found[0]), bool(found[1])
 
 
 async def dense_ranking(

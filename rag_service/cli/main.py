@@ -59,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("query")
     client_flags(search)
     search.add_argument("--top-k", "-k", type=int, default=5)
-    search.add_argument("--mode", choices=("dense", "hybrid"), default="dense")
+    search.add_argument(
+        "--mode",
+        choices=("dense", "hybrid"),
+        default=None,
+        help="retrieval mode (default: the collection's search defaults, else dense)",
+    )
     search.add_argument(
         "--rerank", action="store_true", help="rerank with the service's cross-encoder"
     )
@@ -89,6 +94,15 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"rag-service: {exc}", file=sys.stderr)
         return 2
+    # uvicorn binds only after the app's startup, which begins loading the models: a port in
+    # use would show up after that work began, and its logs would run on past the exit.
+    busy = _port_taken(settings.host, settings.port)
+    if busy is not None:
+        print(
+            f"rag-service: cannot listen on {settings.host}:{settings.port}: {busy}",
+            file=sys.stderr,
+        )
+        return 1
     listener = start_logging(settings.log_level)
     # log_config=None: uvicorn's loggers (the access log included) propagate to ours.
     options: dict[str, Any] = {
@@ -114,6 +128,24 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         listener.stop()
     return 0
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (bound the way uvicorn binds), or None."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return str(exc)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def worker_app() -> Any:
@@ -193,7 +225,9 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    body = {"query": args.query, "top_k": args.top_k, "mode": args.mode}
+    body: dict[str, Any] = {"query": args.query, "top_k": args.top_k}
+    if args.mode is not None:  # else the collection's search defaults apply
+        body["mode"] = args.mode
     if args.rerank:
         body["rerank"] = True
     data = post(args, f"/v1/collections/{args.collection}/search", body, "search")

@@ -11,6 +11,7 @@ a progress bar follows the job until it is done (exit 0) or failed (exit 1).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,10 +46,13 @@ def add_reindex_parser(sub: Any) -> None:
 
 
 def _model_argument(raw: str) -> str:
-    """A path that exists here is sent absolute (the service checks that it lies inside its
-    models directory); anything else is sent as given, a name inside that directory."""
+    """A path (it holds a separator) that exists here is sent absolute: the service checks
+    that it lies inside its models directory. Anything else is sent as given, a name inside
+    that directory, even when the working directory happens to hold one of that name."""
     path = Path(raw)
-    return str(path.resolve()) if path.exists() else raw
+    if any(sep in raw for sep in ("/", os.sep, os.altsep or "/")) and path.exists():
+        return str(path.resolve())
+    return raw
 
 
 def reindex_command(args: argparse.Namespace) -> int:

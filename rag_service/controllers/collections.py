@@ -99,7 +99,8 @@ class CollectionController(Controller):
         self, name: NamePath, data: CollectionUpdate, kb: KnowledgeBase
     ) -> CollectionInfo:
         """Replace the collection's search defaults (``{"search": {"mode", "alpha",
-        "fusion"}}``); a request's own values still win over them."""
+        "fusion", "rerank", "rerank_depth"}}``); a request's own values still win over them.
+        ``rerank: true`` needs a configured reranker (else 400 naming ``search.rerank``)."""
         row = await kb.configure_collection(name, msgspec.to_builtins(data.search))
         return collection_info(row)
 

@@ -9,15 +9,20 @@ document whose text holds it; rows that match no document or several are reporte
 
 Modes: ``dense`` and ``hybrid`` are those retrievals alone (no reranking, whatever the
 collection's defaults say); ``rerank`` is the collection's default retrieval mode (dense unless
-its search defaults say hybrid) followed by the cross-encoder over the ``SEARCH_DEPTH``
-candidates (or ``rerank_depth``, when deeper), i.e. what ``rerank: true`` does to a search of
-the collection. Left out, ``modes`` is dense and hybrid, plus rerank when a reranker is
-configured; asking for rerank without one is a 400 naming ``modes``.
+its search defaults say hybrid) followed by the cross-encoder, i.e. what ``rerank: true`` does
+to a search of the collection. Every mode ranks ``SEARCH_DEPTH`` (50) candidates, so recall@10
+always looks ten documents deep: ``rerank`` reranks the first ``rerank_depth`` of them (left
+out: all 50) and keeps the rest of the retrieval ranking behind them, in retrieval order; a
+``rerank_depth`` deeper than 50 reranks that many candidates and keeps the best 50. Left out,
+``modes`` is dense and hybrid, plus rerank when a reranker is configured; asking for rerank
+without one is a 400 naming ``modes``.
+
+Answers are matched to documents by :func:`rag_service.answers.find_answers` (shared with the
+attach endpoint of known questions).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Literal
 
@@ -27,18 +32,14 @@ from litestar.di import Provide
 from litestar.status_codes import HTTP_200_OK
 
 from indexes.engine import Collection
+from indexes.types import Fusion
+from rag_service.answers import find_answers
 from rag_service.dependencies import provide_kb
 from rag_service.errors import InvalidRequest
-from rag_service.evaluation import (
-    MAX_CANDIDATES,
-    documents_in_order,
-    match_answers,
-    median,
-    score_rankings,
-)
+from rag_service.evaluation import MAX_CANDIDATES, documents_in_order, median, score_rankings
 from rag_service.knowledge import KnowledgeBase
 from rag_service.openapi import error_responses
-from rag_service.schemas import DOC_ID_PATTERN, Alpha, Fusion, NamePath, RerankDepth
+from rag_service.schemas import DOC_ID_PATTERN, Alpha, NamePath, RerankDepth
 
 __all__ = [
     "EvaluationController",
@@ -52,7 +53,6 @@ __all__ = [
 MAX_ROWS = 2000
 # Search depth: deep enough that ten distinct documents remain after dropping repeated chunks.
 SEARCH_DEPTH = 50
-_LIST_PAGE = 1000
 
 Mode = Literal["dense", "hybrid", "rerank"]
 Question = Annotated[str, msgspec.Meta(min_length=1, max_length=10_000, pattern=r"\S")]
@@ -86,7 +86,8 @@ class EvaluationRequest(msgspec.Struct, forbid_unknown_fields=True):
     # service's settings (RAG_HYBRID_ALPHA, RAG_HYBRID_FUSION).
     alpha: Alpha | None = None
     fusion: Fusion | None = None
-    # The rerank mode's candidates (its ranking is that deep); left out: the search depth, 50.
+    # The rerank mode's reranked candidates: the first rerank_depth of the 50 retrieved (the
+    # rest follow in retrieval order); left out: all 50.
     rerank_depth: RerankDepth | None = None
 
 
@@ -141,18 +142,18 @@ class EvaluationController(Controller):
         for mode in wanted:
             rankings: list[list[str]] = []
             latencies: list[float] = []
-            depth = data.rerank_depth if mode == "rerank" and data.rerank_depth else top_k
             for row, _ in relevant:
                 t0 = time.perf_counter()
                 hits, _timings = await kb.search(
                     name,
                     data.rows[row].question,
-                    top_k=min(top_k, depth),
-                    rerank_depth=depth if mode == "rerank" else None,
+                    top_k=top_k,
+                    rerank_depth=(data.rerank_depth or top_k) if mode == "rerank" else None,
                     mode=None if mode == "rerank" else mode,
                     alpha=data.alpha,
                     fusion=data.fusion,
                     rerank=mode == "rerank",
+                    keep_unreranked=True,
                 )
                 latencies.append((time.perf_counter() - t0) * 1000)
                 rankings.append(documents_in_order(h.hit.document_id for h in hits))
@@ -218,11 +219,10 @@ async def _relevant_sets(
             answers[i] = row.answer
         else:
             named[i] = [row.document_id] if row.document_id is not None else row.document_ids or []
-    existing: set[str] = set()
-    for doc_id in dict.fromkeys(d for ids in named.values() for d in ids):
-        if await collection.get(doc_id) is not None:
-            existing.add(doc_id)
-    matches = await _match_answers(collection, answers) if answers else {}
+    existing = await collection.existing(
+        list(dict.fromkeys(d for ids in named.values() for d in ids))
+    )
+    matches = await find_answers(collection, answers)
     relevant: list[tuple[int, frozenset[str]]] = []
     unmatched: list[UnmatchedRow] = []
     for i in range(len(rows)):
@@ -240,22 +240,3 @@ async def _relevant_sets(
             docs = frozenset(found)
         relevant.append((i, docs))
     return relevant, unmatched
-
-
-async def _match_answers(collection: Collection, answers: dict[int, str]) -> dict[int, list[str]]:
-    """Every document of the collection, page by page, searched for the answer texts."""
-    found: dict[int, list[str]] = {row: [] for row in answers}
-    after: str | None = None
-    while True:
-        page, more = await collection.list(limit=_LIST_PAGE, after=after)
-        texts: list[tuple[str, str]] = []
-        for listed in page:
-            doc = await collection.get(listed.id)
-            if doc is not None:
-                texts.append((doc.id, doc.text))
-        matched = await asyncio.to_thread(match_answers, answers, texts)
-        for row, docs in matched.items():
-            found[row].extend(docs[: MAX_CANDIDATES + 1 - len(found[row])])
-        if not more or not page:
-            return found
-        after = page[-1].id

@@ -50,11 +50,11 @@ class ReindexController(Controller):
         """Re-embed the collection's stored texts with another model in the background, then
         swap atomically; the old model serves until then. 409 while a reindex of the
         collection runs."""
-        job = await reindexing.request(name, data.embedding_model, force=data.force)
-        row = next((r for r in await reindexing.engine.list() if r.name == name), None)
-        if row is None:
-            raise CollectionNotFound(f"collection {name!r} does not exist", param="name")
-        return collection_info(row, job)
+        row, job = await reindexing.request(name, data.embedding_model, force=data.force)
+        # The job has started: answer 202 with the row read before it, or, when the store
+        # still has it, with today's counters (a drop right after the start is no 404).
+        current = next((r for r in await reindexing.engine.list() if r.name == name), row)
+        return collection_info(current if current.id == row.id else row, job)
 
     @get("/reindex", opt={"access": "read"}, responses=error_responses(404))
     async def status(self, name: NamePath, reindexing: Reindexing) -> ReindexInfo:
