@@ -120,6 +120,50 @@ def test_cli_errors(server, tree, tmp_path, capsys):
     assert "cannot reach" in capsys.readouterr().err
 
 
+def test_ingest_never_reports_work_it_could_not_store(tmp_path, capsys):
+    """A server that cannot be reached: exit 1, no success line, and the bar (as text) never
+    counts a file as done."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(5):
+        (docs / f"{i}.md").write_text(f"Note {i}: the printer on floor {i} needs toner.")
+    port = free_port()
+    assert run("ingest", str(docs), "--url", f"http://127.0.0.1:{port}", "--collection", "x") == 1
+    captured = capsys.readouterr()
+    assert "cannot reach" in captured.err
+    assert "stopped after 0 of 5 files" in captured.err
+    assert "5/5" not in captured.err and "100%" not in captured.err
+    assert "created" not in captured.out
+
+
+def test_ingest_sends_large_folders_in_several_batches(server, tmp_path, capsys):
+    """Batches close at --batch-size documents or about 100k characters, so progress moves."""
+    from rag_service.cli.main import BATCH_CHARS
+
+    docs = tmp_path / "big"
+    docs.mkdir()
+    words = "Invoices are approved by the finance team within five working days. "
+    for i in range(3):  # each file over half a batch: three requests
+        (docs / f"{i}.txt").write_text(
+            f"Section {i}. " + words * (BATCH_CHARS // len(words) // 2 + 10)
+        )
+    common = ["--url", server, "--api-key", "k", "--collection", "big", "--no-progress"]
+    assert run("ingest", str(docs), *common) == 0
+    out = capsys.readouterr().out
+    assert "3 files: 3 created, 0 updated, 0 unchanged" in out
+    import httpx
+
+    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer k"}).text
+    line = next(
+        m
+        for m in metrics.splitlines()
+        if m.startswith("rag_http_request_duration_seconds_count")
+        and 'method="POST"' in m
+        and "/documents" in m
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 2  # not one request for all of it
+
+
 def test_serve_help_names_every_setting():
     out = subprocess.run(
         [sys.executable, "-m", "rag_service", "serve", "--help"],
