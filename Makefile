@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install serve test lint bench clean
+.PHONY: bench-all install serve test lint bench clean
 
 install: $(STAMP)
 
@@ -31,8 +31,7 @@ endif
 serve: $(STAMP)
 	$(BIN)/rag-service serve
 
-test: $(STAMP)
-	$(BIN)/ruff check rag_service indexes trainers tests benchmarks
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
@@ -43,6 +42,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run_all
+
+bench-all: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.run_all --all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
