@@ -1,20 +1,16 @@
-"""Shared fixtures: one real embedding model per session, apps on temporary data dirs."""
+"""Shared fixtures: one real embedding model per session, apps on temporary data dirs.
+
+Only fixtures and hooks live here; the plain helpers the test modules import are in
+``tests/support.py``."""
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
@@ -23,29 +19,16 @@ from rag_service.app import create_app
 from rag_service.embedding import Embedder
 from rag_service.settings import Settings
 from tests.fake_upstream import FakeUpstream, serve_fake
-from tests.pg import PgCluster, pg_cluster, pg_url  # noqa: F401  (fixtures)
+from tests.pg import pg_cluster, pg_url  # noqa: F401  (fixtures)
+from tests.support import AppFactory, free_port, wait_ready
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("httpx").setLevel(logging.WARNING)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:
     return Embedder(Settings().embedding_model_path, device="cpu")
-
-
-def wait_ready(client: Any, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        resp = client.get("/ready")
-        if resp.status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"service not ready: {resp.text}")
-
-
-AppFactory = Callable[..., Any]
 
 
 @pytest.fixture(scope="session")
@@ -68,23 +51,11 @@ def fake_upstream(fake_server: FakeUpstream) -> FakeUpstream:
     return fake_server
 
 
-ENGINES = ["embedded", "postgres"]
-
-
 @pytest.fixture
 def database_url() -> str | None:
     """The storage engine of ``make_client``: None = embedded. Contract test modules override
-    this with :func:`engine_database_url` to run every test on both engines."""
+    this with :func:`tests.support.engine_database_url` to run every test on both engines."""
     return None
-
-
-def engine_database_url(request: pytest.FixtureRequest) -> str | None:
-    """For a fixture parametrized over :data:`ENGINES`: None (embedded) or a fresh, empty
-    PostgreSQL database on the session's server."""
-    if request.param == "embedded":
-        return None
-    cluster: PgCluster = request.getfixturevalue("pg_cluster")
-    return cluster.create_database()
 
 
 @pytest.fixture
@@ -116,146 +87,3 @@ def make_client(
 @pytest.fixture
 def client(make_client: AppFactory) -> TestClient[Litestar]:
     return make_client()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def running_server(settings: Settings, embedder: Embedder) -> Iterator[str]:
-    """A real uvicorn server in a thread, on a free loopback port; yields its URL."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        create_app(settings, embedder=embedder),
-        host="127.0.0.1",
-        port=settings.port,
-        log_level="warning",
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{settings.port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server did not become ready")
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def start_subprocess_server(data_dir: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
-    """``rag-service serve`` as a real child process (for kill -9 tests). Its output goes to
-    ``<data_dir>.log`` (a pipe nobody reads would fill up and block the server)."""
-    full_env = {
-        **os.environ,
-        "RAG_DATA_DIR": str(data_dir),
-        "RAG_PORT": str(port),
-        "RAG_LOG_LEVEL": "WARNING",
-        "RAG_UPSTREAM_URL": f"http://127.0.0.1:{port}/none",
-        "RAG_UPSTREAM_MODEL": "none",
-        **env,
-    }
-    log = open(f"{data_dir}.log", "ab")  # noqa: SIM115 - the child process owns it
-    return subprocess.Popen(
-        [sys.executable, "-m", "rag_service", "serve"],
-        env=full_env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def wait_http_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become ready")
-
-
-def error_of(resp: httpx.Response) -> dict[str, Any]:
-    """The OpenAI-shaped error body of a response (asserting the shape)."""
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["message"]
-    return dict(body["error"])
-
-
-CRASH_BATCH = 8  # documents per upsert in :func:`ingest_until_killed`
-
-
-def code_word(doc_id: str) -> str:
-    """The word only the document ``doc_id`` of :func:`ingest_until_killed` holds."""
-    return "w" + doc_id.removeprefix("doc-").replace("-", "x")
-
-
-def ingest_until_killed(
-    url: str,
-    kill: Callable[[], None],
-    acknowledged: list[str],
-    *,
-    at_least: int,
-    settle_s: float = 0.0,
-    tag: str = "",
-) -> None:
-    """kill -9 mid-ingest: upsert batches of :data:`CRASH_BATCH` documents into the collection
-    ``crash`` from a thread, appending the ids of every acknowledged batch to ``acknowledged``;
-    once it holds ``at_least`` ids (and ``settle_s`` more passed), ``kill()`` ends the server.
-
-    Document ``j`` of batch ``b`` has id ``doc-{tag}{b}-{j}``, the metadata ``{"batch": b}``
-    and a text holding :func:`code_word` of its id, so a search can find each one alone."""
-    stop = threading.Event()
-
-    def ingest() -> None:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            batch = 0
-            while not stop.is_set():
-                ids = [f"doc-{tag}{batch}-{j}" for j in range(CRASH_BATCH)]
-                docs = [
-                    {
-                        "id": doc_id,
-                        "text": f"Record {doc_id}: the code word is {code_word(doc_id)}.",
-                        "metadata": {"batch": batch},
-                    }
-                    for doc_id in ids
-                ]
-                try:
-                    resp = client.post("/v1/collections/crash/documents", json={"documents": docs})
-                except httpx.HTTPError:
-                    return  # the server died mid-request: not acknowledged
-                if resp.status_code == 200:
-                    acknowledged.extend(ids)
-                batch += 1
-
-    writer = threading.Thread(target=ingest)
-    writer.start()
-    try:
-        deadline = time.monotonic() + 60
-        while len(acknowledged) < at_least and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(settle_s)
-        kill()
-    finally:
-        stop.set()
-        writer.join(timeout=30)

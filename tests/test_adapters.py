@@ -14,8 +14,8 @@ import torch
 
 from rag_service.backends.local import LocalBackend
 from rag_service.settings import Settings
-from tests.conftest import error_of, free_port, running_server
 from tests.fake_upstream import MODEL
+from tests.support import error_of, free_port, running_server
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -348,7 +348,7 @@ def test_concurrent_requests_do_not_cross_talk(
     backend = LocalBackend(Settings(local_model=str(bundled_model_dir)))
     asyncio.run(backend.start())
     settings = Settings(data_dir=tmp_path, port=free_port(), adapters_dir=adapters_dir)
-    with _server_with_backend(settings, embedder, backend) as url:
+    with running_server(settings, embedder, backend) as url:
         for name in ("alpha", "beta"):
             httpx.post(
                 url + "/v1/adapters", json={"name": name, "path": name}, timeout=60
@@ -389,44 +389,6 @@ def test_concurrent_requests_do_not_cross_talk(
 
         for model, text in asyncio.run(burst()):
             assert text == expected[model], model
-
-
-def _server_with_backend(settings, embedder, backend):
-    import contextlib
-    import threading
-    import time
-
-    import uvicorn
-
-    from rag_service.app import create_app
-
-    @contextlib.contextmanager
-    def run():
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(settings, embedder=embedder, backend=backend),
-                host="127.0.0.1",
-                port=settings.port,
-                log_level="warning",
-            )
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        url = f"http://127.0.0.1:{settings.port}"
-        try:
-            while True:
-                try:
-                    if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-            yield url
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
-
-    return run()
 
 
 def test_registry_survives_restart_and_scan_on_start(local, tmp_path, expected):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import logging
 
-from tests.conftest import error_of
+from tests.support import error_of
 
 
 def test_api_key_guards_v1_only(make_client):

@@ -11,8 +11,8 @@ import pytest
 
 from rag_service.prompting import PromptSource, fit_prompt, retrieval_query
 from rag_service.settings import Settings
-from tests.conftest import error_of, free_port, running_server
 from tests.fake_upstream import MODEL
+from tests.support import error_of, free_port, running_server
 
 FACTS = [
     {"id": "france", "text": "Paris is the capital of France.", "metadata": {"lang": "en"}},

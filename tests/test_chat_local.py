@@ -9,7 +9,7 @@ import pytest
 
 from rag_service.backends.local import BUNDLED_NAME, LocalBackend
 from rag_service.settings import Settings
-from tests.conftest import error_of
+from tests.support import error_of
 from tests.test_documents import upsert
 
 

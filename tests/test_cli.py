@@ -10,7 +10,7 @@ import pytest
 
 from rag_service.cli import main
 from rag_service.settings import Settings
-from tests.conftest import ROOT, free_port, running_server
+from tests.support import ROOT, free_port, running_server
 
 
 @pytest.fixture

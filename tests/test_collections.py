@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ENGINES, engine_database_url, error_of
+from tests.support import ENGINES, engine_database_url, error_of
 
 
 @pytest.fixture(params=ENGINES)

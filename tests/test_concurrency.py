@@ -7,7 +7,7 @@ import asyncio
 import httpx
 
 from rag_service.settings import Settings
-from tests.conftest import free_port, running_server
+from tests.support import free_port, running_server
 
 
 def _version_doc(version: int) -> str:

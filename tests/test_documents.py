@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ENGINES, engine_database_url, error_of
+from tests.support import ENGINES, engine_database_url, error_of
 
 
 @pytest.fixture(params=ENGINES)
@@ -172,7 +172,7 @@ def test_concurrent_upserts_of_the_same_ids_all_succeed(
     import httpx
 
     from rag_service.settings import Settings
-    from tests.conftest import free_port, running_server
+    from tests.support import free_port, running_server
 
     settings = Settings(
         data_dir=tmp_path / "d",

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import (
+from tests.support import (
     code_word,
     error_of,
     free_port,

@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 
 from rag_service.settings import Settings
-from tests.conftest import error_of, free_port, running_server
+from tests.support import error_of, free_port, running_server
 
 
 def test_openai_shape(client, embedder):

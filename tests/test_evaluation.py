@@ -19,7 +19,7 @@ from rag_service.evaluation import (
     score_rankings,
 )
 from rag_service.settings import Settings
-from tests.conftest import error_of, free_port, running_server
+from tests.support import error_of, free_port, running_server
 
 DOCS = [
     {"id": "leave", "text": "Employees get 30 days of paid leave per year."},

@@ -22,7 +22,7 @@ import pytest
 
 from indexes.faiss_index import FaissIndex, SnapshotCorrupt, max_snapshot_bytes, write_snapshot
 from indexes.protocol import IndexMeta, IndexMismatchError
-from tests.conftest import (
+from tests.support import (
     code_word,
     error_of,
     free_port,

@@ -20,7 +20,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode, checks
 
 from rag_service.settings import Settings
-from tests.conftest import ENGINES, free_port, running_server
+from tests.support import ENGINES, free_port, running_server
 
 MAX_EXAMPLES = 50
 DOCS = [

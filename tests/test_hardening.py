@@ -18,8 +18,8 @@ from indexes.faiss_index import validate_factory
 from rag_service.backends.upstream import UpstreamBackend
 from rag_service.prompting import PromptSource, fit_prompt
 from rag_service.settings import Settings
-from tests.conftest import error_of, free_port, running_server
 from tests.fake_upstream import MODEL
+from tests.support import error_of, free_port, running_server
 
 DOCS = [
     {"id": "leave", "text": "Employees get 30 days of paid leave per year.", "metadata": {"n": 1}},

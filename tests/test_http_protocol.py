@@ -14,7 +14,7 @@ from litestar import Litestar, get
 from litestar.response import Stream
 
 from rag_service.http_protocol import _StepBufferedTransport
-from tests.conftest import ROOT, free_port
+from tests.support import ROOT, free_port
 
 
 class _Recorder(asyncio.Transport):

@@ -10,7 +10,7 @@ from litestar.testing import TestClient
 
 from rag_service.app import create_app
 from rag_service.settings import Settings
-from tests.conftest import error_of, wait_ready
+from tests.support import error_of, wait_ready
 
 MASTER = "master-s3cret"
 DOC = {"documents": [{"id": "d1", "text": "Paris is the capital of France."}]}

@@ -16,7 +16,7 @@ from rag_service.cli import main
 from rag_service.questions import embed_texts
 from rag_service.schemas import MAX_QUESTIONS_PER_DOCUMENT
 from rag_service.settings import Settings
-from tests.conftest import ENGINES, engine_database_url, error_of, free_port, running_server
+from tests.support import ENGINES, engine_database_url, error_of, free_port, running_server
 from tests.test_documents import search, upsert
 from tests.test_reindex import NEW, models_dir, wait_reindexed  # noqa: F401
 

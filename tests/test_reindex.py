@@ -48,7 +48,7 @@ from rag_service.embedders import EmbeddingModels
 from rag_service.embedding import Embedder
 from rag_service.reindexing import Reindexing
 from rag_service.settings import Settings, bundled_embedding_model
-from tests.conftest import (
+from tests.support import (
     ENGINES,
     engine_database_url,
     error_of,

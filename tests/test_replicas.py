@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 from rag_service.cli import main
-from tests.conftest import (
+from tests.pg import PgCluster
+from tests.support import (
     CRASH_BATCH,
     ROOT,
     code_word,
@@ -33,7 +34,6 @@ from tests.conftest import (
     start_subprocess_server,
     wait_http_ready,
 )
-from tests.pg import PgCluster
 from tests.test_documents import search, upsert
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from rag_service.cli import main
 from rag_service.settings import Settings, SettingsError, bundled_embedding_model
-from tests.conftest import error_of, free_port, running_server
+from tests.support import error_of, free_port, running_server
 from tests.test_documents import search, upsert
 
 DOCS = [

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
-from tests.conftest import ENGINES, engine_database_url, error_of
+from tests.support import ENGINES, engine_database_url, error_of
 from tests.test_documents import search, upsert
 
 
@@ -126,19 +129,24 @@ def test_search_unknown_collection(client):
     assert error_of(resp)["code"] == "collection_not_found"
 
 
-def _thread_searches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record each search that goes to a worker thread (rather than running on the loop)."""
-    from indexes import embedded
+def _search_places(app: Any, monkeypatch: pytest.MonkeyPatch, name: str = "kb") -> list[str]:
+    """Where each vector search of the collection ``name`` of ``app`` runs: "loop" (inline, on
+    the event loop's thread) or "worker" (a thread with no running event loop). Observed at the
+    collection's own vector index, so nothing global is replaced."""
+    index = app.state["kb"].engine.get(name).usable_index()
+    real = index.search
+    places: list[str] = []
 
-    calls: list[str] = []
-    real = embedded.asyncio.to_thread
+    def search(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            places.append("loop")
+        except RuntimeError:
+            places.append("worker")
+        return real(*args, **kwargs)
 
-    async def spy(fn, *args, **kwargs):
-        calls.append(fn.__name__)
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(embedded.asyncio, "to_thread", spy)
-    return calls
+    monkeypatch.setattr(index, "search", search)
+    return places
 
 
 QUERIES = ["Which programming language did Guido write?", "river in Africa", "XJ-4417"]
@@ -157,25 +165,28 @@ def test_small_dense_searches_run_inline_and_match_the_thread_path(
     threaded = make_client(data_dir=tmp_path / "b", inline_search_max_vectors=0)
     for c in (inline, threaded):
         upsert(c, docs)
-    calls = _thread_searches(monkeypatch)
+    on_inline = _search_places(inline.app, monkeypatch)
+    on_threaded = _search_places(threaded.app, monkeypatch)
     fast = [search(inline, q, top_k=3) for q in QUERIES]
-    assert calls == []  # dense, unfiltered, 6 vectors: no thread hand-off
+    assert on_inline == ["loop"] * 3  # dense, unfiltered, 6 vectors: no thread hand-off
     slow = [search(threaded, q, top_k=3) for q in QUERIES]
-    assert calls == ["_search_blocking"] * 3
+    assert on_threaded == ["worker"] * 3
     assert fast == slow
     # Filtered and hybrid searches always take a thread.
-    calls.clear()
+    on_inline.clear()
     search(inline, "river", filter={"topic": "geo"})
     search(inline, "river", mode="hybrid")
-    assert calls == ["_search_blocking"] * 2
+    assert on_inline == ["worker"] * 2
     # So does any search of a collection with known questions: a question hit reads the
     # store (its document's chunk vectors) and may repeat the search deeper.
     attach = {"questions": [{"question": "Who wrote Python?", "document_id": "python"}]}
     for c in (inline, threaded):
         assert c.post("/v1/collections/kb/questions", json=attach).status_code == 200
-    calls.clear()
+    on_inline.clear()
+    on_threaded.clear()
     assert search(inline, QUERIES[1], top_k=3) == search(threaded, QUERIES[1], top_k=3)
-    assert calls == ["_search_blocking"] * 2
+    assert on_inline and set(on_inline) == {"worker"}
+    assert on_threaded and set(on_threaded) == {"worker"}
 
 
 def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch, database_url):
@@ -184,7 +195,7 @@ def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch, database_url):
     """With a writer holding the collection, a search goes to a thread and waits there."""
     import threading
 
-    calls = _thread_searches(monkeypatch)
+    places = _search_places(kb.app, monkeypatch)
     rt = kb.app.state["kb"].engine.get("kb")
     held, release = threading.Event(), threading.Event()
 
@@ -200,7 +211,7 @@ def test_search_waits_for_a_writer_off_the_loop(kb, monkeypatch, database_url):
     results = search(kb, "river in Africa", top_k=1)
     t.join(5)
     assert results[0]["document_id"] == "nile"
-    assert calls == ["_search_blocking"]
+    assert places == ["worker"]
 
 
 def test_read_nowait(database_url):
@@ -241,18 +252,18 @@ def test_concurrent_searches_go_to_threads(
         pytest.skip("the embedded engine's inline search path")
     """Queries embedded in one batch come back together: searched inline, one after the
     other, they would stall the loop, so only a lone search runs inline."""
-    import asyncio
-
     import httpx
 
+    from rag_service.app import create_app
     from rag_service.settings import Settings
-    from tests.conftest import free_port, running_server
+    from tests.support import free_port, serve_app
 
     settings = Settings(data_dir=tmp_path / "d", port=free_port(), upstream_url=fake_server.url)
-    with running_server(settings, embedder) as url:
+    app = create_app(settings, embedder=embedder)
+    with serve_app(app, settings.port) as url:
         docs = [{"id": i, "text": t} for i, t, _ in FACTS]
         httpx.post(f"{url}/v1/collections/kb/documents", json={"documents": docs}, timeout=60)
-        calls = _thread_searches(monkeypatch)
+        places = _search_places(app, monkeypatch)
 
         async def burst() -> list[int]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as c:
@@ -265,10 +276,11 @@ def test_concurrent_searches_go_to_threads(
             return [r.status_code for r in resps]
 
         assert asyncio.run(burst()) == [200] * 8
-        assert len(calls) >= 6  # all but a search that may have finished before others came
-        calls.clear()
+        # All but a search that may have finished before others came went to a thread.
+        assert len(places) == 8 and places.count("worker") >= 6, places
+        places.clear()
         assert httpx.post(f"{url}/v1/collections/kb/search", json={"query": "river"}).is_success
-        assert calls == []  # alone again: inline
+        assert places == ["loop"]  # alone again: inline
 
 
 # ---- weighted hybrid: alpha, fusion, stop words, per-collection defaults ------------------

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from rag_service.settings import Settings
-from tests.conftest import error_of, free_port, running_server
 from tests.fake_upstream import MODEL, FakeUpstream
+from tests.support import error_of, free_port, running_server
 
 MSG = {"model": MODEL, "messages": [{"role": "user", "content": "capital of France?"}]}
 STREAM = {**MSG, "stream": True}
