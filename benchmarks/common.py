@@ -262,5 +262,5 @@ def faq_pairs() -> list[tuple[str, str, str]]:
                 parts.append(" ".join(child.get_text(" ").split()))
             answer = "\n".join(p for p in parts if p)
             if len(answer) > 40:
-                pairs.append((anchor["id"], question, answer))
+                pairs.append((str(anchor["id"]), question, answer))
     return pairs

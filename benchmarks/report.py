@@ -1,7 +1,9 @@
-"""Render the README's benchmark section from benchmarks/results/*.json.
+"""Render the README's benchmark figures from benchmarks/results/*.json.
 
 ``python -m benchmarks.report`` rewrites the block between ``<!-- bench:start -->`` and
-``<!-- bench:end -->`` in README.md, so the README always quotes the latest results.
+``<!-- bench:end -->`` in README.md, and the retrieval-quality tables between
+``<!-- hybrid-grid:start -->`` / ``<!-- quality-pipelines:start -->`` and their ends, so the
+README always quotes the latest results.
 """
 
 from __future__ import annotations
@@ -229,13 +231,11 @@ def render() -> str:
         ]
     if b7 := _load("b7_postgres"):
         lines += _b7(b7)
-    if q := _load("quality_debian_faq"):
-        f = q["figures"]
+    if _load("quality_hybrid_grid") or _load("quality_pipelines"):
         lines += [
-            f"**Retrieval quality** on the Debian FAQ ({f['questions']} questions, answers as "
-            f"documents, {f['chunks']} chunks): dense recall@1 {f['dense']['recall_at_1']}, "
-            f"@5 {f['dense']['recall_at_5']}; hybrid recall@1 {f['hybrid']['recall_at_1']}, "
-            f"@5 {f['hybrid']['recall_at_5']}.",
+            "**Retrieval quality**: the hybrid grid and every pipeline (keys, trained embedder, "
+            "reranker) on two sets and two splits are in [Retrieval quality]"
+            "(#retrieval-quality).",
             "",
         ]
     if c := _load("c1_c3_chat"):
@@ -365,11 +365,98 @@ def render() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _cell(figures: dict[str, float]) -> str:
+    return f"{figures['recall@1']:.3f} / {figures['recall@5']:.3f}"
+
+
+def render_hybrid_grid() -> str:
+    result = _load("quality_hybrid_grid")
+    if result is None:
+        return "(run `python -m benchmarks.bench_hybrid`)\n"
+    f = result["figures"]
+    sets = f["sets"]
+    best = f"{f['recommended']['fusion']}@{f['recommended']['alpha']}"
+    names = list(sets)
+    lines = [
+        "| setting | " + " | ".join(f"{n} ({sets[n]['questions']} q)" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+        "| dense | " + " | ".join(_cell(sets[n]["dense"]) for n in names) + " |",
+    ]
+    for setting in sets[names[0]]["hybrid"]:
+        label = f"**{setting} (default)**" if setting == best else setting
+        cells = " | ".join(_cell(sets[n]["hybrid"][setting]) for n in names)
+        lines.append(f"| {label} | {cells} |")
+    lines += [
+        "",
+        f"({_where(result)}; `convex@a` / `rrf@a`: fusion and alpha.)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+PIPELINES = {
+    "dense": "base dense",
+    "hybrid": "default hybrid",
+    "keys": "known-question keys",
+    "keys_hybrid": "keys, hybrid",
+    "tuned": "fine-tuned embedder",
+    "tuned_hybrid": "fine-tuned, hybrid",
+    "tuned_keys": "fine-tuned + keys",
+    "rerank": "reranker (over dense)",
+    "keys_rerank": "keys + reranker",
+    "tuned_keys_rerank": "fine-tuned + keys + reranker",
+}
+
+
+def render_pipelines() -> str:
+    result = _load("quality_pipelines")
+    if result is None:
+        return "(run `python -m benchmarks.bench_quality`)\n"
+    f = result["figures"]
+    labels = list(f)
+    lines = [
+        "Recall@1 / recall@5 on the test questions (train / test questions per column):",
+        "",
+        "| pipeline | "
+        + " | ".join(f"{k} ({f[k]['train_questions']} / {f[k]['test_questions']})" for k in labels)
+        + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for key, name in PIPELINES.items():
+        if any(key in f[k] for k in labels):
+            cells = [_cell(f[k][key]) if key in f[k] else "not run" for k in labels]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    best, training = [], []
+    for k in labels:
+        won = f[k]["best"]
+        best.append(f"{PIPELINES[won['pipeline']]}, {won['recall@1_gain_over_dense']:+.3f}")
+        runs = [f[k].get(f"{n}_training") for n in ("embed", "rerank")]
+        if None in runs:
+            training.append("not run")
+            continue
+        kinds = ("embed", "rerank")
+        worse = [n for n, r in zip(kinds, runs, strict=True) if not r["better_than_base"]]
+        flag = f" (flagged worse: {', '.join(worse)})" if worse else ""
+        training.append(f"{runs[0]['train_seconds']} / {runs[1]['train_seconds']}{flag}")
+    lines.append("| best, recall@1 over dense | " + " | ".join(best) + " |")
+    lines.append("| training: embed / rerank (s) | " + " | ".join(training) + " |")
+    epochs = ", ".join(f"{k} {f[k]['epochs']}" for k in labels if f[k].get("epochs"))
+    lines += ["", f"Training epochs at most: {epochs}."]
+    lines += ["", f"({_where(result)}; rerank depth {result['params']['rerank_depth']}.)"]
+    return "\n".join(lines) + "\n"
+
+
+def _replace(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body}{end}"
+    return re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    block = f"{START}\n{render()}{END}"
-    text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    text = _replace(text, "bench", render())
+    text = _replace(text, "hybrid-grid", render_hybrid_grid())
+    text = _replace(text, "quality-pipelines", render_pipelines())
     Path(readme).write_text(text)
     print(render())
 
