@@ -282,10 +282,17 @@ class MicroBatcher(Generic[Item]):
                 batch: list[tuple[_Request[Item], int, int]] = batch,
                 texts: list[Item] = texts,
                 tokens: list[int] = tokens,
+                started: float = started,
             ) -> None:
                 # The worker thread hands the vectors straight to the waiting requests: they
-                # resume one loop iteration sooner than if this task delivered them.
+                # resume one loop iteration sooner than if this task delivered them. The batch
+                # is recorded first (callbacks run in order), so a caller that stops the
+                # batcher once its results are in never loses the record of their batch.
                 vectors = lane.encode(texts, tokens)
+                if self._observer is not None:
+                    loop.call_soon_threadsafe(
+                        self._observer.batch_done, len(texts), sum(tokens), loop.time() - started
+                    )
                 loop.call_soon_threadsafe(self._deliver, batch, vectors)
 
             try:
@@ -299,8 +306,6 @@ class MicroBatcher(Generic[Item]):
                         lane.queue.remove(req)
                         lane.waiting -= len(req.texts) - req.next_index
                 continue
-            if self._observer is not None:
-                self._observer.batch_done(len(texts), sum(tokens), loop.time() - started)
 
     @staticmethod
     def _deliver(batch: list[tuple[_Request[Item], int, int]], vectors: np.ndarray) -> None:
