@@ -155,6 +155,7 @@ class PostgresEngine:
         self._pgvector = ""
         self._connected = False
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -162,6 +163,7 @@ class PostgresEngine:
         """Connect, migrate the schema, open the pool, load the collections, start listening."""
         if self._pool is not None:
             return
+        self._closing = False
         try:
             conn = await AsyncConnection.connect(self.url, **self._conn_kwargs)
         except psycopg.OperationalError as exc:
@@ -196,10 +198,9 @@ class PostgresEngine:
             self._listener = asyncio.create_task(self._listen(), name="rag-postgres-listen")
 
     async def close(self) -> None:
+        self._closing = True
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await _stop(self._listener)
             self._listener = None
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=10)
@@ -526,7 +527,7 @@ class PostgresEngine:
         for :meth:`describe`, without waiting for a request to fail."""
         delay = 0.2
         listening = False
-        while True:
+        while not self._closing:
             try:
                 conn = await AsyncConnection.connect(self.url, **self._conn_kwargs)
                 async with conn:
@@ -568,6 +569,20 @@ class PostgresEngine:
                     cached._refresh(replace(cached.row, embedding_model=model, dimension=dimension))
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable collection notification: %.200s", payload)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end. A cancellation can be lost on Python 3.11
+    (``asyncio.wait_for`` inside a library that finishes as it is cancelled swallows it), so
+    it is sent again until the task ends, for at most 10 s."""
+    for _ in range(50):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
+            return
+    log.warning("the background task %s did not stop", task.get_name())
 
 
 async def _notify(conn: AsyncConnection, note: dict[str, Any]) -> None:
