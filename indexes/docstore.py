@@ -409,12 +409,15 @@ class DocumentStore:
         return out
 
     def list_documents(
-        self, collection_id: int, *, limit: int, after: str | None
+        self, collection_id: int, *, limit: int, after: str | None, prefix: str = ""
     ) -> tuple[list[DocumentRow], bool]:
+        # ids compare as UTF-8 bytes (SQLite's BINARY collation): the ids that start with
+        # ``prefix`` are a range of the (collection_id, id) index from ``prefix`` on.
         rows = self._reader.execute(
             "SELECT id, '', metadata, content_hash, chunks, created_at, updated_at "
-            "FROM documents WHERE collection_id = ? AND id > ? ORDER BY id LIMIT ?",
-            (collection_id, after or "", limit + 1),
+            "FROM documents WHERE collection_id = ? AND id > ? AND id >= ? "
+            "AND substr(id, 1, ?) = ? ORDER BY id LIMIT ?",
+            (collection_id, after or "", prefix, len(prefix), prefix, limit + 1),
         ).fetchall()
         docs = [DocumentRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows[:limit]]
         return docs, len(rows) > limit

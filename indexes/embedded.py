@@ -166,11 +166,11 @@ class EmbeddedCollection:
         return await self._engine.read(self._engine.store.document_texts, self._row.id, list(ids))
 
     async def list(
-        self, *, limit: int, after: str | None
+        self, *, limit: int, after: str | None, prefix: str = ""
     ) -> tuple[builtins.list[DocumentRow], bool]:
         store = self._engine.store
         return await self._engine.read(
-            lambda: store.list_documents(self._row.id, limit=limit, after=after)
+            lambda: store.list_documents(self._row.id, limit=limit, after=after, prefix=prefix)
         )
 
     async def questions(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:

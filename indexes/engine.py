@@ -125,9 +125,10 @@ class Collection(Protocol):
         ...
 
     async def list(
-        self, *, limit: int, after: str | None
+        self, *, limit: int, after: str | None, prefix: str = ""
     ) -> tuple[builtins.list[DocumentRow], bool]:
-        """Documents ordered by id after ``after``, without text; and whether more follow."""
+        """Documents ordered by id after ``after`` (whose ids start with ``prefix``), without
+        text; and whether more follow."""
         ...
 
     async def search(

@@ -38,6 +38,7 @@ from rag_service.controllers.collections import CollectionController
 from rag_service.controllers.documents import DocumentController
 from rag_service.controllers.embeddings import EmbeddingsController
 from rag_service.controllers.evaluation import EvaluationController
+from rag_service.controllers.files import FileController
 from rag_service.controllers.health import health, metrics, ready
 from rag_service.controllers.keys import KeyController
 from rag_service.controllers.questions import QuestionController
@@ -318,6 +319,7 @@ def create_app(
         route_handlers=[
             CollectionController,
             DocumentController,
+            FileController,
             EvaluationController,
             QuestionController,
             ReindexController,

@@ -32,6 +32,7 @@ from rag_service.errors import (
 )
 from rag_service.keys import Principal
 from rag_service.knowledge import KnowledgeBase
+from rag_service.locations import locate, without_layout
 from rag_service.prompting import DEFAULT_TEMPLATE, PromptSource, fit_prompt, retrieval_query
 from rag_service.settings import Settings
 
@@ -218,7 +219,13 @@ class ChatService:
             raise
         sources = [
             PromptSource(
-                i, h.hit.document_id, h.hit.chunk_id, h.hit.text, round(h.score, 6), h.hit.metadata
+                i,
+                h.hit.document_id,
+                h.hit.chunk_id,
+                h.hit.text,
+                round(h.score, 6),
+                without_layout(h.hit.metadata),
+                locate(h.hit.metadata, h.hit.start, h.hit.end),
             )
             for i, h in enumerate(hits, start=1)
         ]

@@ -55,6 +55,8 @@ __all__ = [
     "Conflict",
     "DocumentNotFound",
     "EmbeddingMismatch",
+    "EmptyFile",
+    "FileTooLarge",
     "Forbidden",
     "IndexConfigError",
     "InvalidRequest",
@@ -67,6 +69,8 @@ __all__ = [
     "ReindexInProgress",
     "StoreDown",
     "Unauthorized",
+    "UnreadableFile",
+    "UnsupportedFileType",
     "UpstreamError",
     "UpstreamIncomplete",
     "UpstreamRejected",
@@ -105,6 +109,26 @@ class IndexConfigError(InvalidRequest):
 class PayloadTooLarge(InvalidRequest):
     status_code = 413
     code = "request_too_large"
+
+
+class UnsupportedFileType(InvalidRequest):
+    status_code = 415
+    code = "unsupported_file_type"
+
+
+class FileTooLarge(PayloadTooLarge):
+    code = "file_too_large"
+
+
+class EmptyFile(InvalidRequest):
+    code = "empty_file"
+
+
+class UnreadableFile(InvalidRequest):
+    """A file that does not parse: corrupt, encrypted, or a PDF without a text layer."""
+
+    status_code = 422
+    code = "unreadable_file"
 
 
 class Unauthorized(RagError):

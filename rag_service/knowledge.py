@@ -56,6 +56,7 @@ from rag_service.errors import (
     InvalidRequest,
     PayloadTooLarge,
 )
+from rag_service.locations import check_layout, without_layout
 from rag_service.metrics import Metrics
 from rag_service.questions import unique_questions, upsert_questions
 from rag_service.reranking import Reranker
@@ -198,7 +199,9 @@ class KnowledgeBase:
         await self.engine.drop(name)
 
     # ---- documents -----------------------------------------------------------------------
-    def _validate_documents(self, docs: Sequence[DocumentIn]) -> None:
+    def validate_documents(self, docs: Sequence[DocumentIn]) -> None:
+        """:class:`InvalidRequest` naming ``documents[i].<field>`` for the first document the
+        settings refuse (count, duplicate ids, text, metadata, layout, questions)."""
         s = self.settings
         if len(docs) > s.max_documents_per_request:
             raise InvalidRequest(
@@ -229,15 +232,16 @@ class KnowledgeBase:
                 raise InvalidRequest(
                     "metadata holds a NUL character (U+0000)", param=f"documents[{i}].metadata"
                 )
-            if len(canonical_json(doc.metadata)) > 65536:
+            if len(canonical_json(without_layout(doc.metadata))) > 65536:
                 raise InvalidRequest(
                     "metadata is larger than 64 KiB", param=f"documents[{i}].metadata"
                 )
+            check_layout(doc.metadata, len(doc.text), f"documents[{i}].metadata")
             if doc.questions is not None:
                 unique_questions(doc.questions, f"documents[{i}].questions")
 
     async def upsert(self, name: str, docs: Sequence[DocumentIn]) -> UpsertOutcome:
-        self._validate_documents(docs)
+        self.validate_documents(docs)
         for attempt in range(UPSERT_ATTEMPTS):
             try:
                 return await self._upsert(name, docs, skip_unchanged=attempt < UPSERT_ATTEMPTS - 1)
@@ -344,9 +348,9 @@ class KnowledgeBase:
         return doc
 
     async def list_documents(
-        self, name: str, *, limit: int, after: str | None
+        self, name: str, *, limit: int, after: str | None, prefix: str = ""
     ) -> tuple[list[DocumentRow], bool]:
-        return await (await self.collection(name)).list(limit=limit, after=after)
+        return await (await self.collection(name)).list(limit=limit, after=after, prefix=prefix)
 
     async def delete_document(self, name: str, doc_id: str) -> None:
         if not await (await self.collection(name)).delete(doc_id):

@@ -1,26 +1,91 @@
-"""Files to documents for ``rag-service ingest``: .txt .md .rst .html .htm .jsonl.
+"""Files to documents: PDF, Word (.docx), HTML, Markdown, reStructuredText, plain text, JSONL.
+
+Used by ``rag-service ingest`` (:func:`discover` + :func:`load`) and by the upload endpoint
+(:func:`load_bytes`, which works on bytes and a client's file name). The suffix of the file
+name, case-insensitively, picks the loader; every loader returns the document text plus what
+it knows about the structure, in ``metadata``:
+
+* all: ``source`` (the document id given), ``content_type`` (:data:`CONTENT_TYPES`) and
+  ``title`` when one is known. No key is ever an empty string; unknown keys are left out.
+* ``pages`` and ``page_starts`` (PDF): page ``i + 1``'s text begins at ``page_starts[i]``
+  in the text. Pages are joined with a blank line; a page without text adds nothing and gets
+  the offset where the text so far ends, so the list is non-decreasing, has one entry per
+  page, and ``bisect_right(page_starts, offset)`` gives a chunk's page.
+* ``sections`` (Markdown, reST, HTML, Word): ``[offset, heading]`` pairs in ascending order.
+  For Markdown and reST the text is kept byte for byte and ``offset`` is where the heading's
+  line begins (for an overlined reST title: the title line, not the overline). For HTML and
+  Word the text is rebuilt and each heading is one line of it, so ``text[offset:]`` starts
+  with ``heading``.
 
 Ids come from paths relative to the folder given (prefixed with its name), so re-ingesting the
 same tree updates documents instead of duplicating them. A .jsonl file holds one document per
 line: ``{"text": ..., "id"?: ..., "metadata"?: {...}}``; lines without an id get
-``<path>#<line>``.
+``<doc_id>#<line>``, blank lines and lines with blank text are skipped.
+
+Every failure is a :class:`LoadError` whose ``kind`` says what went wrong and whose message
+names the file: a parser library's own exception never escapes (it becomes kind ``parse``).
+pypdf's warnings about damage it repairs are lowered to errors only (the ``pypdf`` logger is
+set to ERROR unless the application configured it), so the CLI's output stays clean.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
-from collections.abc import Iterator
+import logging
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["SUFFIXES", "LoadError", "SourceDocument", "discover", "load"]
+if TYPE_CHECKING:
+    from bs4 import Tag
 
-SUFFIXES = (".txt", ".md", ".rst", ".html", ".htm", ".jsonl")
+__all__ = [
+    "CONTENT_TYPES",
+    "SUFFIXES",
+    "LoadError",
+    "LoadErrorKind",
+    "SourceDocument",
+    "discover",
+    "load",
+    "load_bytes",
+]
+
+CONTENT_TYPES: dict[str, str] = {
+    ".pdf": "application/pdf",
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ".html": "text/html",
+    ".htm": "text/html",
+    ".md": "text/markdown",
+    ".markdown": "text/markdown",
+    ".rst": "text/x-rst",
+    ".txt": "text/plain",
+    ".jsonl": "application/jsonl",
+}
+SUFFIXES: tuple[str, ...] = tuple(CONTENT_TYPES)
+
+LoadErrorKind = Literal["unsupported", "empty", "parse", "no_text_layer", "encrypted", "unreadable"]
+
+_MAX_REASON = 200  # characters of a library's error message kept in ours
 
 
 class LoadError(ValueError):
-    """A file could not be turned into documents; the message names file and line."""
+    """A file could not be turned into documents. ``str(error)`` is ``"<filename>: <reason>"``.
+
+    ``kind``: ``unsupported`` (file type), ``empty`` (no bytes, no text, no documents),
+    ``parse`` (corrupt, truncated or not UTF-8), ``no_text_layer`` (a PDF without text, e.g. a
+    scan), ``encrypted`` (a PDF that needs a password); ``unreadable`` only comes from
+    :func:`discover` and :func:`load` (a path that is missing or cannot be read).
+    """
+
+    def __init__(self, filename: str, reason: str, *, kind: LoadErrorKind = "parse") -> None:
+        super().__init__(f"{filename}: {reason}")
+        self.filename = filename
+        self.reason = reason
+        self.kind: LoadErrorKind = kind
 
 
 @dataclass(slots=True)
@@ -41,48 +106,462 @@ def discover(paths: list[Path]) -> Iterator[tuple[Path, str]]:
         elif root.is_file():
             yield root, root.name
         else:
-            raise LoadError(f"{root}: no such file or directory")
-
-
-def _html_text(raw: str) -> str:
-    from bs4 import BeautifulSoup
-
-    soup = BeautifulSoup(raw, "html.parser")
-    for tag in soup(["script", "style", "noscript"]):
-        tag.decompose()
-    lines = (line.strip() for line in soup.get_text("\n").splitlines())
-    return "\n".join(line for line in lines if line)
+            raise LoadError(str(root), "no such file or directory", kind="unreadable")
 
 
 def load(path: Path, doc_id: str) -> list[SourceDocument]:
+    """The documents in the file at ``path`` (see :func:`load_bytes`)."""
     try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise LoadError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    suffix = path.suffix.lower()
-    meta = {"source": doc_id}
+        data = path.read_bytes()
+    except OSError as exc:
+        reason = f"cannot read ({exc.strerror or exc})"
+        raise LoadError(path.name, reason, kind="unreadable") from exc
+    return load_bytes(data, path.name, doc_id)
+
+
+def load_bytes(data: bytes, filename: str, doc_id: str) -> list[SourceDocument]:
+    """The documents in ``data``, a file called ``filename`` (its suffix picks the loader):
+    one document with id ``doc_id``, or one per line for JSONL. Raises :class:`LoadError`."""
+    suffix = PurePosixPath(filename).suffix.lower()
+    if suffix not in CONTENT_TYPES:
+        found = f"'{suffix}'" if suffix else "without a suffix"
+        raise LoadError(
+            filename,
+            f"unsupported file type {found} (supported: {', '.join(SUFFIXES)})",
+            kind="unsupported",
+        )
+    if not data:
+        raise LoadError(filename, "empty file", kind="empty")
+    content_type = CONTENT_TYPES[suffix]
     if suffix == ".jsonl":
-        return list(_jsonl(raw, path, doc_id))
-    text = _html_text(raw) if suffix in (".html", ".htm") else raw
-    return [SourceDocument(doc_id, text, meta)] if text.strip() else []
+        docs = list(_jsonl(_decode(data, filename), filename, doc_id, content_type))
+        if not docs:
+            raise LoadError(filename, "no documents (only blank lines or texts)", kind="empty")
+        return docs
+    parse, label = _PARSERS[suffix]
+    try:
+        text, found_meta = parse(data, filename)
+    except LoadError:
+        raise
+    except Exception as exc:  # a parser library's error, whatever its type, is a parse error
+        raise LoadError(filename, f"not a readable {label} ({_reason(exc)})") from exc
+    if not text.strip():
+        raise LoadError(filename, "no text", kind="empty")
+    metadata: dict[str, Any] = {"source": doc_id, "content_type": content_type}
+    metadata.update((k, v) for k, v in found_meta.items() if v not in (None, "", []))
+    return [SourceDocument(doc_id, text, metadata)]
 
 
-def _jsonl(raw: str, path: Path, doc_id: str) -> Iterator[SourceDocument]:
+# --- shared helpers ---------------------------------------------------------------------------
+
+Meta = dict[str, Any]
+Sections = list[list[Any]]  # [[offset, heading], ...]
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+def _decode(data: bytes, filename: str) -> str:
+    """UTF-8 (a BOM is dropped); UTF-16 only when a BOM says so. NUL bytes mean binary data."""
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            text = data.decode("utf-16")
+        else:
+            text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LoadError(filename, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if "\x00" in text:
+        raise LoadError(filename, "not UTF-8 text (binary data: NUL bytes)")
+    return text
+
+
+def _clean(text: str) -> str:
+    """Extracted text made storable: no NUL characters, no lone surrogates."""
+    text = text.replace("\x00", "")
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _line_starts(text: str) -> list[int]:
+    """Offset of each line; line breaks are LF, CRLF or CR (as markdown-it counts them)."""
+    return [0, *(m.end() for m in re.finditer(r"\r\n?|\n", text))]
+
+
+def _title_from(sections: Sections, levels: list[int], *, any_level: bool = True) -> str | None:
+    """The first level-1 heading, else (when ``any_level``) the first heading."""
+    for (_, heading), level in zip(sections, levels, strict=True):
+        if level == 1:
+            return str(heading)
+    return str(sections[0][1]) if sections and any_level else None
+
+
+# --- plain text, JSONL ------------------------------------------------------------------------
+
+
+def _plain(data: bytes, filename: str) -> tuple[str, Meta]:
+    return _decode(data, filename), {}
+
+
+def _jsonl(raw: str, filename: str, doc_id: str, content_type: str) -> Iterator[SourceDocument]:
     for lineno, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except ValueError as exc:
-            raise LoadError(f"{path}:{lineno}: not JSON ({exc})") from exc
+            raise LoadError(f"{filename}:{lineno}", f"not JSON ({exc})") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise LoadError(f"{path}:{lineno}: expected an object with a string 'text'")
+            raise LoadError(f"{filename}:{lineno}", "expected an object with a string 'text'")
         metadata = obj.get("metadata") or {}
         if not isinstance(metadata, dict):
-            raise LoadError(f"{path}:{lineno}: 'metadata' must be an object")
+            raise LoadError(f"{filename}:{lineno}", "'metadata' must be an object")
         if obj["text"].strip():
             yield SourceDocument(
                 str(obj.get("id") or f"{doc_id}#{lineno}"),
                 obj["text"],
-                {"source": doc_id, **metadata},
+                {"source": doc_id, "content_type": content_type, **metadata},
             )
+
+
+# --- PDF --------------------------------------------------------------------------------------
+
+
+def _pdf(data: bytes, filename: str) -> tuple[str, Meta]:
+    from pypdf import PdfReader
+
+    pypdf_logger = logging.getLogger("pypdf")
+    if pypdf_logger.level == logging.NOTSET:
+        pypdf_logger.setLevel(logging.ERROR)
+    reader = PdfReader(io.BytesIO(data))
+    if reader.is_encrypted:
+        try:
+            opened = reader.decrypt("")
+        except Exception as exc:  # e.g. AES without a crypto package installed
+            raise LoadError(filename, f"encrypted ({_reason(exc)})", kind="encrypted") from exc
+        if not opened:
+            raise LoadError(filename, "encrypted, needs a password", kind="encrypted")
+    parts: list[str] = []
+    page_starts: list[int] = []
+    length = 0
+    for number, page in enumerate(reader.pages, start=1):
+        try:
+            page_text = _clean(page.extract_text()).strip()
+        except Exception as exc:
+            raise LoadError(filename, f"cannot read page {number} ({_reason(exc)})") from exc
+        if page_text and parts:
+            length += 2  # the "\n\n" before this page
+        page_starts.append(length)
+        if page_text:
+            parts.append(page_text)
+            length += len(page_text)
+    if not page_starts:
+        raise LoadError(filename, "no pages", kind="empty")
+    if not parts:
+        raise LoadError(filename, "no text layer, needs OCR", kind="no_text_layer")
+    return "\n\n".join(parts), {
+        "pages": len(page_starts),
+        "page_starts": page_starts,
+        "title": _pdf_title(reader),
+    }
+
+
+def _pdf_title(reader: Any) -> str | None:
+    """/Title from the document information; a damaged dictionary just means no title."""
+    try:
+        title = reader.metadata.title if reader.metadata is not None else None
+    except Exception:
+        return None
+    return _one_line(_clean(title)) or None if isinstance(title, str) else None
+
+
+# --- Word -------------------------------------------------------------------------------------
+
+_DOCX_HEADING = re.compile(r"heading ([1-9])|title", re.IGNORECASE)
+
+
+def _docx_blocks(element: Any, parent: Any) -> Iterator[Any]:
+    """Paragraphs and tables in document order, including those inside content controls."""
+    from docx.oxml.ns import qn
+    from docx.table import Table
+    from docx.text.paragraph import Paragraph
+
+    for child in element.iterchildren():
+        if child.tag == qn("w:p"):
+            yield Paragraph(child, parent)
+        elif child.tag == qn("w:tbl"):
+            yield Table(child, parent)
+        elif child.tag == qn("w:sdt"):
+            content = child.find(qn("w:sdtContent"))
+            if content is not None:
+                yield from _docx_blocks(content, parent)
+
+
+def _docx_table_lines(table: Any) -> Iterator[str]:
+    """One line per row, cells joined with `` | `` (a merged cell counted once)."""
+    for row in table.rows:
+        cells: list[str] = []
+        previous = None
+        for cell in row.cells:
+            if cell._tc is previous:
+                continue
+            previous = cell._tc
+            if text := _one_line(_clean(cell.text)):
+                cells.append(text)
+        if cells:
+            yield " | ".join(cells)
+
+
+def _docx(data: bytes, filename: str) -> tuple[str, Meta]:
+    from docx import Document
+    from docx.text.paragraph import Paragraph
+
+    doc = Document(io.BytesIO(data))
+    lines: list[str] = []
+    sections: Sections = []
+    levels: list[int] = []
+    offset = 0
+    for block in _docx_blocks(doc.element.body, doc._body):
+        if isinstance(block, Paragraph):
+            text = _clean(block.text).strip()
+            if not text:
+                continue
+            style = block.style.name if block.style is not None else None
+            heading = _DOCX_HEADING.fullmatch(style or "")
+            if heading:
+                text = _one_line(text)  # a heading is one line of the text
+                sections.append([offset, text])
+                levels.append(int(heading.group(1) or 1))  # Title ranks with Heading 1
+            new = [text]
+        else:
+            new = list(_docx_table_lines(block))
+        for line in new:
+            lines.append(line)
+            offset += len(line) + 1
+    title = _one_line(_clean(doc.core_properties.title or "")) or _title_from(
+        sections, levels, any_level=False
+    )
+    return "\n".join(lines), {"title": title, "sections": sections}
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+_HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
+_NEVER_TEXT = {"script", "style", "noscript", "template", "svg", "head", "title", "iframe"}
+_BOILERPLATE = {"nav", "aside", "footer"}
+_BOILERPLATE_ROLES = {"navigation", "banner", "contentinfo", "complementary"}
+_SECTIONING = {"article", "aside", "main", "nav", "section"}
+_BLOCKS = {
+    "address", "article", "aside", "blockquote", "body", "caption", "center", "dd", "details",
+    "dialog", "div", "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "header",
+    "hgroup", "hr", "html", "legend", "li", "main", "menu", "nav", "ol", "p", "pre", "section",
+    "summary", "table", "tbody", "tfoot", "thead", "tr", "ul",
+}  # fmt: skip
+
+
+def _hidden(tag: Tag) -> bool:
+    return (
+        tag.name in _NEVER_TEXT
+        or tag.has_attr("hidden")
+        or str(tag.get("aria-hidden", "")).lower() == "true"
+    )
+
+
+def _boilerplate(tag: Tag) -> bool:
+    """Navigation, page header and footer, sidebars, forms around no content."""
+    if _hidden(tag) or tag.name in _BOILERPLATE:
+        return True
+    if str(tag.get("role", "")).lower() in _BOILERPLATE_ROLES:
+        return True
+    if tag.name == "header":  # the page's banner; an article's own header is content
+        return tag.find_parent(_SECTIONING) is None
+    if tag.name == "form":  # some sites wrap the whole page in one form
+        return tag.find(["main", "article", "h1", "h2"]) is None
+    return False
+
+
+class _HtmlText:
+    """Text of an element tree: one line per block, inline text joined, whitespace collapsed
+    (``<pre>`` keeps its lines and indentation), table cells joined with `` | ``; each
+    heading becomes exactly one line, recorded with its offset in :attr:`sections`."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.sections: Sections = []
+        self.levels: list[int] = []
+        self._length = 0
+        self._buffer: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def walk(self, root: Tag, skip: Callable[[Tag], bool]) -> _HtmlText:
+        from bs4 import CData, NavigableString, Tag
+
+        stack: list[tuple[Any, bool]] = [(root, True)]
+        heading = pre = 0  # depths
+        while stack:
+            node, entering = stack.pop()
+            if isinstance(node, Tag):
+                name = node.name
+                if entering:
+                    if node is not root and skip(node):
+                        continue
+                    if name == "br":
+                        self._buffer.append("\n")
+                        continue
+                    if name in ("td", "th") and node.find_previous_sibling(["td", "th"]):
+                        self._buffer.append(" | ")
+                    if not heading and (name in _BLOCKS or name in _HEADINGS):
+                        self._flush(pre=pre > 0)
+                    heading += name in _HEADINGS
+                    pre += name == "pre"
+                    stack.append((node, False))
+                    stack.extend((child, True) for child in reversed(node.contents))
+                else:
+                    if name in _HEADINGS:
+                        heading -= 1
+                        if not heading:
+                            self._flush(level=int(name[1]))
+                    elif not heading and name in _BLOCKS:
+                        self._flush(pre=pre > 0)
+                    pre -= name == "pre"
+            elif type(node) is NavigableString or isinstance(node, CData):
+                self._buffer.append(str(node) if pre else re.sub(r"\s+", " ", str(node)))
+        self._flush(pre=False)
+        return self
+
+    def _flush(self, *, pre: bool = False, level: int = 0) -> None:
+        raw = "".join(self._buffer)
+        self._buffer.clear()
+        if pre:
+            lines = [line.rstrip() for line in raw.split("\n") if line.strip()]
+        else:
+            lines = [line for line in map(_one_line, raw.split("\n")) if line]
+        if level and lines:
+            lines = [" ".join(lines)]
+            self.sections.append([self._length, lines[0]])
+            self.levels.append(level)
+        for line in lines:
+            self.lines.append(line)
+            self._length += len(line) + 1
+
+
+def _html(data: bytes, filename: str) -> tuple[str, Meta]:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(_decode(data, filename), "html.parser")
+    body = soup.body or soup
+    root = body.find("main") or body.find(role="main")
+    if root is None and (articles := body.find_all("article")):
+        root = max(articles, key=lambda a: len(a.get_text()))
+    built = _HtmlText().walk(root or body, _boilerplate)
+    if not built.text.strip():  # everything looked like boilerplate: keep all visible text
+        built = _HtmlText().walk(body, _hidden)
+    title_tag = soup.find("title")
+    title = _one_line(title_tag.get_text()) if title_tag is not None else ""
+    if not title:
+        title = _title_from(built.sections, built.levels, any_level=False) or ""
+    if not title and (h1 := soup.find("h1")) is not None:
+        title = _one_line(h1.get_text())
+    return built.text, {"title": title or None, "sections": built.sections}
+
+
+# --- Markdown ---------------------------------------------------------------------------------
+
+_FRONT_MATTER_END = re.compile(r"(?:---|\.\.\.)\s*")
+_FRONT_MATTER_TITLE = re.compile(r"title:\s*(.*?)\s*")
+
+
+def _front_matter(lines: list[str]) -> tuple[int, str | None]:
+    """(number of lines of a leading YAML front matter block, its ``title:``)."""
+    if not lines or lines[0].rstrip() != "---":
+        return 0, None
+    for end in range(1, len(lines)):
+        if _FRONT_MATTER_END.fullmatch(lines[end]):
+            title = None
+            for line in lines[1:end]:
+                if m := _FRONT_MATTER_TITLE.fullmatch(line):
+                    value = m.group(1)
+                    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                        value = value[1:-1]
+                    title = _one_line(value) or None
+                    break
+            return end + 1, title
+    return 0, None
+
+
+def _markdown(data: bytes, filename: str) -> tuple[str, Meta]:
+    from markdown_it import MarkdownIt
+
+    text = _decode(data, filename)
+    starts = _line_starts(text)
+    lines = re.split(r"\r\n?|\n", text)
+    skipped, title = _front_matter(lines)
+    # The front matter's lines become blank, so markdown-it's line numbers stay the file's.
+    source = "\n" * skipped + "\n".join(lines[skipped:])
+    tokens = MarkdownIt("commonmark").parse(source)
+    sections: Sections = []
+    levels: list[int] = []
+    for i, token in enumerate(tokens):
+        if token.type == "heading_open" and token.map and i + 1 < len(tokens):
+            heading = _one_line(tokens[i + 1].content)
+            if heading:
+                sections.append([starts[token.map[0]], heading])
+                levels.append(int(token.tag[1]))
+    return text, {"title": title or _title_from(sections, levels), "sections": sections}
+
+
+# --- reStructuredText -------------------------------------------------------------------------
+
+_RST_ADORNMENT = re.compile(r"""([=\-`:'"~^_*+#<>])\1+[ \t]*""")
+
+
+def _rst(data: bytes, filename: str) -> tuple[str, Meta]:
+    """Section titles: a line underlined (and optionally overlined, with the same line) by
+    one repeated punctuation character, at least as long as the title, after a blank line."""
+    text = _decode(data, filename)
+    starts = _line_starts(text)
+    lines = re.split(r"\r\n?|\n", text)
+    sections: Sections = []
+    i, after_title = 0, -1
+    while i < len(lines):
+        line = lines[i].rstrip()
+        fresh = i == 0 or not lines[i - 1].strip() or i == after_title
+        adornment = _RST_ADORNMENT.fullmatch(line) is not None
+        if fresh and adornment and i + 2 < len(lines):
+            title, under = lines[i + 1].rstrip(), lines[i + 2].rstrip()
+            if (
+                title.strip()
+                and not _RST_ADORNMENT.fullmatch(title)
+                and under == line
+                and len(line) >= len(title)
+            ):
+                sections.append([starts[i + 1], title.strip()])
+                i = after_title = i + 3
+                continue
+        if fresh and not adornment and line and not line[0].isspace() and i + 1 < len(lines):
+            under = lines[i + 1].rstrip()
+            if _RST_ADORNMENT.fullmatch(under) and len(under) >= len(line):
+                sections.append([starts[i], line])
+                i = after_title = i + 2
+                continue
+        i += 1
+    return text, {"title": sections[0][1] if sections else None, "sections": sections}
+
+
+_PARSERS: dict[str, tuple[Callable[[bytes, str], tuple[str, Meta]], str]] = {
+    ".pdf": (_pdf, "PDF"),
+    ".docx": (_docx, "Word document"),
+    ".html": (_html, "HTML document"),
+    ".htm": (_html, "HTML document"),
+    ".md": (_markdown, "Markdown document"),
+    ".markdown": (_markdown, "Markdown document"),
+    ".rst": (_rst, "reStructuredText document"),
+    ".txt": (_plain, "text file"),
+}

@@ -18,10 +18,13 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import (
+    OpenAPIFormat,
     OpenAPIMediaType,
     OpenAPIResponse,
     OpenAPIType,
     Operation,
+    Reference,
+    RequestBody,
     Schema,
 )
 from litestar.static_files import create_static_files_router
@@ -37,6 +40,7 @@ __all__ = [
     "StrictStructSchemaPlugin",
     "docs_assets_router",
     "error_responses",
+    "multipart_operation",
     "openapi_config",
 ]
 
@@ -52,6 +56,8 @@ _DESCRIPTIONS = {
     404: "Collection, document, model or adapter not found",
     409: "Conflict: it exists already, or was embedded by another model",
     413: "The request is past a size limit (named in the message)",
+    415: "A file of a type the service cannot read",
+    422: "A file that does not parse: corrupt, encrypted, or a PDF without a text layer",
     502: "The generation server failed or answered malformed data",
     503: "Loading, overloaded or the store is busy: retry after the Retry-After header",
     504: "The generation server did not answer in time",
@@ -148,3 +154,38 @@ class StreamingOperation(Operation):
                     )
                 ),
             }
+
+
+def multipart_operation(fields: dict[str, tuple[str, bool, str]]) -> type[Operation]:
+    """An operation class whose request body is ``multipart/form-data`` with ``fields``:
+    name -> (``"binary"`` for a file or ``"string"``, whether it may repeat, description).
+    (The handler reads the form itself, to name each bad file in its own error.)"""
+
+    def part(kind: str, description: str) -> Schema:
+        if kind == "binary":
+            return Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+        return Schema(type=OpenAPIType.STRING, description=description)
+
+    properties: dict[str, Schema | Reference] = {
+        name: (
+            Schema(type=OpenAPIType.ARRAY, items=part(kind, about), description=about)
+            if repeats
+            else part(kind, about)
+        )
+        for name, (kind, repeats, about) in fields.items()
+    }
+    body = RequestBody(
+        required=True,
+        content={
+            "multipart/form-data": OpenAPIMediaType(
+                schema=Schema(type=OpenAPIType.OBJECT, properties=properties, required=["files"])
+            )
+        },
+    )
+
+    @dataclass
+    class MultipartOperation(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = body
+
+    return MultipartOperation

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rag_service.chat_schemas import message_text
@@ -55,6 +55,8 @@ class PromptSource:
     text: str
     score: float
     metadata: dict[str, Any]
+    # page / page_end / section of the chunk when known (rag_service.locations)
+    location: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,7 +66,18 @@ class PromptSource:
             "text": self.text,
             "score": self.score,
             "metadata": self.metadata,
+            **self.location,
         }
+
+    def label(self) -> str:
+        """``handbook.pdf, p. 14`` (or ``pp. 14-15``, ``§ Install``): what a citation names."""
+        parts = [self.document_id]
+        page, last = self.location.get("page"), self.location.get("page_end")
+        if page is not None:
+            parts.append(f"pp. {page}-{last}" if last else f"p. {page}")
+        if self.location.get("section"):
+            parts.append(f"§ {self.location['section']}")
+        return ", ".join(parts)
 
 
 def retrieval_query(messages: Sequence[dict[str, Any]]) -> str | None:
@@ -81,13 +94,13 @@ def retrieval_query(messages: Sequence[dict[str, Any]]) -> str | None:
 def system_message(sources: Sequence[PromptSource], template: str) -> str:
     if not sources:
         return NO_CONTEXT
-    listed = "\n\n".join(f"[{s.index}] (from {s.document_id})\n{s.text.strip()}" for s in sources)
+    listed = "\n\n".join(f"[{s.index}] (from {s.label()})\n{s.text.strip()}" for s in sources)
     return template.replace("{sources}", listed)
 
 
 def _renumber(sources: Sequence[PromptSource]) -> list[PromptSource]:
     return [
-        PromptSource(i, s.document_id, s.chunk_id, s.text, s.score, s.metadata)
+        PromptSource(i, s.document_id, s.chunk_id, s.text, s.score, s.metadata, s.location)
         for i, s in enumerate(sources, start=1)
     ]
 

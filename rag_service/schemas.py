@@ -32,6 +32,8 @@ __all__ = [
     "EmbeddingData",
     "EmbeddingsRequest",
     "EmbeddingsResponse",
+    "FileError",
+    "FileOutcome",
     "NamePath",
     "QuestionText",
     "ReindexInfo",
@@ -40,6 +42,7 @@ __all__ = [
     "SearchResponse",
     "SearchResult",
     "TopK",
+    "UploadResponse",
     "UpsertRequest",
     "UpsertResponse",
     "Usage",
@@ -189,6 +192,34 @@ class UpsertResponse(msgspec.Struct, omit_defaults=True):
     timings_ms: dict[str, float] | None = None
 
 
+class FileError(msgspec.Struct, omit_defaults=True):
+    """Why one file of an upload was not stored (the OpenAI error fields)."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class FileOutcome(msgspec.Struct, omit_defaults=True):
+    """One file of an upload: ``stored`` with its documents' statuses, or ``failed`` with
+    the error (nothing of it was written)."""
+
+    filename: str
+    status: Literal["stored", "failed"]
+    content_type: str | None = None
+    title: str | None = None
+    pages: int | None = None
+    documents: list[DocumentStatus] | None = None
+    error: FileError | None = None
+
+
+class UploadResponse(msgspec.Struct):
+    files: list[FileOutcome]
+    collection: str
+    object: str = "upload"
+
+
 class DocumentOut(msgspec.Struct, omit_defaults=True):
     id: str
     metadata: dict[str, Any]
@@ -197,6 +228,8 @@ class DocumentOut(msgspec.Struct, omit_defaults=True):
     created_at: int
     text: str | None = None
     questions: list[str] | None = None  # the document's known questions (GET of one document)
+    # sha256 of the text: a client can tell whether its copy differs without fetching the text.
+    content_hash: str | None = None
     object: str = "document"
 
 
@@ -232,6 +265,11 @@ class SearchResult(msgspec.Struct, omit_defaults=True):
     position: int
     start: int
     end: int
+    # Where the chunk sits (rag_service.locations), when the document's layout says: the page
+    # it starts on, the page it ends on when that is a later one, its section heading.
+    page: int | None = None
+    page_end: int | None = None
+    section: str | None = None
     # With ``debug``: the scores the result's score was made of (dense, bm25, fused, ...).
     scores: dict[str, float] | None = None
     # With ``debug``: "question" when a known question of the document ranked it (its score

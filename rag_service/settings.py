@@ -234,6 +234,13 @@ class Settings:
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata=_help("Largest request body accepted, in bytes.")
     )
+    max_file_bytes: int = field(
+        default=32 * 1024 * 1024,
+        metadata=_help("Largest file accepted by POST /v1/collections/{name}/files, in bytes."),
+    )
+    max_upload_files: int = field(
+        default=100, metadata=_help("Most files in one upload (POST .../files).")
+    )
     sqlite_synchronous: Synchronous = field(
         default="FULL",
         metadata=_help(
@@ -371,6 +378,8 @@ class Settings:
             "max_embedding_tokens",
             "interactive_max_texts",
             "max_body_bytes",
+            "max_file_bytes",
+            "max_upload_files",
             "hnsw_ef_search",
             "ivf_nprobe",
             "max_ivf_nlist",

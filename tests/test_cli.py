@@ -68,7 +68,7 @@ def test_ingest_reingest_update_and_search(server, tree, capsys):
     results = json.loads(capsys.readouterr().out)["results"]
     assert results[0]["document_id"] == "handbook/leave.txt"
     assert "32 days" in results[0]["text"]
-    assert results[0]["metadata"] == {"source": "handbook/leave.txt"}
+    assert results[0]["metadata"] == {"source": "handbook/leave.txt", "content_type": "text/plain"}
 
     assert run("search", "where can I park", *common) == 0
     assert "faq-parking" in capsys.readouterr().out.splitlines()[0]
@@ -76,6 +76,61 @@ def test_ingest_reingest_update_and_search(server, tree, capsys):
     hit = json.loads(capsys.readouterr().out)["results"][0]
     assert hit["document_id"] == "handbook/office.html"
     assert "var x" not in hit["text"] and "8am" in hit["text"]
+
+
+def test_ingest_pdf_and_word_then_sync_and_dry_run(server, tmp_path, capsys):
+    """PDF and Word files ingest with their pages; --dry-run lists and changes nothing;
+    --sync deletes the documents of vanished files (not of a file that fails to load)."""
+    import httpx
+
+    from tests.files import make_docx, make_pdf
+
+    root = tmp_path / "manuals"
+    root.mkdir()
+    (root / "pump.pdf").write_bytes(
+        make_pdf(["Pump manual. Prime the pump before use.", "Replace the seal every year."])
+    )
+    (root / "valve.docx").write_bytes(
+        make_docx([("Heading 1", "Valves"), ("Normal", "Close the valve clockwise.")])
+    )
+    (root / "notes.md").write_text("# Notes\nCheck the pressure gauge daily.")
+    (root / "old.txt").write_text("The old boiler was removed in 2020.")
+    common = ["--url", server, "--api-key", "k", "--collection", "m"]
+    assert run("ingest", str(root), *common) == 0
+    captured = capsys.readouterr()
+    assert "4 files: 4 created" in captured.out
+    assert "stored 4/4 files" in captured.err  # not a terminal: plain progress lines
+
+    assert run("search", "how often is the seal replaced", *common, "-k", "1", "--json") == 0
+    hit = json.loads(capsys.readouterr().out)["results"][0]
+    assert hit["document_id"] == "manuals/pump.pdf" and hit["page"] in (1, 2)
+    assert hit["metadata"]["pages"] == 2
+
+    (root / "old.txt").unlink()
+    (root / "notes.md").write_text("# Notes\nCheck the pressure gauge twice a day.")
+    (root / "pump.pdf").write_bytes(b"%PDF-1.4 truncated")  # fails to load: kept by --sync
+    assert run("ingest", str(root), *common, "--sync", "--dry-run") == 1  # one file skipped
+    out = capsys.readouterr().out
+    assert "update  manuals/notes.md" in out and "delete  manuals/old.txt" in out
+    assert "pump.pdf" not in out and "valve.docx" not in out
+    assert "1 to update, 1 unchanged, 1 to delete" in out
+    auth = {"Authorization": "Bearer k"}
+    listed = httpx.get(f"{server}/v1/collections/m/documents", headers=auth).json()["data"]
+    assert len(listed) == 4  # the dry run changed nothing
+
+    assert run("ingest", str(root), *common, "--sync", "--no-progress") == 1
+    captured = capsys.readouterr()
+    assert "0 created, 1 updated, 1 unchanged" in captured.out
+    assert captured.out.rstrip().endswith("chunks, 1 deleted, 1 skipped")
+    assert "pump.pdf" in captured.err
+    listed = httpx.get(f"{server}/v1/collections/m/documents", headers=auth).json()["data"]
+    assert [d["id"] for d in listed] == [
+        "manuals/notes.md",
+        "manuals/pump.pdf",
+        "manuals/valve.docx",
+    ]
+    assert run("ingest", str(root / "valve.docx"), *common, "--sync") == 2
+    assert "--sync applies to folders" in capsys.readouterr().err
 
 
 def test_search_leaves_the_mode_to_the_collection(server, tree, capsys):
@@ -138,7 +193,7 @@ def test_ingest_never_reports_work_it_could_not_store(tmp_path, capsys):
 
 def test_ingest_sends_large_folders_in_several_batches(server, tmp_path, capsys):
     """Batches close at --batch-size documents or about 100k characters, so progress moves."""
-    from rag_service.cli.main import BATCH_CHARS
+    from rag_service.cli.ingest import BATCH_CHARS
 
     docs = tmp_path / "big"
     docs.mkdir()

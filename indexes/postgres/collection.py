@@ -529,12 +529,15 @@ class PostgresCollection:
                 return None
             return DocumentRow(r[0], r[1], r[2], r[3], int(r[4]), float(r[5]), float(r[6]))
 
-    async def list(self, *, limit: int, after: str | None) -> tuple[list[DocumentRow], bool]:
+    async def list(
+        self, *, limit: int, after: str | None, prefix: str = ""
+    ) -> tuple[list[DocumentRow], bool]:
         async with self._engine._connection() as conn:
             cur = await conn.execute(
                 f"SELECT {_LIST_COLS} FROM rag_documents "
-                "WHERE collection_id = %s AND id > %s ORDER BY id LIMIT %s",
-                (self._row.id, after or "", limit + 1),
+                "WHERE collection_id = %s AND id > %s AND id >= %s AND starts_with(id, %s) "
+                "ORDER BY id LIMIT %s",
+                (self._row.id, after or "", prefix, prefix, limit + 1),
             )
             rows = await cur.fetchall()
             if not rows:

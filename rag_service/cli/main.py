@@ -1,7 +1,7 @@
 """Command line: ``rag-service serve | ingest | search | eval | questions | reindex``.
 
 ``serve`` takes every setting as a flag (and from its ``RAG_*`` variable); ``--workers N``
-runs N processes on one port (postgres engine only). ``ingest`` and ``search`` (here) and
+runs N processes on one port (postgres engine only). ``search`` (here) and ``ingest``,
 ``eval``, ``questions`` and ``reindex`` (their own modules) talk to a running service over
 HTTP.
 """
@@ -14,11 +14,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from rag_service.cli.client import client, client_flags, error_message, post
+from rag_service.cli.client import client_flags, post
 from rag_service.cli.evaluate import add_eval_parser, eval_command
+from rag_service.cli.ingest import add_ingest_parser, ingest_command
 from rag_service.cli.questions import add_questions_parser, questions_command
 from rag_service.cli.reindex import add_reindex_parser, reindex_command
 
@@ -50,11 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP service")
     _settings_flags(serve)
-    ingest = sub.add_parser("ingest", help="upsert files or folders into a collection")
-    ingest.add_argument("paths", nargs="+", type=Path, help="files or folders (recursive)")
-    client_flags(ingest)
-    ingest.add_argument("--batch-size", type=int, default=32, help="documents per request")
-    ingest.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_ingest_parser(sub)
     search = sub.add_parser("search", help="search a collection")
     search.add_argument("query")
     client_flags(search)
@@ -162,97 +158,6 @@ def worker_app() -> Any:
     return create_app(settings)
 
 
-# A batch is sent once it holds this many characters, whatever --batch-size says, so the
-# progress moves every few seconds of embedding (about 1000 chunks of text on one CPU core's
-# minute) instead of jumping from 0 to 100% on one large request.
-BATCH_CHARS = 100_000
-
-
-def _ingest(args: argparse.Namespace) -> int:
-    """Upsert files in batches. The bar counts files the service has acknowledged (with the
-    chunks made so far), so it never shows work as done before it is stored; a failure stops
-    the run, says how far it got, and exits 1."""
-    import httpx
-    from tqdm import tqdm
-
-    from rag_service.loaders import LoadError, discover, load
-
-    try:
-        files = list(discover(args.paths))
-    except LoadError as exc:
-        print(f"rag-service: {exc}", file=sys.stderr)
-        return 2
-    counts = {"created": 0, "updated": 0, "unchanged": 0, "chunks": 0}
-    skipped = 0
-    done = 0  # files whose documents the service has stored
-    batch: list[dict[str, Any]] = []
-    pending_files = 0  # files whose last document is in ``batch``
-    batch_chars = 0
-    with (
-        client(args) as http,
-        tqdm(total=len(files), unit="file", disable=args.no_progress) as bar,
-    ):
-
-        def flush() -> bool:
-            nonlocal pending_files, batch_chars, done
-            if batch:
-                resp = http.post(
-                    f"/v1/collections/{args.collection}/documents", json={"documents": batch}
-                )
-                if resp.status_code != 200:
-                    tqdm.write(
-                        f"rag-service: upsert failed ({resp.status_code}): {error_message(resp)}",
-                        file=sys.stderr,
-                    )
-                    return False
-                for doc in resp.json()["documents"]:
-                    counts[doc["status"]] += 1
-                    counts["chunks"] += doc["chunks"]
-            batch.clear()
-            batch_chars = 0
-            bar.update(pending_files)
-            done += pending_files
-            pending_files = 0
-            bar.set_postfix(counts)
-            return True
-
-        ok = True
-        try:
-            for path, doc_id in files:
-                try:
-                    docs = load(path, doc_id)
-                except LoadError as exc:
-                    tqdm.write(f"rag-service: skipped {exc}", file=sys.stderr)
-                    skipped += 1
-                    docs = []
-                for doc in docs:
-                    batch.append({"id": doc.id, "text": doc.text, "metadata": doc.metadata})
-                    batch_chars += len(doc.text)
-                    full = len(batch) >= args.batch_size or batch_chars >= BATCH_CHARS
-                    if full and not (ok := flush()):
-                        break
-                if not ok:
-                    break
-                pending_files += 1
-            ok = ok and flush()
-        except httpx.HTTPError as exc:
-            tqdm.write(f"rag-service: cannot reach {args.url}: {exc}", file=sys.stderr)
-            ok = False
-    if not ok:
-        print(
-            f"rag-service: stopped after {done} of {len(files)} files: {counts['created']} "
-            f"created, {counts['updated']} updated, {counts['unchanged']} unchanged",
-            file=sys.stderr,
-        )
-        return 1
-    print(
-        f"{len(files)} files: {counts['created']} created, {counts['updated']} updated, "
-        f"{counts['unchanged']} unchanged, {counts['chunks']} chunks"
-        + (f", {skipped} skipped" if skipped else "")
-    )
-    return 1 if skipped else 0
-
-
 def _search(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"query": args.query, "top_k": args.top_k}
     if args.mode is not None:  # else the collection's search defaults apply
@@ -277,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
         "serve": _serve,
-        "ingest": _ingest,
+        "ingest": ingest_command,
         "search": _search,
         "eval": eval_command,
         "questions": questions_command,

@@ -12,6 +12,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 from indexes.types import DocumentRow
 from rag_service.dependencies import provide_kb
 from rag_service.knowledge import KnowledgeBase
+from rag_service.locations import locate, without_layout
 from rag_service.openapi import error_responses
 from rag_service.questions import document_questions, matched_by
 from rag_service.schemas import (
@@ -37,6 +38,7 @@ def _document_out(doc: DocumentRow, *, with_text: bool) -> DocumentOut:
         updated_at=int(doc.updated_at),
         created_at=int(doc.created_at),
         text=doc.text if with_text else None,
+        content_hash=doc.content_hash,
     )
 
 
@@ -74,8 +76,12 @@ class DocumentController(Controller):
         kb: KnowledgeBase,
         limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
         after: Annotated[str | None, Parameter(max_length=512)] = None,
+        prefix: Annotated[
+            str,
+            Parameter(max_length=512, description="only documents whose ids start with this"),
+        ] = "",
     ) -> DocumentList:
-        docs, has_more = await kb.list_documents(name, limit=limit, after=after)
+        docs, has_more = await kb.list_documents(name, limit=limit, after=after, prefix=prefix)
         return DocumentList(
             data=[_document_out(d, with_text=False) for d in docs],
             has_more=has_more,
@@ -131,10 +137,11 @@ class DocumentController(Controller):
                     chunk_id=h.hit.chunk_id,
                     text=h.hit.text,
                     score=round(h.score, 6),
-                    metadata=h.hit.metadata,
+                    metadata=without_layout(h.hit.metadata),
                     position=h.hit.position,
                     start=h.hit.start,
                     end=h.hit.end,
+                    **locate(h.hit.metadata, h.hit.start, h.hit.end),
                     scores={k: round(v, 6) for k, v in h.parts.items()} if data.debug else None,
                     matched=matched_by(h.parts) if data.debug else None,
                 )
