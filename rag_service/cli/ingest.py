@@ -92,7 +92,8 @@ class Plan:
             try:
                 docs = load(path, doc_id)
             except LoadError as exc:
-                warn(f"rag-service: skipped {exc}")
+                where = f"{path}{exc.filename[len(path.name) :]}"  # the path, and a JSONL line
+                warn(f"rag-service: skipped {where}: {exc.reason}")
                 self.skipped += 1
                 self.failed.append(doc_id)
                 docs = []
