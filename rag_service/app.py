@@ -41,6 +41,7 @@ from rag_service.controllers.evaluation import EvaluationController
 from rag_service.controllers.files import FileController
 from rag_service.controllers.health import health, metrics, ready
 from rag_service.controllers.keys import KeyController
+from rag_service.controllers.playground import playground_router
 from rag_service.controllers.questions import QuestionController
 from rag_service.controllers.reindex import ReindexController
 from rag_service.dependencies import provide_principal, provide_settings, require_api_key
@@ -334,7 +335,7 @@ def create_app(
     )
     state: dict[str, Any] = {"settings": settings, "metrics": Metrics()}
     return Litestar(
-        route_handlers=[health, ready, metrics, v1, docs_assets_router()],
+        route_handlers=[health, ready, metrics, v1, docs_assets_router(), playground_router()],
         lifespan=[lifespan],
         state=State(state),
         dependencies={"settings": Provide(provide_settings, sync_to_thread=False)},

@@ -2,8 +2,10 @@
 
 A window holds at most ``chunk_tokens`` tokens; consecutive windows share ``overlap`` tokens.
 When a window is cut, the cut moves back to the last sentence or paragraph end inside the last
-quarter of the window, so chunks rarely end mid-sentence. Each chunk keeps its position and the
-character span it covers in the original text (``text[start:end] == chunk.text``).
+quarter of the window, so chunks rarely end mid-sentence. A chunk never starts or ends inside
+a word: a cut (or an overlap's start) that falls between two word pieces of one word moves back
+to the word's first piece. Each chunk keeps its position and the character span it covers in
+the original text (``text[start:end] == chunk.text``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,19 @@ def _boundary(text: str, offsets: list[tuple[int, int]], lo: int, hi: int) -> in
     return hi
 
 
+def _word_start(text: str, offsets: list[tuple[int, int]], j: int, lo: int) -> int:
+    """``j`` moved back while token j continues the word of token j-1 (no gap between them,
+    letters or digits on both sides), but not to ``lo`` or below (a word longer than the
+    window is cut where it must be)."""
+    k = j
+    while k > lo + 1 and k < len(offsets):
+        start, prev_end = offsets[k][0], offsets[k - 1][1]
+        if start != prev_end or not (text[start - 1 : start].isalnum() and text[start].isalnum()):
+            return k
+        k -= 1
+    return j if k <= lo + 1 else k
+
+
 def chunk_offsets(text: str, offsets: list[tuple[int, int]], config: ChunkingConfig) -> list[Chunk]:
     """Split ``text`` given its token offsets. Text with no tokens gives one whole chunk."""
     n = len(offsets)
@@ -57,10 +72,12 @@ def chunk_offsets(text: str, offsets: list[tuple[int, int]], config: ChunkingCon
     while i < n:
         j = min(i + size, n)
         if j < n:
-            j = _boundary(text, offsets, i + max(1, (size * 3) // 4), j)
+            j = _word_start(
+                text, offsets, _boundary(text, offsets, i + max(1, (size * 3) // 4), j), i
+            )
         start, end = offsets[i][0], offsets[j - 1][1]
         chunks.append(Chunk(len(chunks), start, end, text[start:end], j - i))
         if j >= n:
             break
-        i = max(j - overlap, i + 1)
+        i = _word_start(text, offsets, max(j - overlap, i + 1), i)
     return chunks

@@ -60,3 +60,25 @@ def test_collection_chunk_options_apply(client):
         "/v1/collections/big/documents", json={"documents": [{"id": "t", "text": TEXT}]}
     )
     assert small_chunks > 4 * resp.json()["documents"][0]["chunks"]
+
+
+@pytest.mark.parametrize(("size", "overlap"), [(16, 0), (24, 8), (64, 16)])
+def test_never_starts_or_ends_inside_a_word(embedder, size, overlap):
+    """Words of several word pieces ("reimbursement", "configurability") are never cut: a
+    chunk starts at a word's first piece and ends at its last (a playground screenshot once
+    showed a passage starting "d within thirty days")."""
+    text = (
+        "Reimbursement of unsubstantiated expenditures requires countersignatures, and "
+        "configurability notwithstanding, decentralisation complicates reconciliation "
+    ) * 20
+    offsets = embedder.offsets([text])[0]
+    chunks = chunk_offsets(text, offsets, ChunkingConfig(size, overlap))
+    assert len(chunks) > 3
+    for c in chunks:
+        assert c.start == 0 or not (text[c.start - 1].isalnum() and text[c.start].isalnum())
+        assert c.end == len(text) or not (text[c.end - 1].isalnum() and text[c.end].isalnum())
+        assert 0 < c.tokens <= size
+    covered = set()
+    for c in chunks:
+        covered |= {i for i, (s, e) in enumerate(offsets) if s >= c.start and e <= c.end}
+    assert covered == set(range(len(offsets)))
