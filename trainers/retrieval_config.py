@@ -10,7 +10,6 @@ the CLI flags (``--help`` names each field) and is saved to ``training_config.js
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,14 +31,10 @@ def _h(text: str, **extra: Any) -> dict[str, Any]:
 
 
 def service_url() -> str:
-    """``RAG_URL``, else ``http://RAG_HOST:RAG_PORT`` (127.0.0.1:8000 when unset)."""
-    url = os.environ.get("RAG_URL")
-    if url:
-        return url
-    host = os.environ.get("RAG_HOST", "127.0.0.1")
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://{host}:{os.environ.get('RAG_PORT', '8000')}"
+    """The service the CLI talks to: ``RAG_URL``, else ``http://RAG_HOST:RAG_PORT``."""
+    from rag_service.cli.client import default_url
+
+    return default_url()
 
 
 @dataclass(frozen=True, kw_only=True)

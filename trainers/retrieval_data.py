@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from rag_service.evaluation import match_answers, normalise
-from trainers.data import check_example, iter_jsonl
+from rag_service.jsonl import json_lines
+from trainers.data import check_example
 
 __all__ = [
     "DataError",
@@ -99,17 +99,12 @@ class Pair:
     answer: str | None = None
 
 
-def _load_json_lines(path: Path) -> Iterable[tuple[int, Any, str | None]]:
+def _load_json_lines(path: Path) -> list[tuple[int, Any, str | None]]:
     """(line number, parsed value or None, why it is not JSON or None)."""
     try:
-        lines = list(iter_jsonl(path))
+        return list(json_lines(path))
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from exc
-    for lineno, line in lines:
-        try:
-            yield lineno, json.loads(line), None
-        except json.JSONDecodeError as exc:
-            yield lineno, None, f"not JSON ({exc.msg})"
 
 
 def _raise(path: Path, problems: list[str], what: str) -> None:

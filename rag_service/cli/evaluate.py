@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_service.cli.client import client_flags, post
+from rag_service.jsonl import json_lines
 
 __all__ = ["add_eval_parser", "eval_command", "eval_row", "read_eval_file"]
 
@@ -80,16 +81,12 @@ def read_eval_file(path: Path) -> tuple[list[dict[str, Any]], list[int], list[st
     lines: list[int] = []
     errors: list[str] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        values = list(json_lines(path))
     except (OSError, UnicodeDecodeError) as exc:
         return [], [], [f"{path}: cannot read: {exc}"]
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            errors.append(f"{path}:{number}: not JSON")
+    for number, value, bad in values:
+        if bad is not None:
+            errors.append(f"{path}:{number}: {bad}")
             continue
         row, why = eval_row(value)
         if row is None:

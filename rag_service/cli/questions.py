@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import re
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from rag_service.cli.client import client, client_flags, error_message
 from rag_service.cli.evaluate import eval_row
+from rag_service.jsonl import json_lines
 
 __all__ = ["add_questions_parser", "questions_command"]
 
@@ -80,16 +80,12 @@ def read_questions_file(path: Path) -> tuple[list[dict[str, str]], list[int], li
     errors: list[str] = []
     skipped = 0
     try:
-        text = path.read_text(encoding="utf-8")
+        values = list(json_lines(path))
     except (OSError, UnicodeDecodeError) as exc:
         return [], [], [f"{path}: cannot read: {exc}"], 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            errors.append(f"{path}:{number}: not JSON")
+    for number, value, bad in values:
+        if bad is not None:
+            errors.append(f"{path}:{number}: {bad}")
             continue
         if isinstance(value, dict) and "messages" in value:
             got, too_long, why = _chat_rows(value, MAX_QUESTION_CHARS)
