@@ -32,7 +32,11 @@ class FileController(Controller):
             {
                 "files": ("binary", True, "one part per file; the id is the file name"),
                 "id": ("string", True, "optional: the document id of each file, in order"),
-                "metadata": ("string", False, "optional: a JSON object merged into each file's"),
+                "metadata": (
+                    "string",
+                    False,
+                    "optional: a JSON object merged into each file's metadata",
+                ),
             }
         ),
     )
