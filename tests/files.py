@@ -3,6 +3,7 @@
 * :func:`make_pdf` writes a PDF 1.4 by hand: one Helvetica text object per page, one text line
   per ``"\\n"``-separated line, with a correct cross-reference table, so pypdf (and any viewer)
   reads it without repairs and extracts each page's text as given;
+* :func:`make_kerned_pdf` places words with TJ offsets and no space glyphs (as TeX does);
 * :func:`make_scanned_pdf` is a valid one-page PDF with only a filled rectangle: no text layer,
   as a scanner without OCR produces;
 * :func:`make_encrypted_pdf` encrypts :func:`make_pdf`'s output with pypdf (RC4, no extra
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import io
 
-__all__ = ["make_docx", "make_encrypted_pdf", "make_pdf", "make_scanned_pdf"]
+__all__ = ["make_docx", "make_encrypted_pdf", "make_kerned_pdf", "make_pdf", "make_scanned_pdf"]
 
 _FONT = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
 
@@ -84,6 +85,14 @@ def make_pdf(pages: list[str], *, title: str | None = None) -> bytes:
     """A PDF with a text layer: page ``i`` shows ``pages[i]`` (lines split on ``"\\n"``; an
     empty string makes a page without text); ``title`` goes to the document information."""
     return _assemble([_text_stream(text) for text in pages], title=title, fonts=True)
+
+
+def make_kerned_pdf(words: list[str]) -> bytes:
+    """A one-page PDF whose words are placed with TJ positioning instead of space characters,
+    as TeX and many typesetters write them (the gap is a kerning offset, not a glyph)."""
+    spaced = b" -333 ".join(_pdf_string(w) for w in words)
+    content = b"BT\n/F1 12 Tf\n72 720 Td\n[" + spaced + b"] TJ\nET"
+    return _assemble([content], title=None, fonts=True)
 
 
 def make_scanned_pdf() -> bytes:
