@@ -4,11 +4,19 @@ Everything that can be refused (bad fields, unknown model or collection, a promp
 fit) is refused before the backend is called, so nothing is sent upstream for a bad request.
 For a stream the first chunk is fetched before the response starts, so a backend that fails at
 once still gets a proper HTTP error status; later failures end the stream with an error event.
+
+With ``rag.citations: "verify"`` the answer's citations are checked against the sources once
+it is complete (:mod:`rag_service.citations`): a whole answer is rewritten and carries
+``citations`` and ``sources[].cited``; a stream passes its tokens on as they come, holds back
+only its closing chunks (finish_reason, usage) and adds the verdicts to the last of them. The
+sentences are embedded through the micro-batcher, so the event loop never waits on a model;
+a check that fails leaves the answer as it was, with ``citations_error`` saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -17,10 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from rag_service.adapters import AdapterManager
 from rag_service.backends.base import ChatBackend
 from rag_service.chat_schemas import ChatRequest, RagOptions, message_text
+from rag_service.citations import CitationPolicy, Verification, verify
 from rag_service.errors import (
     CollectionNotFound,
     InvalidRequest,
@@ -54,6 +64,7 @@ class PreparedChat:
     # What retrieval did, for the response's ``retrieval`` field: the collection, whether it
     # was searched, and why not (so an answer without sources is never silently so).
     retrieval: dict[str, Any] | None = None
+    citations: str = "model"  # "verify": check the answer's [n] against the sources
 
 
 class ChatService:
@@ -75,6 +86,9 @@ class ChatService:
         )
         if "{sources}" not in self.template:
             raise ValueError("RAG_PROMPT_TEMPLATE must contain {sources}")
+        self.citation_policy = CitationPolicy(
+            threshold=settings.citation_threshold, margin=settings.citation_margin
+        )
 
     def models(self) -> list[dict[str, Any]]:
         created = int(time.time())
@@ -243,7 +257,8 @@ class ChatService:
         if self.backend.name == "local":
             self._check_local(request)
         chars = self._check_size(request)
-        rag, sources, retrieval = await self._retrieve(body, request.rag or RagOptions(), principal)
+        options = request.rag or RagOptions()
+        rag, sources, retrieval = await self._retrieve(body, options, principal)
         fit = functools.partial(
             fit_prompt,
             list(body["messages"]),
@@ -264,7 +279,8 @@ class ChatService:
         if model is not None:
             out["model"] = model
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return PreparedChat(out, used, request.stream, include_usage, adapter, retrieval)
+        citations = options.citations or self.settings.citations
+        return PreparedChat(out, used, request.stream, include_usage, adapter, retrieval, citations)
 
     # ---- answering ---------------------------------------------------------------------
     async def _acquire(self, prepared: PreparedChat) -> dict[str, Any]:
@@ -287,7 +303,66 @@ class ChatService:
             response["model"] = prepared.adapter
         response["sources"] = [s.to_dict() for s in prepared.sources]
         response["retrieval"] = prepared.retrieval
+        if prepared.citations == "verify":
+            await self._verify_response(prepared, response)
         return response
+
+    # ---- citations ---------------------------------------------------------------------
+    async def _verification(self, prepared: PreparedChat, answer: str) -> Verification:
+        """The verdicts on ``answer``'s citations; sentences and sources are embedded by the
+        searched collection's model, through its micro-batcher (interactive lane)."""
+        collection = (prepared.retrieval or {}).get("collection")
+        step = self.settings.interactive_max_texts
+
+        async def embed(texts: list[str]) -> np.ndarray:
+            # Only called when there are sources, so a collection was searched.
+            model = await self.kb.model_for((await self.kb.collection(str(collection))).row)
+            parts = await asyncio.gather(
+                *(
+                    self.kb.embed_queries(texts[i : i + step], model)
+                    for i in range(0, len(texts), step)
+                )
+            )
+            return np.concatenate([vectors for vectors, _ in parts])
+
+        texts = [s.text for s in prepared.sources]
+        return await verify(answer, texts, embed, self.citation_policy)
+
+    async def _verify_response(self, prepared: PreparedChat, response: dict[str, Any]) -> None:
+        """Rewrite the answer's citations and add the verdicts (``citations_error`` instead,
+        with the answer untouched, when the check fails)."""
+        choices = response.get("choices") or [{}]
+        message = choices[0].get("message") or {}
+        content = message.get("content")
+        try:
+            verification = await self._verification(
+                prepared, content if isinstance(content, str) else ""
+            )
+        except Exception as exc:  # the answer stands without verdicts
+            log.exception("citation check failed")
+            response["citations_error"] = _check_failed(exc)
+            return
+        text, citations = verification.rewritten()
+        if isinstance(content, str):
+            message["content"] = text
+        cited = verification.cited()
+        for source in response["sources"]:
+            source["cited"] = cited.get(source["index"], False)
+        response["citations"] = [c.to_dict() for c in citations]
+
+    async def _stream_verdicts(self, prepared: PreparedChat, answer: str) -> dict[str, Any]:
+        """What the final chunk of a verified stream carries (offsets into the text as
+        streamed, which is not rewritten)."""
+        try:
+            verification = await self._verification(prepared, answer)
+        except Exception as exc:
+            log.exception("citation check failed")
+            return {"citations_error": _check_failed(exc)}
+        cited = verification.cited()
+        return {
+            "citations": [c.to_dict() for c in verification.as_written()],
+            "sources": [{"index": s.index, "cited": cited[s.index]} for s in prepared.sources],
+        }
 
     async def open_stream(self, prepared: PreparedChat) -> AsyncIterator[bytes]:
         """Start the backend stream (errors raise here) and return the SSE byte stream."""
@@ -308,6 +383,24 @@ class ChatService:
         chunks: AsyncGenerator[dict[str, Any], None],
         prepared: PreparedChat,
     ) -> AsyncIterator[bytes]:
+        payloads = self._payloads(first, chunks, prepared)
+        async with contextlib.aclosing(payloads):
+            if prepared.citations == "verify":
+                async for event in self._verified(payloads, prepared):
+                    yield event
+            else:
+                async for payload in payloads:
+                    yield _event(payload)
+        yield b"data: [DONE]\n\n"
+
+    async def _payloads(
+        self,
+        first: dict[str, Any] | None,
+        chunks: AsyncGenerator[dict[str, Any], None],
+        prepared: PreparedChat,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The stream's chunks as sent (sources on the first), then an error body if the
+        backend broke it off."""
         local_usage = self.backend.name == "local"
         usage: dict[str, Any] | None = None
         try:
@@ -316,31 +409,75 @@ class ChatService:
                 first["retrieval"] = prepared.retrieval
                 if prepared.adapter is not None:
                     first["model"] = prepared.adapter
-                yield _event(first)
+                yield first
                 async for chunk in chunks:
                     if prepared.adapter is not None:
                         chunk["model"] = prepared.adapter
                     if local_usage and "usage" in chunk:
                         usage = chunk.pop("usage")
-                    yield _event(chunk)
+                    yield chunk
             if local_usage and prepared.include_usage and usage is not None and first:
-                yield _event(
-                    {
-                        "id": first["id"],
-                        "object": "chat.completion.chunk",
-                        "created": first["created"],
-                        "model": first["model"],
-                        "choices": [],
-                        "usage": usage,
-                    }
-                )
+                yield {
+                    "id": first["id"],
+                    "object": "chat.completion.chunk",
+                    "created": first["created"],
+                    "model": first["model"],
+                    "choices": [],
+                    "usage": usage,
+                }
         except UpstreamError as exc:
             log.warning("stream ended by backend error: %s", exc.message)
-            yield _event(error_body(exc.message, exc.error_type, None, exc.code))
+            yield error_body(exc.message, exc.error_type, None, exc.code)
         finally:
             await chunks.aclose()
             self._release(prepared)
-        yield b"data: [DONE]\n\n"
+
+    async def _verified(
+        self, payloads: AsyncIterator[dict[str, Any]], prepared: PreparedChat
+    ) -> AsyncIterator[bytes]:
+        """Pass the chunks on as they come, except the closing ones (finish_reason, usage),
+        which are held until the answer is checked; the last of them carries the verdicts."""
+        parts: list[str] = []
+        held: list[dict[str, Any]] = []
+        last: dict[str, Any] | None = None
+        async for payload in payloads:
+            if "error" in payload and "choices" not in payload:  # broken off: no verdicts
+                for chunk in held:
+                    yield _event(chunk)
+                yield _event(payload)
+                return
+            last = payload
+            choices = payload.get("choices") or []
+            for choice in choices:
+                content = (choice.get("delta") or {}).get("content")
+                if choice.get("index", 0) == 0 and isinstance(content, str):
+                    parts.append(content)
+            if not choices or any(c.get("finish_reason") for c in choices):
+                held.append(payload)
+                continue
+            for chunk in held:
+                yield _event(chunk)
+            held.clear()
+            yield _event(payload)
+        if last is None:  # an empty stream: nothing was said, nothing to check
+            return
+        if not held:
+            held.append(
+                {
+                    "id": last.get("id"),
+                    "object": "chat.completion.chunk",
+                    "created": last.get("created"),
+                    "model": last.get("model"),
+                    "choices": [],
+                }
+            )
+        held[-1].update(await self._stream_verdicts(prepared, "".join(parts)))
+        for chunk in held:
+            yield _event(chunk)
+
+
+def _check_failed(exc: Exception) -> str:
+    return f"the citations could not be checked ({type(exc).__name__}); the answer is unchanged"
 
 
 def _event(payload: dict[str, Any]) -> bytes:

@@ -18,6 +18,14 @@ __all__ = ["ChatMessage", "ChatRequest", "RagOptions", "StreamOptions", "message
 
 CollectionName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+CitationMode = Annotated[
+    Literal["model", "verify"],
+    msgspec.Meta(
+        description="model: the prompt asks for [n] citations; verify: each [n] is also checked "
+        "against source n, unsupported ones dropped, clearly supported ones added (default "
+        "RAG_CITATIONS)"
+    ),
+]
 
 
 class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
@@ -46,6 +54,8 @@ class RagOptions(msgspec.Struct, forbid_unknown_fields=True):
     fusion: Fusion | None = None
     rerank: bool | None = None
     rerank_depth: RerankDepth | None = None
+    # Left out: RAG_CITATIONS.
+    citations: CitationMode | None = None
     enabled: bool = True
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from litestar.typing import FieldDefinition
 
 __all__ = [
+    "ChatCompletionOperation",
     "ErrorBody",
     "ErrorDetail",
     "StreamingOperation",
@@ -154,6 +155,76 @@ class StreamingOperation(Operation):
                     )
                 ),
             }
+
+
+def _citation_schema() -> Schema:
+    integer = Schema(type=OpenAPIType.INTEGER)
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        description="The verdict on one citation of one sentence (rag.citations: verify)",
+        properties={
+            "index": Schema(type=OpenAPIType.INTEGER, description="the source cited"),
+            "sentence": Schema(
+                type=OpenAPIType.STRING, description="the sentence: content[start:end]"
+            ),
+            "start": integer,
+            "end": integer,
+            "status": Schema(
+                type=OpenAPIType.STRING,
+                enum=["supported", "unsupported", "added"],
+                description="unsupported: its marker was dropped; added: the service cited it",
+            ),
+            "score": Schema(
+                type=[OpenAPIType.NUMBER, OpenAPIType.NULL],
+                description="support, 0-1 (null: no such source)",
+            ),
+        },
+        required=["index", "sentence", "start", "end", "status", "score"],
+    )
+
+
+@dataclass
+class ChatCompletionOperation(StreamingOperation):
+    """The chat route: the OpenAI response plus what this service adds to it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ok = (self.responses or {}).get("200")
+        if not isinstance(ok, OpenAPIResponse):
+            return
+        sources = Schema(
+            type=OpenAPIType.ARRAY,
+            items=Schema(type=OpenAPIType.OBJECT),
+            description=(
+                'The numbered sources: {"index", "document_id", "chunk_id", "text", "score", '
+                '"metadata"}, plus "cited" (true/false) under rag.citations: verify. In a '
+                "stream: on the first chunk; the last chunk carries [{index, cited}]."
+            ),
+        )
+        body = Schema(
+            type=OpenAPIType.OBJECT,
+            description="An OpenAI chat.completion (or, streamed, chat.completion.chunk events)",
+            properties={
+                "sources": sources,
+                "retrieval": Schema(
+                    type=OpenAPIType.OBJECT,
+                    description='{"collection", "searched", "reason"}: what retrieval did',
+                ),
+                "citations": Schema(
+                    type=OpenAPIType.ARRAY,
+                    items=_citation_schema(),
+                    description=(
+                        "rag.citations: verify only: the verdicts, offsets into the returned "
+                        "content (a stream: on its last chunk, offsets into the streamed text)"
+                    ),
+                ),
+                "citations_error": Schema(
+                    type=OpenAPIType.STRING,
+                    description="Why the citations could not be checked (answer unchanged)",
+                ),
+            },
+        )
+        ok.content = {**(ok.content or {}), "application/json": OpenAPIMediaType(schema=body)}
 
 
 def multipart_operation(fields: dict[str, tuple[str, bool, str]]) -> type[Operation]:

@@ -22,9 +22,12 @@ ENV_PREFIX = "RAG_"
 ENV_ALIASES = {"max_lora_rank": "RAG_UPSTREAM_MAX_LORA_RANK"}  # field -> its former variable
 
 Device = Literal["auto", "cpu", "cuda"]
+EmbeddingRuntime = Literal["auto", "torch", "onnx"]
+EmbeddingQuantize = Literal["none", "int8"]
 Synchronous = Literal["NORMAL", "FULL"]
 Backend = Literal["auto", "local", "upstream"]
 AdapterMixing = Literal["rows", "switch"]
+CitationMode = Literal["model", "verify"]
 
 
 class SettingsError(ValueError):
@@ -118,6 +121,22 @@ class Settings:
     device: Device = field(
         default="auto", metadata=_help("Embedding device: auto (CUDA when present), cpu, cuda.")
     )
+    embedding_runtime: EmbeddingRuntime = field(
+        default="auto",
+        metadata=_help(
+            "What runs the encoders (embedding models, reranker): auto (ONNX Runtime on CPU, "
+            "PyTorch fp16 on CUDA), torch, or onnx (exported once into the model cache and "
+            "checked against PyTorch before it serves; PyTorch, logged, when it cannot be)."
+        ),
+    )
+    embedding_quantize: EmbeddingQuantize = field(
+        default="none",
+        metadata=_help(
+            "int8: embed with a dynamically quantised ONNX graph (faster, vectors change "
+            "slightly: reindex collections embedded without it; see the README for the "
+            "recall cost); none: full precision."
+        ),
+    )
     max_batch_size: int = field(
         default=64, metadata=_help("Most texts the embedding micro-batcher encodes at once.")
     )
@@ -131,14 +150,13 @@ class Settings:
     batch_wait_ms: float = field(
         default=2.0,
         metadata=_help(
-            "How long a forming embedding batch waits for the next request before it runs (ms)."
+            "No longer delays anything (kept so existing configurations start): embedding "
+            "batches form from what arrives while the encoder is busy, never by waiting (ms)."
         ),
     )
     batch_max_wait_ms: float = field(
         default=50.0,
-        metadata=_help(
-            "Longest a batch keeps collecting a burst of requests that keep arriving (ms)."
-        ),
+        metadata=_help("No longer delays anything (see RAG_BATCH_WAIT_MS) (ms)."),
     )
     queue_size: int = field(
         default=2048,
@@ -341,6 +359,29 @@ class Settings:
             "File with the system prompt template; {sources} marks where the numbered sources go."
         ),
     )
+    citations: CitationMode = field(
+        default="model",
+        metadata=_help(
+            "Chat citations by default (a request's rag.citations wins): 'model' = the prompt "
+            "asks the model to cite [n]; 'verify' = each [n] of the answer is also checked "
+            "against source n, unsupported ones are dropped, and sentences one source clearly "
+            "supports get it added (the response lists the verdicts)."
+        ),
+    )
+    citation_threshold: float = field(
+        default=0.65,
+        metadata=_help(
+            "Support score (mean of embedding cosine and word overlap, 0-1) a sentence needs "
+            "for its citation of a source to stand under citations=verify."
+        ),
+    )
+    citation_margin: float = field(
+        default=0.1,
+        metadata=_help(
+            "Under citations=verify, an uncited sentence gets a source added only when that "
+            "source reaches RAG_CITATION_THRESHOLD and beats every other source by this much."
+        ),
+    )
     adapters_dir: Path | None = field(
         default=None,
         metadata=_help(
@@ -399,6 +440,10 @@ class Settings:
                 raise bad(f.name, f"must be one of {', '.join(choices)}")
         if not 0.0 <= self.hybrid_alpha <= 1.0:
             raise bad("hybrid_alpha", "must be between 0 and 1")
+        if not 0.0 <= self.citation_threshold <= 1.0:
+            raise bad("citation_threshold", "must be between 0 and 1")
+        if not 0.0 <= self.citation_margin <= 1.0:
+            raise bad("citation_margin", "must be between 0 and 1")
         if not 1 <= self.rerank_depth <= self.max_rerank_depth:
             raise bad("rerank_depth", "must be between 1 and RAG_MAX_RERANK_DEPTH")
         if self.rerank_batch_tokens < 1:
@@ -415,6 +460,8 @@ class Settings:
             raise bad("chunk_overlap", "must be >= 0 and smaller than RAG_CHUNK_TOKENS")
         if not 0 <= self.port <= 65535:
             raise bad("port", "must be a TCP port (0-65535)")
+        if self.embedding_quantize != "none" and self.embedding_runtime == "torch":
+            raise bad("embedding_quantize", "int8 needs RAG_EMBEDDING_RUNTIME auto or onnx")
         if self.batch_wait_ms < 0 or self.batch_max_wait_ms < self.batch_wait_ms:
             raise bad("batch_max_wait_ms", "must be >= RAG_BATCH_WAIT_MS >= 0")
         if self.generation_batch_wait_ms < 0:

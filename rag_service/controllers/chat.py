@@ -13,7 +13,7 @@ from rag_service.chat import ChatService
 from rag_service.chat_schemas import ChatRequest
 from rag_service.dependencies import provide_chat
 from rag_service.keys import Principal
-from rag_service.openapi import StreamingOperation, error_responses
+from rag_service.openapi import ChatCompletionOperation, error_responses
 from rag_service.streaming import EventStream
 
 __all__ = ["ChatController", "list_models"]
@@ -28,7 +28,7 @@ class ChatController(Controller):
         status_code=HTTP_200_OK,
         opt={"access": "key"},  # retrieval checks read access
         responses=error_responses(404, 502, 504),
-        operation_class=StreamingOperation,
+        operation_class=ChatCompletionOperation,
     )
     async def create(
         self,
