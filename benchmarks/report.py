@@ -2,8 +2,8 @@
 
 ``python -m benchmarks.report`` rewrites the block between ``<!-- bench:start -->`` and
 ``<!-- bench:end -->`` in README.md, and the retrieval-quality tables between
-``<!-- hybrid-grid:start -->`` / ``<!-- quality-pipelines:start -->`` and their ends, so the
-README always quotes the latest results.
+``<!-- hybrid-grid:start -->`` / ``<!-- quality-pipelines:start -->`` / ``<!-- raft:start -->``
+and their ends, so the README always quotes the latest results.
 """
 
 from __future__ import annotations
@@ -445,6 +445,120 @@ def render_pipelines() -> str:
     return "\n".join(lines) + "\n"
 
 
+RAFT_ROWS = {
+    "token_f1": "answer token F1",
+    "key_span": "key span in the answer",
+    "citation_rate": "answers citing any [n]",
+    "cites_oracle": "cites the answering chunk",
+    "citation_precision": "citation precision",
+    "refusal": "refuses when the chunk is absent",
+    "false_refusal": "refuses when the chunk is present",
+}
+
+
+def render_raft() -> str:
+    """The ``raft`` block: base + RAG vs adapter + RAG on held-out questions."""
+    result = _load("raft")
+    if result is None:
+        return "(run `python -m benchmarks.bench_raft`)\n"
+    f, p = result["figures"], result["params"]
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    base, tuned = f["base"], f["adapter"]
+    lines = [
+        f"Held-out questions: {base['answerable']} answerable, {base['unanswerable']} with the "
+        f"answering chunk left out; retrieval missed the chunk for {base['retrieval_miss']}.",
+        "",
+        "| metric | base + RAG | adapter + RAG |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {label} | {pct(base[k])} | {pct(tuned[k])} |" for k, label in RAFT_ROWS.items()]
+    t, d = f["training"], f["data"]
+    splits = d["splits"]
+    targets = "; ".join(
+        f"{name.replace('_', ' ')} {pct(v['measured'])} "
+        f"({'meets' if v['met'] else 'misses'} {pct(v['target'])})"
+        for name, v in f["targets"].items()
+    )
+    lines += [
+        "",
+        f"Data: {f['corpus']['documents']} documents, {f['corpus']['chunks']} chunks of "
+        f"{p['chunk_tokens']} tokens; {d['chunks_sampled']} sampled, examples train / val / test "
+        f"{splits['train']['examples']} / {splits['val']['examples']} / "
+        f"{splits['test']['examples']}, top_k {p['top_k']}. Training: {t['global_step']} steps, "
+        f"{t['epochs']} epochs in {t['seconds']} s ({t['tokens_per_second']} tokens/s).",
+        f"Targets: {targets}.",
+        "",
+        f"({_where(result)}.)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_onnx() -> str:
+    """The ``onnx`` block: PyTorch vs ONNX Runtime, from ``benchmarks/bench_onnx.py``."""
+    result = _load("onnx")
+    if result is None:
+        return "(run `python -m benchmarks.bench_onnx`)\n"
+    f = result["figures"]
+    torch_, onnx = f["torch"], f["onnx"]
+    base = f["in_process_embed_plus_faiss"]
+    lines = [
+        f"**E1, embedding runtime** ({_where(result)}; load average "
+        f"{f['load_average_before'][0]} before, {f['load_average_after'][0]} after; one run):",
+        "",
+        "| | PyTorch | ONNX Runtime | in-process sentence-transformers |",
+        "|---|---|---|---|",
+        f"| search p50 / p99, 1 client (HTTP) | {_p(torch_['search_1_clients'])} | "
+        f"{_p(onnx['search_1_clients'])} | {_p(base)} (encode + FAISS) |",
+        f"| search p50 / p99, 32 clients | {_p(torch_['search_32_clients'])} | "
+        f"{_p(onnx['search_32_clients'])} | |",
+        f"| search p50 / in-process p50 | {torch_['search_p50_over_in_process_p50']} | "
+        f"{_ok(onnx['search_p50_over_in_process_p50'], '<= 0.6')} | 1 |",
+        f"| ingest over HTTP, chunks/s | {torch_['ingest_chunks_per_s']} | "
+        f"{onnx['ingest_chunks_per_s']} | {f['raw_encode_chunks_per_s']} (raw encode) |",
+        f"| ingest / raw encode | {torch_['ingest_over_raw_encode']} | "
+        f"{_ok(onnx['ingest_over_raw_encode'], '>= 1.8')} | 1 |",
+        f"| B1, 64 clients, texts/s (mean batch) | {torch_['b1']['texts_per_s']} "
+        f"({torch_['b1']['mean_batch_size']}) | {onnx['b1']['texts_per_s']} "
+        f"({onnx['b1']['mean_batch_size']}) | |",
+        f"| B4, search p99 idle / during ingest | {torch_['b4']['idle']['p99_ms']} / "
+        f"{torch_['b4']['during_ingest']['p99_ms']} ms | {onnx['b4']['idle']['p99_ms']} / "
+        f"{onnx['b4']['during_ingest']['p99_ms']} ms | |",
+        "",
+    ]
+    if enc := f.get("encoder"):
+        one, bulk = enc["one_query"], enc["bulk_texts_per_s"]
+        lines += [
+            "| encoder alone | one query p50 / p99 | bulk texts/s |",
+            "|---|---|---|",
+            *(
+                f"| {name} | {_p(one[key])} | {bulk[key]} |"
+                for name, key in (
+                    ("PyTorch (the service before)", "torch"),
+                    ("ONNX Runtime fp32 (the default on CPU)", "onnx"),
+                    ("ONNX Runtime int8 (opt-in)", "onnx_int8"),
+                    ("raw sentence-transformers encode", "raw_sentence_transformers"),
+                )
+            ),
+            "",
+            f"Export {enc['export_seconds']} s once per model (a start with the graph cached: "
+            f"{enc['start_seconds_cached']} s); probe cosine vs PyTorch "
+            f"{enc['probe_cosine_fp32']:.6f} (fp32), {enc['probe_cosine_int8']:.4f} (int8).",
+            "",
+        ]
+    if q := f.get("int8_quality"):
+        lines += [
+            f"int8's cost on the rephrased Debian FAQ ({q['questions']} questions, "
+            f"{q['documents']} answers): recall@1 {q['fp32']['recall_at_1']} -> "
+            f"{q['int8']['recall_at_1']}, recall@5 {q['fp32']['recall_at_5']} -> "
+            f"{q['int8']['recall_at_5']}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
 def _replace(text: str, name: str, body: str) -> str:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body}{end}"
@@ -457,6 +571,8 @@ def main() -> None:
     text = _replace(text, "bench", render())
     text = _replace(text, "hybrid-grid", render_hybrid_grid())
     text = _replace(text, "quality-pipelines", render_pipelines())
+    text = _replace(text, "raft", render_raft())
+    text = _replace(text, "onnx", render_onnx())
     Path(readme).write_text(text)
     print(render())
 

@@ -12,6 +12,8 @@
     rag-train embed --output-dir D (--qa-file F | --chat-file F | --pseudo-queries |
                     --question-writer MODEL) [--corpus F | --collection NAME] [options]
     rag-train rerank (same data flags) [--embedding-model DIR] [--candidates N] [options]
+    rag-train raft --collection NAME --output-dir DIR [--question-writer template|model]
+                   [--max-chunks N] [--p-no-oracle P] [--load NAME] [options]
 
 embed and rerank hold out a validation split, report base vs trained on it, and exit 3 when
 the trained model is worse than base (it is still written, with a WORSE_THAN_BASE file)
@@ -130,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(em, EmbedConfig)
     rr = sub.add_parser("rerank", help="train a cross-encoder reranker on your data")
     _config_flags(rr, RerankConfig)
+    from trainers.raft import RaftConfig
+
+    ra = sub.add_parser(
+        "raft",
+        help="a collection -> cite-and-quote training data -> LoRA adapter, evaluated "
+        "through the running service's chat path (over HTTP) and hot-loaded",
+        description=(
+            "Talks to the running service over HTTP like `rag-service ingest` (--url, else "
+            "RAG_URL, else http://RAG_HOST:RAG_PORT; --api-key or RAG_API_KEY). Put "
+            "--output-dir under the service's adapters directory (RAG_ADAPTERS_DIR) so the "
+            "adapter can be loaded from there; otherwise it is copied there."
+        ),
+    )
+    _config_flags(ra, RaftConfig)
     return parser
 
 
@@ -273,6 +289,18 @@ def _retriever(args: argparse.Namespace) -> int:
     return 0 if cfg.allow_worse else WORSE_THAN_BASE_EXIT
 
 
+def _raft(args: argparse.Namespace) -> int:
+    from trainers.raft import RaftConfig, RaftError, run
+
+    cfg = RaftConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RaftConfig)})
+    try:
+        run(cfg)
+    except RaftError as exc:
+        print(f"rag-train raft: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from trainers.sft import TrainingError
 
@@ -286,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "merge": _merge,
         "embed": _retriever,
         "rerank": _retriever,
+        "raft": _raft,
     }[args.command]
     try:
         return handler(args)
