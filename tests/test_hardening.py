@@ -231,7 +231,8 @@ def test_a_search_does_not_wait_behind_a_large_embeddings_request(tmp_path, embe
     """The large request is encoded on the bulk lane in small batches; a search that arrives
     after it started finishes long before it (on one lane it waited for all of it)."""
     settings = Settings(data_dir=tmp_path, port=free_port(), upstream_url=fake_server.url)
-    big = [f"passage {i} " + "lorem ipsum dolor sit amet " * 60 for i in range(400)]
+    # About 60k tokens: several seconds of encoding, so the search lands in the middle of it.
+    big = [f"passage {i} " + "lorem ipsum dolor sit amet " * 60 for i in range(200)]
 
     async def run(url: str) -> list[str]:
         finished: list[str] = []
@@ -242,7 +243,7 @@ def test_a_search_does_not_wait_behind_a_large_embeddings_request(tmp_path, embe
 
             async def embed_big() -> None:
                 resp = await http.post("/v1/embeddings", json={"input": big})
-                assert resp.status_code == 200 and len(resp.json()["data"]) == 400
+                assert resp.status_code == 200 and len(resp.json()["data"]) == 200
                 finished.append("embeddings")
 
             async def search() -> None:
