@@ -36,7 +36,7 @@ serve: $(STAMP)
 	$(BIN)/rag-service serve
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
