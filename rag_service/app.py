@@ -154,16 +154,20 @@ async def _load(
     try:
         if embedder is None:
             embedder = await asyncio.to_thread(
-                Embedder, settings.embedding_model_path, device=settings.device
+                Embedder,
+                settings.embedding_model_path,
+                device=settings.device,
+                runtime=settings.embedding_runtime,
+                quantize=settings.embedding_quantize,
+                cache_root=settings.cache_path,
             )
         metrics_: Metrics = state["metrics"]
         batcher = MicroBatcher(
             embedder.encode,
+            encode_bulk=embedder.encode_bulk,
             max_bulk_tokens=settings.max_bulk_tokens,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
-            max_wait_s=settings.batch_wait_ms / 1000,
-            max_linger_s=settings.batch_max_wait_ms / 1000,
             max_queue=settings.queue_size,
             observer=metrics_,
         )

@@ -2,9 +2,12 @@
 
 Concurrent callers put texts in a queue; a worker takes up to ``max_batch_size`` texts (or
 ``max_batch_tokens`` tokens) at a time and encodes them on its own thread, so batches form
-instead of threads fighting over the cores. A batch starts at once when the worker is idle and
-no other request follows within ``max_wait_s``; while requests keep arriving it keeps
-collecting them, up to ``max_linger_s`` in all. While a batch encodes, the next one forms.
+instead of threads fighting over the cores. A request that finds its lane idle is encoded at
+once: no request ever waits for company. Batches form only from what arrives while the
+encoder is busy, and the next batch starts the moment the previous one ends (the way
+text-embeddings-inference batches); under load the batches grow by themselves, since every
+request that lands during a forward pass joins the next one (benchmarks/bench_onnx.py reruns
+B1, 64 clients, to show throughput holds).
 
 Two lanes, each with its own queue, worker and thread:
 
@@ -88,7 +91,6 @@ class _Lane(Generic[Item]):
             max_workers=1, thread_name_prefix=f"embed-{name}"
         )
         self.task: asyncio.Task[None] | None = None
-        self.linger_gain = 1.0  # moving average: did lingering collect more requests?
 
 
 class MicroBatcher(Generic[Item]):
@@ -100,8 +102,6 @@ class MicroBatcher(Generic[Item]):
         max_batch_size: int = 64,
         max_batch_tokens: int = 16384,
         max_bulk_tokens: int = 4096,
-        max_wait_s: float = 0.002,
-        max_linger_s: float = 0.05,
         max_queue: int = 2048,
         observer: BatchObserver | None = None,
         executors: Mapping[Lane, ThreadPoolExecutor] | None = None,
@@ -111,8 +111,6 @@ class MicroBatcher(Generic[Item]):
         :attr:`executors`); ``kind`` names the work in errors and logs."""
         self.kind = kind
         self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.max_linger_s = max(max_linger_s, max_wait_s)
         self.max_queue = max_queue
         self._observer = observer
         shared = executors or {}
@@ -238,38 +236,14 @@ class MicroBatcher(Generic[Item]):
                 break
         return batch
 
-    async def _linger(self, lane: _Lane[Item], loop: asyncio.AbstractEventLoop) -> None:
-        """Collect a burst: wait while requests keep arriving, each within ``max_wait_s`` of
-        the previous one, until the batch is full or ``max_linger_s`` has passed. A lone
-        request (nothing else arrives within ``max_wait_s``) goes at once."""
-        if self.max_wait_s <= 0:
-            return
-        deadline = loop.time() + self.max_linger_s
-        while lane.waiting < lane.max_size:
-            before = lane.waiting
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            lane.wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lane.wakeup.wait(), min(self.max_wait_s, remaining))
-            if lane.waiting == before:
-                return  # nothing arrived within max_wait_s: the burst is over
-
     async def _run(self, lane: _Lane[Item]) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not lane.waiting:
                 lane.wakeup.clear()
                 await lane.wakeup.wait()
-            if lane.name == "interactive":
-                if lane.linger_gain > 0.2:  # bursty traffic lately
-                    await asyncio.sleep(0)  # let requests that are already readable land
-                if lane.waiting > 1 or lane.linger_gain > 0.2:
-                    before = lane.waiting
-                    await self._linger(lane, loop)
-                    gained = 1.0 if lane.waiting > before else 0.0
-                    lane.linger_gain = 0.8 * lane.linger_gain + 0.2 * gained
+            # No wait: what is queued now arrived while the previous batch encoded (or is a
+            # request that found the lane idle, which goes alone and at once).
             batch = self._take_batch(lane)
             self._report_depth()
             if not batch:

@@ -6,7 +6,10 @@ side by side: the default (``RAG_EMBEDDING_MODEL``), which new collections use, 
 that a collection was moved to (``POST /v1/collections/{name}/reindex``). Each loaded model
 has its own :class:`~rag_service.embedding.Embedder` and
 :class:`~rag_service.batching.MicroBatcher`; the extra batchers take turns on the default
-batcher's threads, so models never fight over the cores.
+batcher's threads, so models never fight over the cores. Every model runs on the service's
+embedding runtime (``RAG_EMBEDDING_RUNTIME``: ONNX Runtime on CPU, its graph exported once into
+the model cache and probed against PyTorch; PyTorch, with the reason logged, for a model it
+cannot represent), a model fine-tuned with ``rag-train embed`` like any other directory.
 
 Identifiers, stable across restarts and replicas:
 
@@ -205,20 +208,26 @@ class EmbeddingModels:
                 check_model_dir(path)
             except ValueError as exc:
                 raise ModelLoadError(f"{path} {exc}") from exc
+            s = self.settings
             try:
-                embedder = await asyncio.to_thread(Embedder, str(path), device=self.settings.device)
+                embedder = await asyncio.to_thread(
+                    Embedder,
+                    str(path),
+                    device=s.device,
+                    runtime=s.embedding_runtime,
+                    quantize=s.embedding_quantize,
+                    cache_root=s.cache_path,
+                )
             except Exception as exc:  # third-party loading fails in many ways: wrapped here
                 raise ModelLoadError(
                     f"{path} could not be loaded: {type(exc).__name__}: {exc}"
                 ) from exc
-            s = self.settings
             batcher: MicroBatcher[str] = MicroBatcher(
                 embedder.encode,
+                encode_bulk=embedder.encode_bulk,
                 max_bulk_tokens=s.max_bulk_tokens,
                 max_batch_size=s.max_batch_size,
                 max_batch_tokens=s.max_batch_tokens,
-                max_wait_s=s.batch_wait_ms / 1000,
-                max_linger_s=s.batch_max_wait_ms / 1000,
                 max_queue=s.queue_size,
                 executors=self.default.batcher.executors,  # take turns with the default
             )
@@ -226,7 +235,13 @@ class EmbeddingModels:
             model = LoadedModel(model_id, path, embedder, batcher)
             self._loaded[model_id] = model
             self._failed.pop(model_id, None)
-            log.info("embedding model %s loaded from %s", model_id, path)
+            log.info(
+                "embedding model %s loaded from %s, runtime %s (%s)",
+                model_id,
+                path,
+                embedder.runtime,
+                embedder.runtime_note,
+            )
             return model
 
     async def get(self, model_id: str) -> LoadedModel:

@@ -5,6 +5,14 @@ micro-batcher (:mod:`rag_service.batching`) calls :meth:`Embedder.encode` from i
 threads (interactive and bulk) side by side, which is safe (see ``encode`` for the one step
 that is serialised). The token helpers (``count_tokens``, ``offsets``, ``tokenizer``) use a
 fast tokenizer with fixed settings, safe from any thread.
+
+Runtime (``RAG_EMBEDDING_RUNTIME``). The PyTorch model is always loaded: it gives the
+tokenizer, the dimension and the reference vectors. On CPU (``auto``, or ``onnx``) the
+forward passes then run on ONNX Runtime (:mod:`rag_service.onnx_encoder`: exported once into
+the model cache, checked against this PyTorch model on probe texts before it serves, PyTorch
+kept, with the reason logged, when it cannot be used); ``runtime`` and ``runtime_note`` say
+which runs and why. Tokenisation, length grouping and normalisation are the same code for
+both, so the vectors agree (cosine >= 0.9999, the probe's bar).
 """
 
 from __future__ import annotations
@@ -12,17 +20,38 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
-__all__ = ["Embedder", "length_groups", "resolve_device"]
+from rag_service import onnx_encoder
+from rag_service.onnx_encoder import LaneName, OnnxGraph, Pooling, Unsupported
+
+__all__ = ["PROBE_TEXTS", "Embedder", "length_groups", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
 BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Texts the ONNX graph must embed as PyTorch does: questions, a passage past the window,
+# punctuation, accents, CJK, emoji, one word, in batches that pad.
+PROBE_TEXTS: tuple[str, ...] = (
+    "How do I reset my password?",
+    "Which floor is meeting room 42 on?",
+    "What is the refund policy for annual plans?",
+    "Configure the network interface with a static address in /etc/network/interfaces.",
+    "The Debian package manager resolves dependencies and installs the newest version "
+    "available from the configured repositories; apt-get upgrade never removes packages. " * 12,
+    "Straße, œuvre, São Paulo, Zürich; 北京市; Ελληνικά",
+    "東京は日本の首都です。",
+    "emoji 🙂 and tabs\tand\nnewlines",
+    "code: `def f(x): return x ** 2`",
+    "hello",
+)
 
 
 def resolve_device(device: str) -> str:
@@ -64,7 +93,17 @@ def length_groups(
 class Embedder:
     """Normalised sentence embeddings plus the model's own tokenizer (for chunking, counts)."""
 
-    def __init__(self, model_path: str, *, device: str = "auto") -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "auto",
+        runtime: str = "auto",
+        quantize: str = "none",
+        cache_root: Path | None = None,
+    ) -> None:
+        """``runtime``: auto (ONNX on CPU, PyTorch on CUDA), torch or onnx; ``quantize``: none
+        or int8 (ONNX only); ``cache_root``: the model cache (default ``RAG_CACHE_DIR``...)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from sentence_transformers import SentenceTransformer
@@ -101,12 +140,61 @@ class Embedder:
         self._input_names: list[str] = []
         self._extra_features: dict[str, Any] = {}  # non-tensor entries, e.g. the modality
         self._batch_tokenizer = self._checked_batch_tokenizer()
+        self.runtime = "torch"
+        self.runtime_note = ""
+        self.probe_cosine: float | None = None
+        self._graph: OnnxGraph | None = None
+        self._pooling: Pooling | None = None
+        choice, why = onnx_encoder.resolve_runtime(runtime, self.device)
+        if choice == "onnx":
+            self._open_onnx(quantize, cache_root)
+        else:
+            self.runtime_note = why
         log.info(
-            "embedding model %s (dim %d, window %d tokens) on %s",
+            "embedding model %s (dim %d, window %d tokens) on %s, runtime %s (%s)",
             self.name,
             self.dimension,
             self.max_seq_length,
             self.device,
+            self.runtime,
+            self.runtime_note,
+        )
+
+    def _open_onnx(self, quantize: str, cache_root: Path | None) -> None:
+        """Serve on ONNX Runtime if the graph reproduces this model (see the module docs)."""
+        bar = onnx_encoder.MIN_COSINE_INT8 if quantize == "int8" else onnx_encoder.MIN_COSINE
+        texts = list(PROBE_TEXTS)
+        tokens = self.count_tokens(texts)
+        reference = self._encode_with(texts, tokens, self._embed_torch)  # before any export
+
+        def check(graph: OnnxGraph) -> str | None:
+            pooling = self._pooling
+            assert pooling is not None
+            ours = self._encode_with(texts, tokens, lambda b: self._embed_onnx(graph, pooling, b))
+            alone = self._embed_onnx(graph, pooling, texts[:1])  # unpadded, batch of one
+            cosine = min(
+                onnx_encoder.probe_cosine(ours, reference),
+                onnx_encoder.probe_cosine(alone, reference[:1]),
+            )
+            self.probe_cosine = cosine
+            return None if cosine >= bar else f"probe cosine {cosine:.6f} < {bar}"
+
+        started = time.perf_counter()
+        try:
+            self._pooling = onnx_encoder.read_pooling(Path(self.path))
+            graph = onnx_encoder.load_graph(
+                Path(self.path), "embedding", check=check, cache_root=cache_root, quantize=quantize
+            )
+        except Unsupported as exc:
+            self._pooling = None
+            self.runtime_note = f"ONNX not used: {exc}"
+            log.warning("embedding model %s stays on PyTorch: %s", self.name, exc)
+            return
+        self._graph = graph
+        self.runtime = "onnx-int8" if graph.quantize == "int8" else "onnx"
+        self.runtime_note = (
+            f"probe cosine {self.probe_cosine:.6f}, threads {graph.threads}, "
+            f"ready in {time.perf_counter() - started:.1f} s"
         )
 
     # Probes for the batch tokenizer: padding, truncation, whitespace, accents, CJK, emoji.
@@ -147,18 +235,21 @@ class Embedder:
             return None
         return tok
 
-    def _features(self, tok: Tokenizer, texts: list[str]) -> dict[str, Any]:
-        import torch
-
+    def _arrays(self, tok: Tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
         encodings = tok.encode_batch(texts, add_special_tokens=True)
         columns = {
             "input_ids": [e.ids for e in encodings],
             "attention_mask": [e.attention_mask for e in encodings],
             "token_type_ids": [e.type_ids for e in encodings],
         }
+        return {name: np.asarray(columns[name], dtype=np.int64) for name in self._input_names}
+
+    def _features(self, tok: Tokenizer, texts: list[str]) -> dict[str, Any]:
+        import torch
+
         features: dict[str, Any] = dict(self._extra_features)
-        for name in self._input_names:
-            features[name] = torch.from_numpy(np.asarray(columns[name], dtype=np.int64))
+        for name, column in self._arrays(tok, texts).items():
+            features[name] = torch.from_numpy(column)
         return features
 
     def tokenize_batch(self, texts: list[str]) -> dict[str, Any]:
@@ -167,6 +258,15 @@ class Embedder:
             return self._features(self._batch_tokenizer, texts)
         with self._tokenize_lock:
             return dict(self._preprocess(texts))
+
+    def tokenize_arrays(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """``tokenize_batch`` as int64 NumPy arrays (the ONNX graph's inputs)."""
+        if self._batch_tokenizer is not None:
+            return self._arrays(self._batch_tokenizer, texts)
+        import torch
+
+        features = self.tokenize_batch(texts)
+        return {k: v.numpy() for k, v in features.items() if isinstance(v, torch.Tensor)}
 
     @property
     def content_window(self) -> int:
@@ -180,24 +280,55 @@ class Embedder:
         length, so a batch mixing short and long texts does not pay for padding. Safe to call
         from two threads at once (the ingest and query lanes): only tokenisation, which
         mutates the library tokenizer's settings, is serialised (the batch tokenizer needs no
-        lock); forward passes run side by side.
+        lock); forward passes run side by side. This is the interactive lane's entry;
+        :meth:`encode_bulk` is the ingest lane's (on ONNX, each lane has its own threads).
         """
-        import torch
-        from sentence_transformers.util import batch_to_device
+        return self._encode(texts, tokens, "interactive")
 
+    def encode_bulk(self, texts: list[str], tokens: list[int] | None = None) -> np.ndarray:
+        """:meth:`encode` for the bulk (ingest) lane."""
+        return self._encode(texts, tokens, "bulk")
+
+    def _encode(self, texts: list[str], tokens: list[int] | None, lane: LaneName) -> np.ndarray:
+        graph, pooling = self._graph, self._pooling
+        if graph is not None and pooling is not None:
+            return self._encode_with(
+                texts, tokens, lambda batch: self._embed_onnx(graph, pooling, batch, lane)
+            )
+        return self._encode_with(texts, tokens, self._embed_torch)
+
+    def _encode_with(
+        self,
+        texts: list[str],
+        tokens: list[int] | None,
+        embed: Callable[[list[str]], np.ndarray],
+    ) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         groups = length_groups(tokens) if tokens is not None else [list(range(len(texts)))]
         for group in groups:
-            features = batch_to_device(
-                self.tokenize_batch([texts[i] for i in group]), self._model.device
-            )
-            with torch.inference_mode():
-                emb = self._model.forward(features)["sentence_embedding"]
-                emb = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
-            out[group] = emb.cpu().numpy()
+            out[group] = embed([texts[i] for i in group])
         return out
+
+    def _embed_torch(self, texts: list[str]) -> np.ndarray:
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        features = batch_to_device(self.tokenize_batch(texts), self._model.device)
+        with torch.inference_mode():
+            emb = self._model.forward(features)["sentence_embedding"]
+            emb = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
+        result: np.ndarray = emb.cpu().numpy()
+        return result
+
+    def _embed_onnx(
+        self, graph: OnnxGraph, pooling: Pooling, texts: list[str], lane: LaneName = "interactive"
+    ) -> np.ndarray:
+        features = self.tokenize_arrays(texts)
+        vectors = pooling(graph.run(features, lane), features["attention_mask"])
+        norms = np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors / norms
 
     def estimate_tokens(self, text: str) -> int:
         """A cheap token estimate (about four characters a token, plus the special tokens,

@@ -18,13 +18,19 @@ position embeddings.
 Batching. The pairs go through a second :class:`~rag_service.batching.MicroBatcher` whose
 batch function scores pairs instead of embedding texts, and whose lanes run on the embedding
 batcher's threads (``executors``). So concurrent rerank requests merge into batches exactly as
-queries do (same lingering, queue bound and 503, cancellation), and a rerank pass and a query
+queries do (same batching, queue bound and 503, cancellation), and a rerank pass and a query
 embedding take turns on the one interactive thread instead of splitting the two cores between
 two models' thread pools. The price: a query embedding that arrives during a rerank pass waits
 for it, so passes are kept short (``RAG_RERANK_BATCH_TOKENS``; a deep rerank is scored in
 several passes, with query embeddings slipping in between). A second instance was chosen over
 one queue of mixed job types: the queueing code stays one piece of code, only the thread is
 shared, and each kind keeps its own batch bounds and metrics.
+
+Runtime. Like the embedding models, the cross-encoder runs on ``RAG_EMBEDDING_RUNTIME``: on
+CPU its scoring forward is exported to ONNX once (:mod:`rag_service.onnx_encoder`) and serves
+only if it gives PyTorch's scores on probe pairs (within ``MAX_SCORE_DIFF``); else PyTorch
+serves, with the reason logged. Both paths tokenise with the library's own pair preprocessing,
+sorted by length and cut into passes of ``PASS_PAIRS`` as ``CrossEncoder.predict`` does.
 
 The directory is checked before anything loads (:func:`check_reranker_dir`, also run by
 :class:`~rag_service.settings.Settings`, so ``rag-service serve`` refuses a bad one at once):
@@ -38,14 +44,18 @@ import asyncio
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rag_service import onnx_encoder
 from rag_service.batching import MicroBatcher
-from rag_service.embedding import resolve_device
+from rag_service.embedding import PROBE_TEXTS, resolve_device
+from rag_service.onnx_encoder import LaneName, OnnxGraph, Unsupported
 from rag_service.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -118,7 +128,14 @@ class Reranker:
     embedding batcher's threads; :meth:`score` is what searches await.
     """
 
-    def __init__(self, model_path: str, *, device: str = "auto") -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "auto",
+        runtime: str = "auto",
+        cache_root: Path | None = None,
+    ) -> None:
         check_reranker_dir(model_path)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -158,7 +175,53 @@ class Reranker:
             raise SettingsError(f"{SETTING}: {model_path} does not say how long an input may be")
         self.max_length: int = int(window)
         self._batcher: MicroBatcher[Pair] | None = None
-        log.info("reranker %s (window %d tokens) on %s", self.name, self.max_length, self.device)
+        self._tokenize_lock = threading.Lock()
+        self._graph: OnnxGraph | None = None
+        self.runtime = "torch"
+        self.probe_diff: float | None = None
+        choice, self.runtime_note = onnx_encoder.resolve_runtime(runtime, self.device)
+        if choice == "onnx":
+            self._open_onnx(cache_root)
+        log.info(
+            "reranker %s (window %d tokens) on %s, runtime %s (%s)",
+            self.name,
+            self.max_length,
+            self.device,
+            self.runtime,
+            self.runtime_note,
+        )
+
+    def _open_onnx(self, cache_root: Path | None) -> None:
+        """Score on ONNX Runtime if the graph gives this model's scores on probe pairs."""
+        pairs = [(q, t) for q in PROBE_TEXTS[:2] for t in PROBE_TEXTS]  # one pair truncated
+        reference = self._predict_torch(pairs)
+
+        def check(graph: OnnxGraph) -> str | None:
+            diff = float(np.max(np.abs(self._predict_onnx(graph, pairs) - reference)))
+            self.probe_diff = diff
+            bar = onnx_encoder.MAX_SCORE_DIFF
+            return None if diff <= bar else f"scores differ by {diff:.2e} > {bar}"
+
+        started = time.perf_counter()
+        threads: dict[LaneName, int] = {"interactive": onnx_encoder.lane_threads()["interactive"]}
+        try:
+            graph = onnx_encoder.load_graph(
+                Path(self.path),
+                "cross-encoder",
+                check=check,
+                cache_root=cache_root,
+                threads=threads,
+            )
+        except Unsupported as exc:
+            self.runtime_note = f"ONNX not used: {exc}"
+            log.warning("reranker %s stays on PyTorch: %s", self.name, exc)
+            return
+        self._graph = graph
+        self.runtime = "onnx"
+        self.runtime_note = (
+            f"probe score difference {self.probe_diff:.1e}, threads {graph.threads}, "
+            f"ready in {time.perf_counter() - started:.1f} s"
+        )
 
     # ---- blocking, on the batcher's thread -------------------------------------------
     def predict(self, pairs: list[Pair], tokens: list[int] | None = None) -> np.ndarray:
@@ -166,10 +229,29 @@ class Reranker:
         estimated length) is the batch function's signature; predict sorts by length itself."""
         if not pairs:
             return np.zeros(0, dtype=np.float32)
+        if self._graph is not None:
+            return self._predict_onnx(self._graph, pairs)
+        return self._predict_torch(pairs)
+
+    def _predict_torch(self, pairs: list[Pair]) -> np.ndarray:
         scores = self._model.predict(
             pairs, batch_size=PASS_PAIRS, show_progress_bar=False, convert_to_numpy=True
         )
         return np.asarray(scores, dtype=np.float32).reshape(len(pairs))
+
+    def _predict_onnx(self, graph: OnnxGraph, pairs: list[Pair]) -> np.ndarray:
+        import torch
+
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        out = np.empty(len(pairs), dtype=np.float32)
+        for start in range(0, len(order), PASS_PAIRS):
+            chunk = order[start : start + PASS_PAIRS]
+            with self._tokenize_lock:
+                features = self._model.preprocess([pairs[i] for i in chunk])
+            arrays = {k: v.numpy() for k, v in features.items() if isinstance(v, torch.Tensor)}
+            logits = graph.run(arrays).reshape(len(chunk), -1)[:, 0].astype(np.float64)
+            out[chunk] = 1.0 / (1.0 + np.exp(-logits))
+        return out
 
     def estimate_tokens(self, query: str, text: str) -> int:
         """A cheap length of a pair (four characters a token, plus [CLS] and two [SEP]),
@@ -208,14 +290,18 @@ async def open_reranker(
     ``RAG_RERANKER_MODEL`` is empty. The caller stops it (before ``embedding``)."""
     if not settings.reranker_model:
         return None
-    reranker = await asyncio.to_thread(Reranker, settings.reranker_model, device=settings.device)
+    reranker = await asyncio.to_thread(
+        Reranker,
+        settings.reranker_model,
+        device=settings.device,
+        runtime=settings.embedding_runtime,
+        cache_root=settings.cache_path,
+    )
     batcher: MicroBatcher[Pair] = MicroBatcher(
         reranker.predict,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.rerank_batch_tokens,
         max_bulk_tokens=settings.rerank_batch_tokens,
-        max_wait_s=settings.batch_wait_ms / 1000,
-        max_linger_s=settings.batch_max_wait_ms / 1000,
         max_queue=settings.queue_size,
         observer=metrics.rerank_batches,
         executors=embedding.executors,

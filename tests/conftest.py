@@ -26,8 +26,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One model cache (RAG_CACHE_DIR) for the whole session, child processes included: each
+    model's ONNX graph is exported once per session, and nothing is written to ~/.cache."""
+    path = tmp_path_factory.mktemp("model-cache")
+    previous = os.environ.get("RAG_CACHE_DIR")
+    os.environ["RAG_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("RAG_CACHE_DIR", None)
+    else:
+        os.environ["RAG_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
-def embedder() -> Embedder:
+def embedder(model_cache: Path) -> Embedder:
+    """The bundled model on the default runtime (ONNX Runtime on CPU)."""
     return Embedder(Settings().embedding_model_path, device="cpu")
 
 

@@ -142,3 +142,40 @@ def test_grouped_encoding_keeps_order(embedder):
         np.stack([embedder.encode([t])[0] for t in texts]),
         atol=1e-5,
     )
+
+
+def test_a_lone_request_goes_at_once_and_a_batch_forms_while_the_encoder_is_busy():
+    """No batching wait: a request that finds the lane idle is encoded alone, at once; the
+    requests that arrive while it encodes form the next batch, together."""
+    sizes: list[int] = []
+    busy = threading.Event()
+    release = threading.Event()
+
+    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
+        sizes.append(len(texts))
+        if len(sizes) == 1:
+            busy.set()
+            release.wait(10)  # the first batch holds the encoder while others arrive
+        return np.full((len(texts), 2), float(len(sizes)), np.float32)
+
+    async def go() -> None:
+        rec = Recorder()
+        b = MicroBatcher(encode, max_batch_size=64, observer=rec)
+        await b.start()
+        first = asyncio.create_task(b.embed(["alone"], [1]))
+        await asyncio.to_thread(busy.wait, 5)
+        assert sizes == [1]  # taken the moment it arrived: nobody waited for company
+        rest = [asyncio.create_task(b.embed([f"q{i}"], [1])) for i in range(20)]
+        await asyncio.sleep(0.05)
+        assert sizes == [1]  # queued behind the busy encoder
+        release.set()
+        assert (await first).tolist() == [[1.0, 1.0]]
+        assert all(r.tolist() == [[2.0, 2.0]] for r in await asyncio.gather(*rest))
+        started = asyncio.get_running_loop().time()
+        await b.embed(["later, alone"], [1])
+        assert asyncio.get_running_loop().time() - started < 1.0
+        await b.stop()
+        assert rec.sizes == [1, 20, 1]
+
+    asyncio.run(go())
+    assert sizes == [1, 20, 1]

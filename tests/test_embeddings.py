@@ -5,9 +5,23 @@ import base64
 
 import httpx
 import numpy as np
+import pytest
 
+from rag_service.embedding import Embedder
 from rag_service.settings import Settings
 from tests.support import error_of, free_port, running_server
+
+
+@pytest.fixture(scope="module", params=["onnx", "torch"])
+def embedder(request: pytest.FixtureRequest, embedder: Embedder) -> Embedder:
+    """Every test here runs on both runtimes: the session's embedder (ONNX Runtime, the
+    default on CPU) and the same model on PyTorch."""
+    if request.param == "onnx":
+        assert embedder.runtime == "onnx", embedder.runtime_note
+        return embedder
+    torch_embedder = Embedder(Settings().embedding_model_path, device="cpu", runtime="torch")
+    assert torch_embedder.runtime == "torch"
+    return torch_embedder
 
 
 def test_openai_shape(client, embedder):
@@ -133,10 +147,9 @@ def test_batch_tokenizer_reproduces_the_library_features(embedder):
     assert embedder.tokenize_batch(TOKENIZER_TEXTS)["input_ids"].shape[1] == 256
 
 
-def test_library_preprocessing_is_kept_when_the_batch_tokenizer_differs(monkeypatch):
-    from rag_service.embedding import Embedder
-
-    reference = Embedder(Settings().embedding_model_path, device="cpu")
+def test_library_preprocessing_is_kept_when_the_batch_tokenizer_differs(monkeypatch, embedder):
+    runtime = embedder.runtime
+    reference = Embedder(Settings().embedding_model_path, device="cpu", runtime=runtime)
     tokens = reference.count_tokens(TOKENIZER_TEXTS)
     expected = reference.encode(TOKENIZER_TEXTS, tokens)
     real = Embedder._features
@@ -147,8 +160,8 @@ def test_library_preprocessing_is_kept_when_the_batch_tokenizer_differs(monkeypa
         return features
 
     monkeypatch.setattr(Embedder, "_features", off_by_one)
-    fallback = Embedder(Settings().embedding_model_path, device="cpu")
-    assert fallback._batch_tokenizer is None
+    fallback = Embedder(Settings().embedding_model_path, device="cpu", runtime=runtime)
+    assert fallback._batch_tokenizer is None and fallback.runtime == runtime
     assert np.allclose(fallback.encode(TOKENIZER_TEXTS, tokens), expected, atol=1e-6)
 
 

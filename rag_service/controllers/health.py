@@ -51,10 +51,19 @@ def ready(state: State) -> Response[Any]:
             "embedding_model": kb.embedder.name,
             "embedding_models": [m.id for m in kb.models.loaded()],  # the default's first
             "device": kb.embedder.device,
+            # What runs each encoder, and why (e.g. why PyTorch when ONNX could not be used).
+            "runtimes": {
+                **{m.id: _runtime(m.embedder) for m in kb.models.loaded()},
+                **({"reranker": _runtime(kb.reranker)} if kb.reranker is not None else {}),
+            },
             **({"reranker_model": kb.reranker.name} if kb.reranker is not None else {}),
             **store,
         }
     )
+
+
+def _runtime(encoder: Any) -> dict[str, str]:
+    return {"runtime": encoder.runtime, "note": encoder.runtime_note}
 
 
 @get(
