@@ -24,7 +24,7 @@ from tests.support import ENGINES, free_port, running_server
 
 # Cases per operation and generation mode. The routes' validation is the same code on both
 # engines; the postgres run (three times slower per case) checks what reaches the database.
-MAX_EXAMPLES = {"embedded": 50, "postgres": 20}
+MAX_EXAMPLES = {"embedded": 30, "postgres": 15}
 DOCS = [
     {"id": "leave", "text": "Employees get 30 days of paid leave per year.", "metadata": {"n": 1}},
     {"id": "parking", "text": "Parking is free in garage B for all staff.", "metadata": {"n": 2}},

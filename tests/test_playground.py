@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -92,7 +93,11 @@ def by_testid(testid: str) -> str:
 def wait_for(
     driver: WebDriver, condition: Callable[[WebDriver], Any], timeout: float = 30, what: str = ""
 ) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, what)
+    # The page re-renders lists (the collection select after a refresh, search results): an
+    # element found a moment ago may be gone, so a condition that meets a stale one is retried.
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+    ).until(condition, what)
 
 
 def text_of(driver: WebDriver, element_id: str) -> str:
@@ -130,9 +135,8 @@ def test_upload_search_chat_and_sources(
         # A collection, created from the page, becomes the selected one.
         driver.find_element(By.ID, "new-collection-name").send_keys("handbook")
         driver.find_element(By.ID, "new-collection-create").click()
-        select = Select(driver.find_element(By.ID, "collection-select"))
-        wait_for(driver, lambda d: select.first_selected_option.text.startswith("handbook ("))
-        assert "0 docs" in select.first_selected_option.text
+        wait_for(driver, lambda d: select_text(d).startswith("handbook ("))
+        assert "0 docs" in wait_for(driver, select_text)
 
         # A two-page PDF through the file input: stored, with its document and chunks.
         pdf = tmp_path / "handbook.pdf"
@@ -250,9 +254,19 @@ def test_unsupported_file_shows_why(
     httpx.post(f"{server}/v1/collections", json={"name": "inbox"}).raise_for_status()
     open_page(driver, server)
     with shots.on_failure(driver, "unsupported"):
-        select = Select(driver.find_element(By.ID, "collection-select"))
-        wait_for(driver, lambda d: any(o.text.startswith("inbox") for o in select.options))
-        select.select_by_value("inbox")
+        wait_for(
+            driver,
+            lambda d: any(
+                o.text.startswith("inbox")
+                for o in Select(d.find_element(By.ID, "collection-select")).options
+            ),
+        )
+        wait_for(
+            driver,
+            lambda d: (
+                Select(d.find_element(By.ID, "collection-select")).select_by_value("inbox") or True
+            ),
+        )
         exe = tmp_path / "notes.exe"
         exe.write_bytes(b"MZ\x90\x00\x03\x00\x00\x00" * 64)
         driver.find_element(By.ID, "file-input").send_keys(str(exe))
@@ -306,8 +320,7 @@ def test_key_prompt_then_collections(
             driver.find_element(By.ID, "key-input").send_keys(key)
             driver.find_element(By.ID, "key-save").click()
             wait_for(driver, lambda d: not dialog.is_displayed())
-            select = Select(driver.find_element(By.ID, "collection-select"))
-            wait_for(driver, lambda d: select.first_selected_option.text.startswith("secrets ("))
+            wait_for(driver, lambda d: select_text(d).startswith("secrets ("))
 
             # Kept in the browser: a new visit asks nothing; forgetting it asks again.
             open_page(driver, url)
