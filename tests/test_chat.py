@@ -280,7 +280,9 @@ def test_client_disconnect_cancels_upstream_stream(server, fake_upstream):
     deadline = time.monotonic() + 5
     while fake_upstream.streams_aborted == aborted and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert fake_upstream.streams_aborted == aborted + 1
+    # At least ours was cancelled (a stream of an earlier test may end as aborted late, after
+    # the counters were read: CI once counted 2), and none ran to its end.
+    assert fake_upstream.streams_aborted >= aborted + 1
     assert fake_upstream.streams_finished == finished
     assert time.monotonic() - started < 5  # long before the 10 s stream would have ended
 
