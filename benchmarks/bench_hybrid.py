@@ -23,18 +23,10 @@ from typing import Any
 import httpx
 
 from benchmarks.common import Server, write_result
-from benchmarks.datasets import LOADERS, QASet, load, read_rephrasings
+from benchmarks.datasets import LOADERS, ingest, load, read_rephrasings
 
 ALPHAS = (0.5, 0.7, 0.8, 0.85, 0.88, 0.9, 0.95)
 FUSIONS = ("convex", "rrf")
-
-
-def ingest(client: httpx.Client, collection: str, qaset: QASet) -> None:
-    docs = [d.as_upsert() for d in qaset.documents]
-    for i in range(0, len(docs), 64):
-        client.post(
-            f"/v1/collections/{collection}/documents", json={"documents": docs[i : i + 64]}
-        ).raise_for_status()
 
 
 def evaluate(client: httpx.Client, collection: str, rows: list[dict[str, str]], **extra: Any):

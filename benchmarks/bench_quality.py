@@ -37,18 +37,19 @@ from typing import Any
 import httpx
 
 from benchmarks.common import RESULTS, ROOT, Server, write_result
-from benchmarks.datasets import LOADERS, QASet, Question, Split, by_document, by_phrasing, load
+from benchmarks.datasets import (
+    LOADERS,
+    QASet,
+    Question,
+    Split,
+    by_document,
+    by_phrasing,
+    ingest,
+    load,
+)
 
 RERANK_DEPTH = 20
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10")
-
-
-def ingest(client: httpx.Client, collection: str, qaset: QASet) -> None:
-    docs = [d.as_upsert() for d in qaset.documents]
-    for i in range(0, len(docs), 64):
-        client.post(
-            f"/v1/collections/{collection}/documents", json={"documents": docs[i : i + 64]}
-        ).raise_for_status()
 
 
 def attach_keys(client: httpx.Client, collection: str, questions: list[Question]) -> None:

@@ -72,6 +72,7 @@ __all__ = [
     "by_document",
     "by_phrasing",
     "debian_faq",
+    "ingest",
     "is_query",
     "load",
     "python_docs",
@@ -427,3 +428,13 @@ def read_sections(html: Path, part: str) -> Iterator[Section]:
                 if text:
                     blocks.append(text)
             yield Section(f"{page_id}#{section['id']}", page_id, title, "\n".join(blocks))
+
+
+def ingest(client: Any, collection: str, qaset: QASet) -> None:
+    """Upsert a question set's documents into ``collection`` through the service (an
+    ``httpx.Client`` on its URL), 64 per request."""
+    docs = [d.as_upsert() for d in qaset.documents]
+    for i in range(0, len(docs), 64):
+        client.post(
+            f"/v1/collections/{collection}/documents", json={"documents": docs[i : i + 64]}
+        ).raise_for_status()
