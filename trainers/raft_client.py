@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
+from rag_service.cli.client import error_message
+
 __all__ = ["ServiceClient", "ServiceError"]
 
 PAGE = 1000  # documents per page when listing a collection
@@ -28,13 +30,6 @@ class ServiceError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _message(response: Any) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return str(response.text[:500])
 
 
 class ServiceClient:
@@ -64,7 +59,7 @@ class ServiceClient:
             raise ServiceError(f"cannot reach the service at {self.url}: {exc}") from exc
         if resp.status_code >= 400:
             raise ServiceError(
-                f"{what} failed ({resp.status_code}): {_message(resp)}", resp.status_code
+                f"{what} failed ({resp.status_code}): {error_message(resp)}", resp.status_code
             )
         return resp.json() if resp.content else None
 
