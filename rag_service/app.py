@@ -30,7 +30,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from indexes.engine import AdapterStore, Engine, KeyRowStore, StoreUnavailable
 from rag_service.adapters import AdapterManager, AdapterRegistry
 from rag_service.backends.base import AdapterBackend, ChatBackend
-from rag_service.batching import MicroBatcher
+from rag_service.batching import LaneThreads, MicroBatcher
 from rag_service.chat import ChatService
 from rag_service.controllers.adapters import AdapterController
 from rag_service.controllers.chat import ChatController, list_models
@@ -162,9 +162,12 @@ async def _load(
                 cache_root=settings.cache_path,
             )
         metrics_: Metrics = state["metrics"]
+        lanes = LaneThreads(embedder.cores)  # the cores the embedder opened its runtimes for
+        stack.callback(lanes.shutdown)  # after every batcher on them has stopped
         batcher = MicroBatcher(
             embedder.encode,
             encode_bulk=embedder.encode_bulk,
+            lanes=lanes,
             max_bulk_tokens=settings.max_bulk_tokens,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,

@@ -36,6 +36,7 @@ class Chunk:
     end: int
     text: str
     tokens: int
+    first: int = 0  # index of its first token in the document's tokens
 
 
 def _boundary(text: str, offsets: list[tuple[int, int]], lo: int, hi: int) -> int:
@@ -76,7 +77,7 @@ def chunk_offsets(text: str, offsets: list[tuple[int, int]], config: ChunkingCon
                 text, offsets, _boundary(text, offsets, i + max(1, (size * 3) // 4), j), i
             )
         start, end = offsets[i][0], offsets[j - 1][1]
-        chunks.append(Chunk(len(chunks), start, end, text[start:end], j - i))
+        chunks.append(Chunk(len(chunks), start, end, text[start:end], j - i, i))
         if j >= n:
             break
         i = _word_start(text, offsets, max(j - overlap, i + 1), i)

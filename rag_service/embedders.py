@@ -6,10 +6,11 @@ side by side: the default (``RAG_EMBEDDING_MODEL``), which new collections use, 
 that a collection was moved to (``POST /v1/collections/{name}/reindex``). Each loaded model
 has its own :class:`~rag_service.embedding.Embedder` and
 :class:`~rag_service.batching.MicroBatcher`; the extra batchers take turns on the default
-batcher's threads, so models never fight over the cores. Every model runs on the service's
-embedding runtime (``RAG_EMBEDDING_RUNTIME``: ONNX Runtime on CPU, its graph exported once into
-the model cache and probed against PyTorch; PyTorch, with the reason logged, for a model it
-cannot represent), a model fine-tuned with ``rag-train embed`` like any other directory.
+batcher's threads, so models never fight over the cores. Every model runs on the runtimes
+``RAG_EMBEDDING_RUNTIME`` gives it (auto: each lane the runtime measured fastest on this host
+among PyTorch, PyTorch bf16 and ONNX Runtime, each probed against PyTorch fp32 first; see
+:mod:`rag_service.runtimes`), a model fine-tuned with ``rag-train embed`` like any other
+directory.
 
 Identifiers, stable across restarts and replicas:
 
@@ -40,7 +41,7 @@ import numpy as np
 
 from indexes.types import CollectionRow
 from rag_service.batching import MicroBatcher
-from rag_service.embedding import BUNDLED_NAME, Embedder
+from rag_service.embedding import BUNDLED_NAME, Embedder, Text
 from rag_service.errors import EmbeddingMismatch, InvalidRequest
 from rag_service.settings import Settings, bundled_embedding_model
 
@@ -71,7 +72,7 @@ class LoadedModel:
     id: str
     path: Path
     embedder: Embedder
-    batcher: MicroBatcher[str]
+    batcher: MicroBatcher[Text]
 
     @property
     def dimension(self) -> int:
@@ -118,7 +119,7 @@ class EmbeddingModels:
 
     @classmethod
     def serving(
-        cls, settings: Settings, embedder: Embedder, batcher: MicroBatcher[str]
+        cls, settings: Settings, embedder: Embedder, batcher: MicroBatcher[Text]
     ) -> EmbeddingModels:
         """The registry of a service whose default model is ``embedder`` on ``batcher``."""
         return cls(settings, LoadedModel(embedder.name, Path(embedder.path), embedder, batcher))
@@ -222,14 +223,14 @@ class EmbeddingModels:
                 raise ModelLoadError(
                     f"{path} could not be loaded: {type(exc).__name__}: {exc}"
                 ) from exc
-            batcher: MicroBatcher[str] = MicroBatcher(
+            batcher: MicroBatcher[Text] = MicroBatcher(
                 embedder.encode,
                 encode_bulk=embedder.encode_bulk,
                 max_bulk_tokens=s.max_bulk_tokens,
                 max_batch_size=s.max_batch_size,
                 max_batch_tokens=s.max_batch_tokens,
                 max_queue=s.queue_size,
-                executors=self.default.batcher.executors,  # take turns with the default
+                lanes=self.default.batcher.lanes,  # take turns with the default
             )
             await batcher.start()
             model = LoadedModel(model_id, path, embedder, batcher)

@@ -1,43 +1,75 @@
 """The embedding model: sentence-transformers, loaded from a local directory (never a hub).
 
-One :class:`Embedder` per process. Its methods block, so they run off the event loop: the
-micro-batcher (:mod:`rag_service.batching`) calls :meth:`Embedder.encode` from its two lane
-threads (interactive and bulk) side by side, which is safe (see ``encode`` for the one step
-that is serialised). The token helpers (``count_tokens``, ``offsets``, ``tokenizer``) use a
-fast tokenizer with fixed settings, safe from any thread.
+One :class:`Embedder` per model and process. A text becomes a vector in three steps:
 
-Runtime (``RAG_EMBEDDING_RUNTIME``). The PyTorch model is always loaded: it gives the
-tokenizer, the dimension and the reference vectors. On CPU (``auto``, or ``onnx``) the
-forward passes then run on ONNX Runtime (:mod:`rag_service.onnx_encoder`: exported once into
-the model cache, checked against this PyTorch model on probe texts before it serves, PyTorch
-kept, with the reason logged, when it cannot be used); ``runtime`` and ``runtime_note`` say
-which runs and why. Tokenisation, length grouping and normalisation are the same code for
-both, so the vectors agree (cosine >= 0.9999, the probe's bar).
+1. **features** (tokenisation): the model's fast tokenizer, called directly and padded here,
+   checked at load to reproduce the library's features exactly (else the library's own
+   preprocessing is used). Chunks arrive already tokenised (:class:`TokenIds`): chunking
+   tokenises each document once, and a chunk's ids are a slice of its document's ids plus
+   the special tokens, when this model's tokenizer is checked to give the same ids for the
+   chunk's text alone (:meth:`Embedder.chunk_ids`);
+2. **forward** on the lane's runtime (:mod:`rag_service.runtimes`: PyTorch fp32, PyTorch
+   under bf16 autocast, or ONNX Runtime; each lane runs the runtime measured fastest for its
+   work on this host, or the one ``RAG_EMBEDDING_RUNTIME`` forces), in length-sorted
+   sub-batches, each with the threads the lanes' core accounting grants it at that moment;
+3. **normalisation** to unit length, so a dot product is the cosine.
+
+Its methods block, so they run off the event loop: the micro-batcher
+(:mod:`rag_service.batching`) calls :meth:`Embedder.encode` and :meth:`Embedder.encode_bulk`
+from its two lane threads side by side, which is safe. The token helpers (``count_tokens``,
+``offsets``, ``tokenize_documents``) use a fast tokenizer with fixed settings, safe from any
+thread. The PyTorch model is always loaded: it is the reference every other runtime is probed
+against, and it gives the dimension and the window.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from rag_service import onnx_encoder
-from rag_service.onnx_encoder import LaneName, OnnxGraph, Pooling, Unsupported
+from rag_service import onnx_encoder, runtimes
+from rag_service.batching import Threads, available_cores, lane_shares
+from rag_service.model_cache import cache_dir
+from rag_service.onnx_encoder import OnnxGraph, Unsupported
+from rag_service.runtimes import (
+    BULK_SUB_BATCH_TOKENS,
+    Choice,
+    Features,
+    Forward,
+    Measured,
+    OnnxForward,
+    TorchForward,
+    sub_batches,
+)
 
-__all__ = ["PROBE_TEXTS", "Embedder", "length_groups", "resolve_device"]
+__all__ = [
+    "PROBE_TEXTS",
+    "DocumentTokens",
+    "Embedder",
+    "Text",
+    "TokenIds",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
 BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+LaneName = Literal["interactive", "bulk"]
+# Interactive batches (queries, embeddings requests) are cut by this padded size: they are
+# short, and nothing on their lane waits for a core.
+QUERY_SUB_BATCH_TOKENS = 4096
 
-# Texts the ONNX graph must embed as PyTorch does: questions, a passage past the window,
+# Texts every runtime must embed as PyTorch fp32 does: questions, a passage past the window,
 # punctuation, accents, CJK, emoji, one word, in batches that pad.
 PROBE_TEXTS: tuple[str, ...] = (
     "How do I reset my password?",
@@ -52,6 +84,47 @@ PROBE_TEXTS: tuple[str, ...] = (
     "code: `def f(x): return x ** 2`",
     "hello",
 )
+
+# What the runtimes are timed on (rag_service.runtimes.measure): chunk-like passages of 60 to
+# 200 tokens, and one short question.
+_TIMING_PASSAGE = (
+    "A package is installed with apt install, which resolves its dependencies, downloads the "
+    "archives from the configured mirrors (see sources.list(5)) and unpacks them; the files "
+    "land under /usr, configuration under /etc, and dpkg keeps the list of what it placed. "
+    "To remove a package but keep its configuration, use apt remove; apt purge deletes both. "
+    "Held packages are never upgraded: apt-mark hold pins one at its version, and apt-mark "
+    "unhold releases it. Security updates arrive from a separate archive, so make sure it is "
+    "listed; unattended-upgrades can install them every night and mail a report of what it did."
+)
+_TIMING_QUERY = "How do I keep a package from being upgraded?"
+
+
+class TokenIds(tuple[int, ...]):
+    """A text already tokenised for the encoder: its ids, special tokens included."""
+
+    __slots__ = ()
+
+
+Text = str | TokenIds
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentTokens:
+    """A document's tokens (no special tokens, no truncation): ids and character spans."""
+
+    text: str
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+    def word_start(self, k: int) -> bool:
+        """Whether token ``k`` starts a word (or the end of the text): not glued to the
+        token before it with letters or digits on both sides."""
+        if k <= 0 or k >= len(self.ids):
+            return True
+        start = self.offsets[k][0]
+        if start != self.offsets[k - 1][1]:
+            return True
+        return not (self.text[start - 1 : start].isalnum() and self.text[start].isalnum())
 
 
 def resolve_device(device: str) -> str:
@@ -72,22 +145,16 @@ def model_name_for(path: str) -> str:
     return p.name or str(p)
 
 
-def length_groups(
-    tokens: list[int], *, max_group: int = 64, slack: float = 1.3, min_span: int = 4
-) -> list[list[int]]:
-    """Indices grouped by similar token count (longest <= slack x shortest, or shortest +
-    min_span), each group at most ``max_group`` long: little padding per forward pass."""
-    order = sorted(range(len(tokens)), key=tokens.__getitem__)
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            group = groups[-1]
-            first = tokens[group[0]]
-            if len(group) < max_group and tokens[i] <= max(first * slack, first + min_span):
-                group.append(i)
-                continue
-        groups.append([i])
-    return groups
+def _model_key(model_dir: Path) -> str:
+    """A key of a model directory's files (names, sizes, modification times) for caches of
+    measurements, which need no content hash."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file() and len(path.relative_to(model_dir).parts) <= 2:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(model_dir)}\0{stat.st_size}\0".encode())
+            digest.update(f"{stat.st_mtime_ns}\0".encode())
+    return f"embedding-{digest.hexdigest()[:20]}"
 
 
 class Embedder:
@@ -101,9 +168,12 @@ class Embedder:
         runtime: str = "auto",
         quantize: str = "none",
         cache_root: Path | None = None,
+        cores: int | None = None,
     ) -> None:
-        """``runtime``: auto (ONNX on CPU, PyTorch on CUDA), torch or onnx; ``quantize``: none
-        or int8 (ONNX only); ``cache_root``: the model cache (default ``RAG_CACHE_DIR``...)."""
+        """``runtime``: auto (measured per lane on CPU, PyTorch fp16 on CUDA), torch,
+        torch-bf16 or onnx; ``quantize``: none or int8 (ONNX only, both lanes);
+        ``cache_root``: the model cache (default ``RAG_CACHE_DIR``...); ``cores``: what the
+        lanes share (default: what this process may use)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from sentence_transformers import SentenceTransformer
@@ -111,6 +181,7 @@ class Embedder:
         self.device = resolve_device(device)
         self.path = model_path
         self.name = model_name_for(model_path)
+        self.cores = available_cores() if cores is None else max(1, cores)
         kwargs: dict[str, Any] = {}
         if self.device == "cuda":
             kwargs["model_kwargs"] = {"torch_dtype": "float16"}
@@ -138,20 +209,22 @@ class Embedder:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self._input_names: list[str] = []
+        self._pad_id = 0
         self._extra_features: dict[str, Any] = {}  # non-tensor entries, e.g. the modality
         self._batch_tokenizer = self._checked_batch_tokenizer()
-        self.runtime = "torch"
-        self.runtime_note = ""
-        self.probe_cosine: float | None = None
+        self._id_template = self._checked_id_template()
+        self.probe_cosine: float | None = None  # the ONNX graph's, when one was opened
+        self.probes: dict[str, float] = {}
         self._graph: OnnxGraph | None = None
-        self._pooling: Pooling | None = None
-        choice, why = onnx_encoder.resolve_runtime(runtime, self.device)
-        if choice == "onnx":
-            self._open_onnx(quantize, cache_root)
-        else:
-            self.runtime_note = why
+        self._pooling: onnx_encoder.Pooling | None = None
+        self.timings: list[Measured] = []
+        self.lanes: dict[LaneName, Choice] = {}
+        self._forward: dict[LaneName, Forward] = {}
+        started = time.perf_counter()
+        self._choose_runtimes(runtime, quantize, cache_root)
+        self.ready_s = round(time.perf_counter() - started, 2)
         log.info(
-            "embedding model %s (dim %d, window %d tokens) on %s, runtime %s (%s)",
+            "embedding model %s (dim %d, window %d tokens) on %s: %s (%s)",
             self.name,
             self.dimension,
             self.max_seq_length,
@@ -160,43 +233,180 @@ class Embedder:
             self.runtime_note,
         )
 
-    def _open_onnx(self, quantize: str, cache_root: Path | None) -> None:
-        """Serve on ONNX Runtime if the graph reproduces this model (see the module docs)."""
-        bar = onnx_encoder.MIN_COSINE_INT8 if quantize == "int8" else onnx_encoder.MIN_COSINE
+    # ---- runtimes ----------------------------------------------------------------------------
+    @property
+    def runtimes(self) -> dict[LaneName, str]:
+        """The runtime of each lane."""
+        return {lane: choice.runtime for lane, choice in self.lanes.items()}
+
+    @property
+    def runtime(self) -> str:
+        """One name when both lanes run the same runtime, else ``interactive+bulk``."""
+        names = self.runtimes
+        if names["interactive"] == names["bulk"]:
+            return names["interactive"]
+        return f"{names['interactive']}+{names['bulk']}"
+
+    @property
+    def runtime_note(self) -> str:
+        """Why each lane runs what it runs."""
+        lanes = self.lanes
+        if lanes["interactive"] == lanes["bulk"]:
+            return lanes["interactive"].why
+        return "; ".join(
+            f"{lane}: {choice.runtime}, {choice.why}" for lane, choice in lanes.items()
+        )
+
+    def _choose_runtimes(self, runtime: str, quantize: str, cache_root: Path | None) -> None:
+        torch_forward = TorchForward(self._model, extra=self._extra_features)
+        if self.device != "cpu":
+            why = f"PyTorch fp16 on {self.device}"
+            if runtime not in ("auto", "torch"):
+                why = f"{runtime} runs on the CPU only; the device is {self.device}: {why}"
+            self._use({"interactive": torch_forward, "bulk": torch_forward}, why)
+            return
+        if runtime == "torch":
+            self._use(
+                {"interactive": torch_forward, "bulk": torch_forward},
+                "RAG_EMBEDDING_RUNTIME=torch",
+            )
+            return
+        candidates: dict[str, Forward] = {"torch": torch_forward}
+        notes: list[str] = []
+        reference = self._reference_vectors(torch_forward)
+        if runtime in ("auto", "onnx") or quantize != "none":
+            onnx = self._open_onnx(quantize, cache_root, reference)
+            if isinstance(onnx, str):
+                notes.append(f"ONNX not used: {onnx}")
+            else:
+                candidates[onnx.name] = onnx
+        if quantize == "none" and runtime in ("auto", "torch-bf16"):
+            bf16 = self._open_bf16(reference, forced=runtime == "torch-bf16")
+            if isinstance(bf16, str):
+                notes.append(f"torch-bf16 not used: {bf16}")
+            else:
+                candidates[bf16.name] = bf16
+        forced = {"onnx": "onnx", "torch-bf16": "torch-bf16"}.get(runtime)
+        if quantize != "none":
+            forced = f"onnx-{quantize}"
+        if forced is not None:
+            chosen = candidates.get(forced, torch_forward)
+            why = (
+                f"RAG_EMBEDDING_RUNTIME={runtime}"
+                + (f", RAG_EMBEDDING_QUANTIZE={quantize}" if quantize != "none" else "")
+                + (f", {self._probe_text(chosen.name)}" if chosen.name != "torch" else "")
+            )
+            if chosen.name != forced:
+                why = f"{'; '.join(notes)}; PyTorch serves it"
+            self._use({"interactive": chosen, "bulk": chosen}, why)
+            return
+        if len(candidates) == 1:
+            self._use(
+                {"interactive": torch_forward, "bulk": torch_forward},
+                "; ".join(notes) or "PyTorch is the only runtime here",
+            )
+            return
+        root = cache_dir() if cache_root is None else cache_root
+        choices, measured, cached = runtimes.timed_choice(
+            candidates,
+            self._timing_features,
+            cores=self.cores,
+            cache_root=root,
+            model_key=_model_key(Path(self.path)),
+        )
+        self.timings = measured
+        self.lanes = {
+            lane: Choice(
+                choice.runtime,
+                f"{choice.why}{', cached' if cached else ''}"
+                + (f"; {self._probe_text(choice.runtime)}" if choice.runtime != "torch" else "")
+                + (f"; {'; '.join(notes)}" if notes else ""),
+            )
+            for lane, choice in choices.items()
+        }
+        self._forward = {lane: candidates[c.runtime] for lane, c in self.lanes.items()}
+
+    def _use(self, forward: dict[LaneName, Forward], why: str) -> None:
+        self._forward = forward
+        self.lanes = {lane: Choice(f.name, why) for lane, f in forward.items()}
+
+    def _probe_text(self, name: str) -> str:
+        cosine = self.probes.get(name)
+        return f"probe cosine {cosine:.6f}" if cosine is not None else "not probed"
+
+    def _reference_vectors(self, torch_forward: Forward) -> np.ndarray:
+        return self._encode_on(torch_forward, list(PROBE_TEXTS))
+
+    def _probe(self, forward: Forward, reference: np.ndarray) -> float:
+        """The smallest cosine with PyTorch fp32 over the probe texts, batched and alone."""
         texts = list(PROBE_TEXTS)
-        tokens = self.count_tokens(texts)
-        reference = self._encode_with(texts, tokens, self._embed_torch)  # before any export
+        ours = self._encode_on(forward, texts)
+        alone = self._encode_on(forward, texts[:1])  # unpadded, batch of one
+        return min(
+            onnx_encoder.probe_cosine(ours, reference),
+            onnx_encoder.probe_cosine(alone, reference[:1]),
+        )
+
+    def _open_onnx(
+        self, quantize: str, cache_root: Path | None, reference: np.ndarray
+    ) -> OnnxForward | str:
+        """The ONNX runtime if its graph reproduces this model (see rag_service.onnx_encoder),
+        else why not."""
+        bar = onnx_encoder.MIN_COSINE_INT8 if quantize == "int8" else onnx_encoder.MIN_COSINE
+        try:
+            pooling = onnx_encoder.read_pooling(Path(self.path))
+        except Unsupported as exc:
+            log.warning("embedding model %s: ONNX Runtime not used: %s", self.name, exc)
+            return str(exc)
 
         def check(graph: OnnxGraph) -> str | None:
-            pooling = self._pooling
-            assert pooling is not None
-            ours = self._encode_with(texts, tokens, lambda b: self._embed_onnx(graph, pooling, b))
-            alone = self._embed_onnx(graph, pooling, texts[:1])  # unpadded, batch of one
-            cosine = min(
-                onnx_encoder.probe_cosine(ours, reference),
-                onnx_encoder.probe_cosine(alone, reference[:1]),
-            )
+            cosine = self._probe(OnnxForward(graph, pooling), reference)
             self.probe_cosine = cosine
             return None if cosine >= bar else f"probe cosine {cosine:.6f} < {bar}"
 
-        started = time.perf_counter()
+        threads = {self.cores, *lane_shares(self.cores).values()}
         try:
-            self._pooling = onnx_encoder.read_pooling(Path(self.path))
             graph = onnx_encoder.load_graph(
-                Path(self.path), "embedding", check=check, cache_root=cache_root, quantize=quantize
+                Path(self.path),
+                "embedding",
+                check=check,
+                cache_root=cache_root,
+                quantize=quantize,
+                threads=threads,
             )
         except Unsupported as exc:
-            self._pooling = None
-            self.runtime_note = f"ONNX not used: {exc}"
-            log.warning("embedding model %s stays on PyTorch: %s", self.name, exc)
-            return
-        self._graph = graph
-        self.runtime = "onnx-int8" if graph.quantize == "int8" else "onnx"
-        self.runtime_note = (
-            f"probe cosine {self.probe_cosine:.6f}, threads {graph.threads}, "
-            f"ready in {time.perf_counter() - started:.1f} s"
-        )
+            log.warning("embedding model %s: ONNX Runtime not used: %s", self.name, exc)
+            return str(exc)
+        self._graph, self._pooling = graph, pooling
+        forward = OnnxForward(graph, pooling)
+        if self.probe_cosine is not None:
+            self.probes[forward.name] = self.probe_cosine
+        return forward
 
+    def _open_bf16(self, reference: np.ndarray, *, forced: bool) -> TorchForward | str:
+        """PyTorch under bf16 autocast if the CPU has bf16 instructions and the vectors
+        reproduce fp32 (cosine >= MIN_COSINE), else why not."""
+        if not forced and not runtimes.cpu_has_bf16():
+            return "the CPU has no bf16 instructions (AMX-BF16, AVX512-BF16)"
+        forward = TorchForward(self._model, bf16=True, extra=self._extra_features)
+        try:
+            cosine = self._probe(forward, reference)
+        except RuntimeError as exc:  # an op without a bf16 kernel on this CPU
+            return f"{type(exc).__name__}: {exc}"
+        self.probes[forward.name] = cosine
+        if cosine < onnx_encoder.MIN_COSINE:
+            return f"probe cosine {cosine:.6f} < {onnx_encoder.MIN_COSINE}"
+        return forward
+
+    def _timing_features(self) -> tuple[list[Features], Features]:
+        """Chunk-like passages in length-sorted sub-batches, and one query, as features."""
+        words = _TIMING_PASSAGE.split()
+        passages = [" ".join(words[: 40 + (i * 7) % 100]) for i in range(24)]
+        groups = sub_batches(self.count_tokens(passages))
+        bulk: list[Features] = [self.tokenize_arrays([passages[i] for i in g]) for g in groups]
+        return bulk, self.tokenize_arrays([_TIMING_QUERY])
+
+    # ---- tokenisation ------------------------------------------------------------------------
     # Probes for the batch tokenizer: padding, truncation, whitespace, accents, CJK, emoji.
     _PROBES: tuple[tuple[str, ...], ...] = (
         ("Which floor is meeting room 42 on?",),
@@ -205,10 +415,11 @@ class Embedder:
     )
 
     def _checked_batch_tokenizer(self) -> Tokenizer | None:
-        """The model's fast tokenizer set up to pad and truncate like sentence-transformers,
-        called directly: its features in ~0.1 ms where the library's preprocessing takes ~0.4
-        (a measurable part of every query's latency). Used only if it reproduces the
-        library's features exactly on the probes; otherwise None and the library is used."""
+        """The model's fast tokenizer set up to truncate like sentence-transformers, called
+        directly and padded here: features in ~0.1 ms where the library's preprocessing takes
+        ~0.4 (a measurable part of every query's latency). Used only if it reproduces the
+        library's features exactly on the probes (types included); otherwise None and the
+        library is used."""
         import torch
 
         hf = getattr(self._model, "tokenizer", None)
@@ -220,14 +431,20 @@ class Embedder:
             return None
         tok = Tokenizer.from_str(self.tokenizer.to_str())
         tok.enable_truncation(max_length=self.max_seq_length)
-        tok.enable_padding(pad_id=pad_id, pad_token=hf.pad_token)
+        tok.no_padding()
         self._input_names = names
+        self._pad_id = int(pad_id)
         try:
             for probe in self._PROBES:
-                ours = self._features(tok, list(probe))
+                encodings = tok.encode_batch(list(probe), add_special_tokens=True)
+                if any(any(e.type_ids) for e in encodings):
+                    raise ValueError("token types other than 0")
+                ours = self._pad([e.ids for e in encodings])
                 theirs = self._preprocess(list(probe))
                 tensors = {k for k, v in theirs.items() if isinstance(v, torch.Tensor)}
-                if set(names) != tensors or any(not torch.equal(ours[k], theirs[k]) for k in names):
+                if set(names) != tensors or any(
+                    not np.array_equal(ours[k], theirs[k].numpy()) for k in names
+                ):
                     raise ValueError("features differ")
                 self._extra_features = {k: v for k, v in theirs.items() if k not in tensors}
         except Exception as exc:  # any mismatch: keep the library's own preprocessing
@@ -235,100 +452,183 @@ class Embedder:
             return None
         return tok
 
-    def _arrays(self, tok: Tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
-        encodings = tok.encode_batch(texts, add_special_tokens=True)
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        return {name: np.asarray(columns[name], dtype=np.int64) for name in self._input_names}
+    # A document for the check of chunk ids: words, punctuation, numbers, paths, accents, CJK.
+    _ID_PROBE = (
+        "Reset it (see §4.2): run `apt-get install foo=1.2-3` as root; then reboot. Zürich's "
+        "café opens at 7:30, doesn't it? 東京は日本の首都です。 e.g. /etc/fstab, x**2 + y[1] — "
+        "done... Un-hyphenated, CamelCaseWords and snake_case_names: 3.14159 and 1,000,000!"
+    )
 
-    def _features(self, tok: Tokenizer, texts: list[str]) -> dict[str, Any]:
-        import torch
+    def _checked_id_template(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(prefix, suffix) special ids such that a chunk's ids are ``prefix + document ids
+        [i:j] + suffix``, if this tokenizer gives exactly those ids for the chunk's text alone
+        at every word boundary a chunk may start or end on (checked on a probe document);
+        else None and chunks are tokenised again from their text."""
+        tok = self._batch_tokenizer
+        if tok is None:
+            return None
+        text = self._ID_PROBE
+        plain = self.tokenizer.encode(text, add_special_tokens=False)
+        full = self.tokenizer.encode(text, add_special_tokens=True).ids
+        ids, offsets = plain.ids, plain.offsets
+        n = len(ids)
+        try:
+            at = next(i for i in range(len(full) - n + 1) if full[i : i + n] == ids)
+        except StopIteration:
+            return None
+        prefix, suffix = tuple(full[:at]), tuple(full[at + n :])
+        document = DocumentTokens(text, list(ids), list(offsets))
+        starts = [k for k in range(n) if document.word_start(k)]
+        spans = [(a, b) for a in starts for b in starts if 0 <= b - a <= 12 and b > a] + [
+            (a, n) for a in starts
+        ]
+        pieces = [text[offsets[a][0] : offsets[b - 1][1]] for a, b in spans]
+        for (a, b), got in zip(spans, tok.encode_batch(pieces), strict=True):
+            if tuple(got.ids) != prefix + tuple(ids[a:b]) + suffix:
+                log.info(
+                    "chunk ids are tokenised again for %s (ids differ at a boundary)", self.name
+                )
+                return None
+        return prefix, suffix
 
-        features: dict[str, Any] = dict(self._extra_features)
-        for name, column in self._arrays(tok, texts).items():
-            features[name] = torch.from_numpy(column)
-        return features
+    def tokenize_documents(self, texts: list[str]) -> list[DocumentTokens]:
+        """Each document's ids and character spans (no special tokens, no truncation)."""
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [
+            DocumentTokens(text, list(e.ids), list(e.offsets))
+            for text, e in zip(texts, encodings, strict=True)
+        ]
+
+    def chunk_ids(self, document: DocumentTokens, first: int, count: int) -> TokenIds | None:
+        """The encoder's ids of the chunk made of ``count`` tokens of ``document`` from token
+        ``first``, or None when it must be tokenised from its text: this model's tokenizer
+        gives other ids for a text cut from a longer one, or the chunk starts or ends inside a
+        word (a word longer than the window is cut where it must be)."""
+        if self._id_template is None:
+            return None
+        if not (document.word_start(first) and document.word_start(first + count)):
+            return None
+        prefix, suffix = self._id_template
+        body = document.ids[first : first + count][
+            : self.max_seq_length - len(prefix) - len(suffix)
+        ]
+        return TokenIds((*prefix, *body, *suffix))
+
+    def _pad(self, rows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """Right-padded int64 features of token id rows (types 0)."""
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        out = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            out["token_type_ids"] = np.zeros_like(ids)
+        return {name: out[name] for name in self._input_names}
+
+    def _rows(self, items: Sequence[Text]) -> list[Sequence[int]]:
+        """Token ids of each item (texts tokenised, window-truncated; ids as given). Needs
+        the batch tokenizer."""
+        tok = self._batch_tokenizer
+        assert tok is not None
+        texts = [(i, t) for i, t in enumerate(items) if not isinstance(t, TokenIds)]
+        rows: list[Sequence[int]] = list(items)  # type: ignore[arg-type]
+        if texts:
+            encodings = tok.encode_batch([t for _, t in texts], add_special_tokens=True)
+            for (i, _), encoding in zip(texts, encodings, strict=True):
+                rows[i] = encoding.ids
+        return rows
 
     def tokenize_batch(self, texts: list[str]) -> dict[str, Any]:
-        """Model input features for ``texts`` (padded to the longest, window-truncated)."""
+        """Model input features for ``texts`` as torch tensors (padded to the longest,
+        window-truncated)."""
+        import torch
+
         if self._batch_tokenizer is not None:
-            return self._features(self._batch_tokenizer, texts)
+            features: dict[str, Any] = dict(self._extra_features)
+            for name, column in self._pad(self._rows(texts)).items():
+                features[name] = torch.from_numpy(column)
+            return features
         with self._tokenize_lock:
             return dict(self._preprocess(texts))
 
     def tokenize_arrays(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """``tokenize_batch`` as int64 NumPy arrays (the ONNX graph's inputs)."""
+        """``tokenize_batch`` as int64 NumPy arrays (what the runtimes take)."""
         if self._batch_tokenizer is not None:
-            return self._arrays(self._batch_tokenizer, texts)
+            return self._pad(self._rows(texts))
         import torch
 
         features = self.tokenize_batch(texts)
-        return {k: v.numpy() for k, v in features.items() if isinstance(v, torch.Tensor)}
+        return {
+            k: v.numpy().astype(np.int64, copy=False)
+            for k, v in features.items()
+            if isinstance(v, torch.Tensor)
+        }
 
     @property
     def content_window(self) -> int:
         """Tokens available for text once the special tokens ([CLS], [SEP]) are added."""
         return self.max_seq_length - 2
 
-    def encode(self, texts: list[str], tokens: list[int] | None = None) -> np.ndarray:
+    # ---- encoding ----------------------------------------------------------------------------
+    def encode(
+        self,
+        texts: Sequence[Text],
+        tokens: Sequence[int] | None = None,
+        threads: Threads | None = None,
+    ) -> np.ndarray:
         """L2-normalised float32 vectors, shape (len(texts), dimension). Blocking.
 
-        With ``tokens`` (each text's token count) the texts are encoded in groups of similar
-        length, so a batch mixing short and long texts does not pay for padding. Safe to call
-        from two threads at once (the ingest and query lanes): only tokenisation, which
-        mutates the library tokenizer's settings, is serialised (the batch tokenizer needs no
-        lock); forward passes run side by side. This is the interactive lane's entry;
-        :meth:`encode_bulk` is the ingest lane's (on ONNX, each lane has its own threads).
-        """
-        return self._encode(texts, tokens, "interactive")
+        The interactive lane's batch function (:meth:`encode_bulk` is the ingest lane's):
+        ``texts`` may hold :class:`TokenIds`; ``tokens`` (the batcher's token counts) is not
+        needed, lengths come from the ids; ``threads`` is asked before each sub-batch
+        (default: every core). Safe to call from two threads at once."""
+        return self._encode(texts, "interactive", threads)
 
-    def encode_bulk(self, texts: list[str], tokens: list[int] | None = None) -> np.ndarray:
-        """:meth:`encode` for the bulk (ingest) lane."""
-        return self._encode(texts, tokens, "bulk")
-
-    def _encode(self, texts: list[str], tokens: list[int] | None, lane: LaneName) -> np.ndarray:
-        graph, pooling = self._graph, self._pooling
-        if graph is not None and pooling is not None:
-            return self._encode_with(
-                texts, tokens, lambda batch: self._embed_onnx(graph, pooling, batch, lane)
-            )
-        return self._encode_with(texts, tokens, self._embed_torch)
-
-    def _encode_with(
+    def encode_bulk(
         self,
-        texts: list[str],
-        tokens: list[int] | None,
-        embed: Callable[[list[str]], np.ndarray],
+        texts: Sequence[Text],
+        tokens: Sequence[int] | None = None,
+        threads: Threads | None = None,
     ) -> np.ndarray:
-        if not texts:
+        """:meth:`encode` for the bulk (ingest) lane, on its runtime, in sub-batches of about
+        :data:`~rag_service.runtimes.BULK_SUB_BATCH_TOKENS` tokens."""
+        return self._encode(texts, "bulk", threads)
+
+    def _encode(self, texts: Sequence[Text], lane: LaneName, threads: Threads | None) -> np.ndarray:
+        budget = BULK_SUB_BATCH_TOKENS if lane == "bulk" else QUERY_SUB_BATCH_TOKENS
+        return self._encode_on(self._forward[lane], texts, threads, budget)
+
+    def _encode_on(
+        self,
+        forward: Forward,
+        texts: Sequence[Text],
+        threads: Threads | None = None,
+        budget: int = QUERY_SUB_BATCH_TOKENS,
+    ) -> np.ndarray:
+        if not len(texts):
             return np.zeros((0, self.dimension), dtype=np.float32)
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        groups = length_groups(tokens) if tokens is not None else [list(range(len(texts)))]
-        for group in groups:
-            out[group] = embed([texts[i] for i in group])
-        return out
+        make: Callable[[list[int]], Features]
+        if self._batch_tokenizer is not None:
+            rows = self._rows(texts)
+            lengths = [len(r) for r in rows]
 
-    def _embed_torch(self, texts: list[str]) -> np.ndarray:
-        import torch
-        from sentence_transformers.util import batch_to_device
+            def make(group: list[int]) -> Features:
+                return self._pad([rows[i] for i in group])
+        else:
+            plain = [str(t) for t in texts]  # no TokenIds without the batch tokenizer
+            lengths = self.count_tokens(plain)
 
-        features = batch_to_device(self.tokenize_batch(texts), self._model.device)
-        with torch.inference_mode():
-            emb = self._model.forward(features)["sentence_embedding"]
-            emb = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
-        result: np.ndarray = emb.cpu().numpy()
-        return result
+            def make(group: list[int]) -> Features:
+                return self.tokenize_arrays([plain[i] for i in group])
 
-    def _embed_onnx(
-        self, graph: OnnxGraph, pooling: Pooling, texts: list[str], lane: LaneName = "interactive"
-    ) -> np.ndarray:
-        features = self.tokenize_arrays(texts)
-        vectors = pooling(graph.run(features, lane), features["attention_mask"])
-        norms = np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return vectors / norms
+        for group in sub_batches(lengths, budget):
+            n = threads() if threads is not None else self.cores
+            out[group] = forward(make(group), n)
+        norms = np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out / norms
 
     def estimate_tokens(self, text: str) -> int:
         """A cheap token estimate (about four characters a token, plus the special tokens,

@@ -48,7 +48,7 @@ from indexes.types import (
 from rag_service.batching import Lane, MicroBatcher
 from rag_service.chunking import ChunkingConfig, chunk_offsets
 from rag_service.embedders import EmbeddingModels, LoadedModel
-from rag_service.embedding import Embedder
+from rag_service.embedding import Embedder, Text
 from rag_service.errors import (
     CollectionNotFound,
     DocumentNotFound,
@@ -279,16 +279,16 @@ class KnowledgeBase:
             self._chunk, [docs[i].text for i in to_embed], cfg, model.embedder
         )
         timings["chunk"] = _ms(t)
-        flat_texts = [c.text for chunks, _ in chunked for c in chunks]
-        flat_tokens = [tok for _, toks in chunked for tok in toks]
+        flat_items = [item for _, items, _ in chunked for item in items]
+        flat_tokens = [tok for _, _, toks in chunked for tok in toks]
         t = time.perf_counter()
         vectors = (
-            await model.batcher.embed(flat_texts, flat_tokens, lane="bulk")
-            if flat_texts
+            await model.batcher.embed(flat_items, flat_tokens, lane="bulk")
+            if flat_items
             else np.zeros((0, model.dimension), np.float32)
         )
         timings["embed"] = _ms(t)
-        self.metrics.chunks_embedded.inc(len(flat_texts))
+        self.metrics.chunks_embedded.inc(len(flat_items))
         t = time.perf_counter()
         questions = await upsert_questions(
             self, collection, docs, skip_unchanged=skip_unchanged, model=model
@@ -326,14 +326,21 @@ class KnowledgeBase:
 
     def _chunk(
         self, texts: list[str], cfg: ChunkingConfig, embedder: Embedder
-    ) -> list[tuple[list[Chunk], list[int]]]:
-        """Chunks in ``embedder``'s tokens (the collection's model) and their token counts."""
+    ) -> list[tuple[list[Chunk], list[Text], list[int]]]:
+        """Chunks in ``embedder``'s tokens (the collection's model), what to encode for each
+        (its token ids, cut from the document's where the model allows, else its text) and
+        their token counts. Each document is tokenised once."""
         out = []
-        for text, offsets in zip(texts, embedder.offsets(texts), strict=True):
-            chunks = chunk_offsets(text, offsets, cfg)
+        for text, document in zip(texts, embedder.tokenize_documents(texts), strict=True):
+            chunks = chunk_offsets(text, document.offsets, cfg)
+            items: list[Text] = []
+            for c in chunks:
+                ids = embedder.chunk_ids(document, c.first, c.tokens)
+                items.append(c.text if ids is None else ids)
             out.append(
                 (
                     [Chunk(c.position, c.start, c.end, c.text) for c in chunks],
+                    items,
                     [min(c.tokens + 2, embedder.max_seq_length) for c in chunks],
                 )
             )

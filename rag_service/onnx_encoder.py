@@ -40,13 +40,13 @@ the probe is discarded and exported once more; a fresh export that fails it is m
 ``REJECTED`` (with the reason; delete the entry to try again) and PyTorch serves the model.
 Every fallback is logged with its reason, and the encoder's ``runtime_note`` says it.
 
-Threads. Each lane (interactive queries, bulk ingest) encodes on its own thread
-(:mod:`rag_service.batching`), side by side. ONNX Runtime sessions get per-lane intra-op
-thread counts from :func:`lane_threads` that add up to the cores, so the two lanes never
-oversubscribe them (measured in ``benchmarks/bench_onnx.py``: a shared pool of two threads
-behind both lanes doubled query latency under ingest); lanes with one thread each share one
-session (and one copy of the weights), since each run then executes on its caller's thread.
-Spinning is off, so an idle pool thread does not burn a core the other lane needs.
+Threads. The two lanes (interactive queries, bulk ingest) encode on their own threads
+(:mod:`rag_service.batching`), side by side, and each pass runs with the number of threads
+the lanes' core accounting grants it at that moment (every core for a lane that is alone, its
+share while both have work). A session's intra-op pool has a fixed size, so a graph opens
+one session per thread count it may be asked for (:class:`OnnxGraph`); a one-thread session
+runs on its caller's thread and serves both lanes at once. Spinning is off, so an idle pool
+thread does not burn a core the other lane needs.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,13 +77,11 @@ __all__ = [
     "MIN_COSINE",
     "MIN_COSINE_INT8",
     "GraphKind",
-    "LaneName",
     "OnnxGraph",
     "Pooling",
     "Unsupported",
     "check_modules",
     "graph_entry",
-    "lane_threads",
     "load_graph",
     "main",
     "read_pooling",
@@ -93,7 +91,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GraphKind = Literal["embedding", "cross-encoder"]
-LaneName = Literal["interactive", "bulk"]
 EXPORT_FORMAT = 1  # bump to re-export every cached graph
 OPSET = 17
 EXPORT_TIMEOUT_S = 900.0
@@ -123,9 +120,11 @@ class Unsupported(Exception):
 
 
 def resolve_runtime(runtime: str, device: str) -> tuple[str, str]:
-    """``("onnx" | "torch", why)`` for ``RAG_EMBEDDING_RUNTIME`` on a resolved device."""
-    if runtime == "torch":
-        return "torch", "RAG_EMBEDDING_RUNTIME=torch"
+    """``("onnx" | "torch", why)`` for ``RAG_EMBEDDING_RUNTIME`` on a resolved device, for an
+    encoder that runs on one lane only (the reranker; embedding models choose per lane, see
+    :mod:`rag_service.runtimes`)."""
+    if runtime in ("torch", "torch-bf16"):
+        return "torch", f"RAG_EMBEDDING_RUNTIME={runtime} (PyTorch fp32 for the reranker)"
     if device != "cpu":
         if runtime == "onnx":
             return (
@@ -134,16 +133,6 @@ def resolve_runtime(runtime: str, device: str) -> tuple[str, str]:
             )
         return "torch", f"auto on {device}: PyTorch fp16"
     return "onnx", f"{runtime} on cpu"
-
-
-def lane_threads(cores: int | None = None) -> dict[LaneName, int]:
-    """Intra-op threads per lane, adding up to the cores (at least one each): queries get up
-    to four (a short query gains nothing from more), ingest the rest."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = max(1, cores or 1)
-    interactive = max(1, min(4, cores // 2))
-    return {"interactive": interactive, "bulk": max(1, cores - interactive)}
 
 
 # ---- the model's modules -------------------------------------------------------------------
@@ -422,24 +411,16 @@ def _ensure(model_dir: Path, kind: GraphKind, entry: Path, quantize: str) -> boo
 
 # ---- sessions --------------------------------------------------------------------------------
 class OnnxGraph:
-    """A cached graph opened for the lanes (see the module docstring for the threads)."""
+    """A cached graph opened with one session per thread count (see the module docstring)."""
 
-    def __init__(self, entry: Path, threads: Mapping[LaneName, int]) -> None:
+    def __init__(self, entry: Path, threads: Iterable[int]) -> None:
         import onnxruntime as ort
 
         self.entry = entry
         self.meta: dict[str, Any] = json.loads((entry / META_FILE).read_text(encoding="utf-8"))
-        self.threads = dict(threads)
-        # Lanes of one thread share a session (each run executes on its caller's thread);
-        # lanes with a pool get their own, so one lane's work never queues on the other's.
-        sessions: dict[object, Any] = {}
-        keys: dict[LaneName, object] = {
-            lane: n if n == 1 else lane for lane, n in self.threads.items()
-        }
-        for lane, key in keys.items():
-            if key in sessions:
-                continue
-            n = self.threads[lane]
+        self.threads = sorted({max(1, int(n)) for n in threads} or {1})
+        self._sessions: dict[int, Any] = {}
+        for n in self.threads:
             options = ort.SessionOptions()
             options.intra_op_num_threads = n
             options.inter_op_num_threads = 1
@@ -447,19 +428,24 @@ class OnnxGraph:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.log_severity_level = 3
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            sessions[key] = ort.InferenceSession(
+            self._sessions[n] = ort.InferenceSession(
                 str(entry / GRAPH_FILE), options, providers=["CPUExecutionProvider"]
             )
-        self._sessions = {lane: sessions[key] for lane, key in keys.items()}
-        first = next(iter(sessions.values()))
+        first = self._sessions[self.threads[0]]
         self.inputs: list[str] = [i.name for i in first.get_inputs()]
         self.output: str = first.get_outputs()[0].name
         self.quantize: str = str(self.meta.get("quantize", "none"))
 
-    def run(self, features: Mapping[str, np.ndarray], lane: LaneName = "interactive") -> np.ndarray:
-        """The graph's output for int64 ``features`` (batch, tokens). Blocking; thread-safe."""
+    def session(self, threads: int) -> Any:
+        """The session with the most threads that does not exceed ``threads``."""
+        fitting = [n for n in self.threads if n <= threads]
+        return self._sessions[fitting[-1] if fitting else self.threads[0]]
+
+    def run(self, features: Mapping[str, np.ndarray], threads: int = 1) -> np.ndarray:
+        """The graph's output for int64 ``features`` (batch, tokens), computed with up to
+        ``threads`` intra-op threads. Blocking; thread-safe."""
         feeds = {name: features[name] for name in self.inputs}
-        out = self._sessions[lane].run([self.output], feeds)[0]
+        out = self.session(threads).run([self.output], feeds)[0]
         return np.asarray(out)
 
 
@@ -470,18 +456,18 @@ def load_graph(
     check: Callable[[OnnxGraph], str | None],
     cache_root: Path | None = None,
     quantize: str = "none",
-    threads: Mapping[LaneName, int] | None = None,
+    threads: Iterable[int] = (1,),
 ) -> OnnxGraph:
     """``model_dir``'s graph, exported or taken from the cache, opened, and accepted by
-    ``check`` (None = it reproduces the PyTorch model; else why not). :class:`Unsupported`,
-    saying why, when it cannot be used (see the module docstring)."""
-    lanes = lane_threads() if threads is None else threads
+    ``check`` (None = it reproduces the PyTorch model; else why not), with a session for
+    each of ``threads``. :class:`Unsupported`, saying why, when it cannot be used (see the
+    module docstring)."""
     try:
         entry = graph_entry(model_dir, kind, cache_root=cache_root, quantize=quantize)
         for _ in range(2):
             fresh = _ensure(model_dir, kind, entry, quantize)
             try:
-                graph = OnnxGraph(entry, lanes)
+                graph = OnnxGraph(entry, threads)
             except Exception as exc:  # ONNX Runtime refuses the file: its errors are untyped
                 _discard(entry, f"ONNX Runtime cannot open it: {type(exc).__name__}: {exc}")
                 if fresh:

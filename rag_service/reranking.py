@@ -17,7 +17,7 @@ position embeddings.
 
 Batching. The pairs go through a second :class:`~rag_service.batching.MicroBatcher` whose
 batch function scores pairs instead of embedding texts, and whose lanes run on the embedding
-batcher's threads (``executors``). So concurrent rerank requests merge into batches exactly as
+batcher's threads (``lanes``). So concurrent rerank requests merge into batches exactly as
 queries do (same batching, queue bound and 503, cancellation), and a rerank pass and a query
 embedding take turns on the one interactive thread instead of splitting the two cores between
 two models' thread pools. The price: a query embedding that arrives during a rerank pass waits
@@ -26,11 +26,13 @@ several passes, with query embeddings slipping in between). A second instance wa
 one queue of mixed job types: the queueing code stays one piece of code, only the thread is
 shared, and each kind keeps its own batch bounds and metrics.
 
-Runtime. Like the embedding models, the cross-encoder runs on ``RAG_EMBEDDING_RUNTIME``: on
-CPU its scoring forward is exported to ONNX once (:mod:`rag_service.onnx_encoder`) and serves
-only if it gives PyTorch's scores on probe pairs (within ``MAX_SCORE_DIFF``); else PyTorch
-serves, with the reason logged. Both paths tokenise with the library's own pair preprocessing,
-sorted by length and cut into passes of ``PASS_PAIRS`` as ``CrossEncoder.predict`` does.
+Runtime. The cross-encoder runs on ``RAG_EMBEDDING_RUNTIME`` (auto: ONNX Runtime on CPU; the
+per-lane measurement of the embedding models is not made for it, since it only ever runs on
+the interactive lane): on CPU its scoring forward is exported to ONNX once
+(:mod:`rag_service.onnx_encoder`) and serves only if it gives PyTorch's scores on probe pairs
+(within ``MAX_SCORE_DIFF``); else PyTorch serves, with the reason logged. Both paths tokenise
+with the library's own pair preprocessing, sorted by length and cut into passes of
+``PASS_PAIRS`` as ``CrossEncoder.predict`` does.
 
 The directory is checked before anything loads (:func:`check_reranker_dir`, also run by
 :class:`~rag_service.settings.Settings`, so ``rag-service serve`` refuses a bad one at once):
@@ -53,9 +55,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rag_service import onnx_encoder
-from rag_service.batching import MicroBatcher
-from rag_service.embedding import PROBE_TEXTS, resolve_device
-from rag_service.onnx_encoder import LaneName, OnnxGraph, Unsupported
+from rag_service.batching import MicroBatcher, Threads, available_cores, lane_shares
+from rag_service.embedding import PROBE_TEXTS, Text, resolve_device
+from rag_service.onnx_encoder import OnnxGraph, Unsupported
 from rag_service.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -203,7 +205,8 @@ class Reranker:
             return None if diff <= bar else f"scores differ by {diff:.2e} > {bar}"
 
         started = time.perf_counter()
-        threads: dict[LaneName, int] = {"interactive": onnx_encoder.lane_threads()["interactive"]}
+        cores = available_cores()
+        threads = {cores, lane_shares(cores)["interactive"]}
         try:
             graph = onnx_encoder.load_graph(
                 Path(self.path),
@@ -224,13 +227,16 @@ class Reranker:
         )
 
     # ---- blocking, on the batcher's thread -------------------------------------------
-    def predict(self, pairs: list[Pair], tokens: list[int] | None = None) -> np.ndarray:
+    def predict(
+        self, pairs: list[Pair], tokens: list[int] | None = None, threads: Threads | None = None
+    ) -> np.ndarray:
         """Sigmoid scores of ``pairs``, float32, in order. Blocking. ``tokens`` (each pair's
-        estimated length) is the batch function's signature; predict sorts by length itself."""
+        estimated length) is the batch function's signature; predict sorts by length itself.
+        ``threads`` (the lane's grant, asked before each pass) sizes ONNX Runtime's pool."""
         if not pairs:
             return np.zeros(0, dtype=np.float32)
         if self._graph is not None:
-            return self._predict_onnx(self._graph, pairs)
+            return self._predict_onnx(self._graph, pairs, threads)
         return self._predict_torch(pairs)
 
     def _predict_torch(self, pairs: list[Pair]) -> np.ndarray:
@@ -239,7 +245,9 @@ class Reranker:
         )
         return np.asarray(scores, dtype=np.float32).reshape(len(pairs))
 
-    def _predict_onnx(self, graph: OnnxGraph, pairs: list[Pair]) -> np.ndarray:
+    def _predict_onnx(
+        self, graph: OnnxGraph, pairs: list[Pair], threads: Threads | None = None
+    ) -> np.ndarray:
         import torch
 
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
@@ -249,7 +257,8 @@ class Reranker:
             with self._tokenize_lock:
                 features = self._model.preprocess([pairs[i] for i in chunk])
             arrays = {k: v.numpy() for k, v in features.items() if isinstance(v, torch.Tensor)}
-            logits = graph.run(arrays).reshape(len(chunk), -1)[:, 0].astype(np.float64)
+            n = threads() if threads is not None else graph.threads[-1]
+            logits = graph.run(arrays, n).reshape(len(chunk), -1)[:, 0].astype(np.float64)
             out[chunk] = 1.0 / (1.0 + np.exp(-logits))
         return out
 
@@ -261,7 +270,7 @@ class Reranker:
     # ---- async, for searches -----------------------------------------------------------
     async def start(self, batcher: MicroBatcher[Pair]) -> None:
         """Score through ``batcher`` (built over :meth:`predict`, sharing the embedding
-        batcher's executors); see :func:`open_reranker`."""
+        batcher's lanes); see :func:`open_reranker`."""
         self._batcher = batcher
         await batcher.start()
 
@@ -284,7 +293,7 @@ class Reranker:
 
 
 async def open_reranker(
-    settings: Settings, embedding: MicroBatcher[str], metrics: Metrics
+    settings: Settings, embedding: MicroBatcher[Text], metrics: Metrics
 ) -> Reranker | None:
     """The configured reranker, loaded and started on ``embedding``'s threads; None when
     ``RAG_RERANKER_MODEL`` is empty. The caller stops it (before ``embedding``)."""
@@ -304,7 +313,7 @@ async def open_reranker(
         max_bulk_tokens=settings.rerank_batch_tokens,
         max_queue=settings.queue_size,
         observer=metrics.rerank_batches,
-        executors=embedding.executors,
+        lanes=embedding.lanes,
         kind="rerank",
     )
     await reranker.start(batcher)

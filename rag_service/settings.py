@@ -22,7 +22,7 @@ ENV_PREFIX = "RAG_"
 ENV_ALIASES = {"max_lora_rank": "RAG_UPSTREAM_MAX_LORA_RANK"}  # field -> its former variable
 
 Device = Literal["auto", "cpu", "cuda"]
-EmbeddingRuntime = Literal["auto", "torch", "onnx"]
+EmbeddingRuntime = Literal["auto", "torch", "torch-bf16", "onnx"]
 EmbeddingQuantize = Literal["none", "int8"]
 Synchronous = Literal["NORMAL", "FULL"]
 Backend = Literal["auto", "local", "upstream"]
@@ -124,9 +124,11 @@ class Settings:
     embedding_runtime: EmbeddingRuntime = field(
         default="auto",
         metadata=_help(
-            "What runs the encoders (embedding models, reranker): auto (ONNX Runtime on CPU, "
-            "PyTorch fp16 on CUDA), torch, or onnx (exported once into the model cache and "
-            "checked against PyTorch before it serves; PyTorch, logged, when it cannot be)."
+            "What runs the encoders: auto (on CPU each lane, queries and ingest, runs what was "
+            "measured fastest on this host among PyTorch fp32, PyTorch bf16 autocast where the "
+            "CPU has AMX/AVX512-BF16, and ONNX Runtime, each checked against PyTorch fp32 "
+            "first; PyTorch fp16 on CUDA; the reranker: ONNX Runtime on CPU), or one of torch, "
+            "torch-bf16, onnx on both lanes."
         ),
     )
     embedding_quantize: EmbeddingQuantize = field(
@@ -460,7 +462,7 @@ class Settings:
             raise bad("chunk_overlap", "must be >= 0 and smaller than RAG_CHUNK_TOKENS")
         if not 0 <= self.port <= 65535:
             raise bad("port", "must be a TCP port (0-65535)")
-        if self.embedding_quantize != "none" and self.embedding_runtime == "torch":
+        if self.embedding_quantize != "none" and self.embedding_runtime in ("torch", "torch-bf16"):
             raise bad("embedding_quantize", "int8 needs RAG_EMBEDDING_RUNTIME auto or onnx")
         if self.batch_wait_ms < 0 or self.batch_max_wait_ms < self.batch_wait_ms:
             raise bad("batch_max_wait_ms", "must be >= RAG_BATCH_WAIT_MS >= 0")

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from rag_service.batching import MicroBatcher
+from rag_service.batching import LaneThreads, MicroBatcher, Threads, lane_shares
 from rag_service.errors import Overloaded
+from rag_service.runtimes import sub_batches
 
 
 class Recorder:
@@ -48,7 +50,7 @@ def test_results_match_direct_encoding_and_order(embedder):
 def test_token_budget_splits_batches():
     seen: list[int] = []
 
-    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
+    def encode(texts: list[str], tokens: list[int], threads: Threads) -> np.ndarray:
         seen.append(len(texts))
         return np.zeros((len(texts), 2), np.float32)
 
@@ -65,11 +67,11 @@ def test_token_budget_splits_batches():
 def test_queries_never_wait_behind_ingest():
     gate = threading.Event()
 
-    def slow_bulk(texts: list[str], tokens: list[int]) -> np.ndarray:
+    def slow_bulk(texts: list[str], tokens: list[int], threads: Threads) -> np.ndarray:
         gate.wait(10)
         return np.ones((len(texts), 2), np.float32)
 
-    def fast(texts: list[str], tokens: list[int]) -> np.ndarray:
+    def fast(texts: list[str], tokens: list[int], threads: Threads) -> np.ndarray:
         return np.zeros((len(texts), 2), np.float32)
 
     async def go() -> None:
@@ -89,7 +91,7 @@ def test_queries_never_wait_behind_ingest():
 def test_bulk_batches_respect_token_cap():
     sizes: list[int] = []
 
-    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
+    def encode(texts: list[str], tokens: list[int], threads: Threads) -> np.ndarray:
         sizes.append(sum(tokens))
         return np.zeros((len(texts), 2), np.float32)
 
@@ -104,7 +106,7 @@ def test_bulk_batches_respect_token_cap():
 
 
 def test_queue_bound_and_errors():
-    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
+    def encode(texts: list[str], tokens: list[int], threads: Threads) -> np.ndarray:
         if "boom" in texts:
             raise RuntimeError("model failure")
         return np.zeros((len(texts), 2), np.float32)
@@ -122,16 +124,16 @@ def test_queue_bound_and_errors():
     asyncio.run(go())
 
 
-def test_length_groups_bound_padding():
-    from rag_service.embedding import length_groups
-
-    tokens = [5, 200, 6, 7, 180, 5, 40, 41, 300]
-    groups = length_groups(tokens)
+def test_sub_batches_sort_by_length_and_bound_the_padded_size():
+    tokens = [5, 200, 6, 7, 180, 5, 40, 41, 300, 2000]
+    groups = sub_batches(tokens, 1024)
     assert sorted(i for g in groups for i in g) == list(range(len(tokens)))
+    flat = [tokens[i] for g in groups for i in g]
+    assert flat == sorted(tokens)  # length-sorted, so a group pads little
     for g in groups:
-        lengths = [tokens[i] for i in g]
-        assert max(lengths) <= max(min(lengths) * 1.3, min(lengths) + 4)
-    assert len(length_groups([10] * 200)) == 4  # at most 64 per group
+        # rows x longest within the budget; a text alone may exceed it
+        assert len(g) * max(tokens[i] for i in g) <= 1024 or len(g) == 1
+    assert [len(g) for g in sub_batches([128] * 20, 1024)] == [8, 8, 4]
 
 
 def test_grouped_encoding_keeps_order(embedder):
@@ -151,7 +153,7 @@ def test_a_lone_request_goes_at_once_and_a_batch_forms_while_the_encoder_is_busy
     busy = threading.Event()
     release = threading.Event()
 
-    def encode(texts: list[str], tokens: list[int]) -> np.ndarray:
+    def encode(texts: list[str], tokens: list[int], threads: Threads) -> np.ndarray:
         sizes.append(len(texts))
         if len(sizes) == 1:
             busy.set()
@@ -179,3 +181,70 @@ def test_a_lone_request_goes_at_once_and_a_batch_forms_while_the_encoder_is_busy
 
     asyncio.run(go())
     assert sizes == [1, 20, 1]
+
+
+def test_lane_shares_add_up_to_the_cores():
+    assert lane_shares(1) == {"interactive": 1, "bulk": 1}
+    assert lane_shares(2) == {"interactive": 1, "bulk": 1}
+    assert lane_shares(3) == {"interactive": 1, "bulk": 2}
+    assert lane_shares(16) == {"interactive": 4, "bulk": 12}
+
+
+def test_a_lane_alone_gets_every_core_and_both_busy_split_them():
+    lanes = LaneThreads(3, hold_s=0.2)
+    try:
+        assert lanes.threads("bulk") == 3 and lanes.threads("interactive") == 3
+        with lanes.working("interactive"):
+            assert lanes.threads("bulk") == 2  # its share while queries run
+        assert lanes.threads("bulk") == 2  # held a moment after the last query
+        assert lanes.threads("interactive") == 3
+        deadline = time.monotonic() + 5
+        while lanes.threads("bulk") != 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lanes.threads("bulk") == 3  # the hold ended: every core again
+        with lanes.working("bulk"):
+            assert lanes.threads("interactive") == 1
+    finally:
+        lanes.shutdown()
+
+
+def test_an_ingest_gives_cores_to_a_query_between_sub_batches():
+    """The bulk batch function asks for its threads before each sub-batch: alone it gets
+    every core, while a query is encoding only its share, and every core again after."""
+    seen: list[int] = []
+    query_running = threading.Event()
+    query_release = threading.Event()
+    step = threading.Event()
+
+    def bulk(texts: list[str], tokens: list[int], threads: Threads) -> np.ndarray:
+        for i in range(len(texts)):
+            seen.append(threads())
+            if i == 0:
+                step.set()
+                query_running.wait(5)  # the query is now encoding
+            elif i == 1:
+                query_release.set()
+                time.sleep(0.25)  # past the hold
+        return np.zeros((len(texts), 2), np.float32)
+
+    def query(texts: list[str], tokens: list[int], threads: Threads) -> np.ndarray:
+        seen.append(-threads())
+        query_running.set()
+        query_release.wait(5)
+        return np.zeros((len(texts), 2), np.float32)
+
+    async def go() -> None:
+        lanes = LaneThreads(3, hold_s=0.1)
+        b = MicroBatcher(query, encode_bulk=bulk, lanes=lanes)
+        await b.start()
+        ingest = asyncio.create_task(b.embed(["a", "b", "c"], [1, 1, 1], lane="bulk"))
+        await asyncio.to_thread(step.wait, 5)
+        await b.embed(["q"], [1])
+        await ingest
+        await b.stop()
+        lanes.shutdown()
+
+    asyncio.run(go())
+    # bulk alone: 3; the query, with the ingest busy: its share 1; bulk during the query: 2;
+    # bulk after the query's hold: 3 again
+    assert seen == [3, -1, 2, 3], seen

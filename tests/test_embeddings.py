@@ -12,12 +12,12 @@ from rag_service.settings import Settings
 from tests.support import error_of, free_port, running_server
 
 
-@pytest.fixture(scope="module", params=["onnx", "torch"])
+@pytest.fixture(scope="module", params=["auto", "torch"])
 def embedder(request: pytest.FixtureRequest, embedder: Embedder) -> Embedder:
-    """Every test here runs on both runtimes: the session's embedder (ONNX Runtime, the
-    default on CPU) and the same model on PyTorch."""
-    if request.param == "onnx":
-        assert embedder.runtime == "onnx", embedder.runtime_note
+    """Every test here runs on two set-ups: the session's embedder (the default, auto: each
+    lane on the runtime measured fastest here) and the same model on PyTorch fp32."""
+    if request.param == "auto":
+        assert set(embedder.runtimes.values()) <= {"onnx", "torch", "torch-bf16"}
         return embedder
     torch_embedder = Embedder(Settings().embedding_model_path, device="cpu", runtime="torch")
     assert torch_embedder.runtime == "torch"
@@ -148,18 +148,18 @@ def test_batch_tokenizer_reproduces_the_library_features(embedder):
 
 
 def test_library_preprocessing_is_kept_when_the_batch_tokenizer_differs(monkeypatch, embedder):
-    runtime = embedder.runtime
+    runtime = embedder.runtimes["interactive"]
     reference = Embedder(Settings().embedding_model_path, device="cpu", runtime=runtime)
     tokens = reference.count_tokens(TOKENIZER_TEXTS)
     expected = reference.encode(TOKENIZER_TEXTS, tokens)
-    real = Embedder._features
+    real = Embedder._pad
 
-    def off_by_one(self, tok, texts):
-        features = real(self, tok, texts)
+    def off_by_one(self, rows):
+        features = real(self, rows)
         features["input_ids"] = features["input_ids"] + 1
         return features
 
-    monkeypatch.setattr(Embedder, "_features", off_by_one)
+    monkeypatch.setattr(Embedder, "_pad", off_by_one)
     fallback = Embedder(Settings().embedding_model_path, device="cpu", runtime=runtime)
     assert fallback._batch_tokenizer is None and fallback.runtime == runtime
     assert np.allclose(fallback.encode(TOKENIZER_TEXTS, tokens), expected, atol=1e-6)

@@ -19,9 +19,10 @@ import pytest
 from litestar.testing import TestClient
 
 from rag_service.app import create_app
+from rag_service.batching import lane_shares
 from rag_service.embedding import Embedder
 from rag_service.model_cache import cache_dir
-from rag_service.onnx_encoder import GRAPH_FILE, META_FILE, graph_entry, lane_threads
+from rag_service.onnx_encoder import GRAPH_FILE, META_FILE, graph_entry
 from rag_service.reranking import Reranker
 from rag_service.settings import Settings, bundled_embedding_model
 from tests.support import ROOT, wait_ready
@@ -49,6 +50,14 @@ def torch_embedder() -> Embedder:
     return Embedder(str(BUNDLED), device="cpu", runtime="torch")
 
 
+@pytest.fixture(scope="module")
+def onnx_embedder(embedder: Embedder) -> Embedder:
+    """The bundled model on ONNX Runtime on both lanes (the session's graph, no measuring)."""
+    forced = Embedder(str(BUNDLED), device="cpu", runtime="onnx")
+    assert forced.runtimes == {"interactive": "onnx", "bulk": "onnx"}, forced.runtime_note
+    return forced
+
+
 @pytest.fixture
 def cache_copy(tmp_path: Path, embedder: Embedder) -> tuple[Path, Path]:
     """(cache root, graph entry): a private copy of the session's cached graph."""
@@ -58,8 +67,8 @@ def cache_copy(tmp_path: Path, embedder: Embedder) -> tuple[Path, Path]:
     return root, entry
 
 
-def test_probe_passes_and_vectors_match_pytorch(embedder, torch_embedder):
-    assert embedder.runtime == "onnx", embedder.runtime_note
+def test_probe_passes_and_vectors_match_pytorch(onnx_embedder, torch_embedder):
+    embedder = onnx_embedder
     assert embedder.probe_cosine is not None and embedder.probe_cosine >= 0.9999
     texts = real_texts()
     tokens = embedder.count_tokens(texts)
@@ -77,7 +86,7 @@ def test_second_start_reuses_the_cached_graph(embedder, caplog):
     meta = (entry / META_FILE).read_text()
     inode = (entry / GRAPH_FILE).stat().st_ino
     with caplog.at_level(logging.INFO, logger="rag_service"):
-        again = Embedder(str(BUNDLED), device="cpu")
+        again = Embedder(str(BUNDLED), device="cpu", runtime="onnx")
     assert again.runtime == "onnx"
     assert not [r for r in caplog.records if "exporting" in r.getMessage()]
     assert (entry / META_FILE).read_text() == meta and (entry / GRAPH_FILE).stat().st_ino == inode
@@ -105,7 +114,7 @@ def test_a_truncated_cached_graph_is_discarded_and_exported_again(
     graph = entry / GRAPH_FILE
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 3])
     with caplog.at_level(logging.INFO, logger="rag_service"):
-        fixed = Embedder(str(BUNDLED), device="cpu", cache_root=root)
+        fixed = Embedder(str(BUNDLED), device="cpu", cache_root=root, runtime="onnx")
     messages = [r.getMessage() for r in caplog.records]
     assert any("discarding the cached ONNX graph" in m and "bytes" in m for m in messages)
     assert any("exporting" in m for m in messages), messages
@@ -183,7 +192,7 @@ def _model_copy(tmp_path: Path, pooling: dict | None = None, modules: list | Non
 def test_cls_pooling_is_read_from_the_model_directory(tmp_path, embedder, caplog):
     copy = _model_copy(tmp_path, {"word_embedding_dimension": 384, "pooling_mode_cls_token": True})
     with caplog.at_level(logging.INFO, logger="rag_service"):
-        cls_onnx = Embedder(str(copy), device="cpu")
+        cls_onnx = Embedder(str(copy), device="cpu", runtime="onnx")
     assert cls_onnx.runtime == "onnx" and cls_onnx._pooling is not None
     assert cls_onnx._pooling.modes == ("cls",)
     assert not [r for r in caplog.records if "exporting" in r.getMessage()]  # same graph
@@ -224,7 +233,10 @@ def test_a_model_onnx_cannot_represent_is_served_by_pytorch(case, tmp_path, fake
         (copy / "2_Dense").mkdir()
         Dense(384, 384).save(str(copy / "2_Dense"))
     settings = Settings(
-        data_dir=tmp_path / "data", embedding_model=str(copy), upstream_url=fake_server.url
+        data_dir=tmp_path / "data",
+        embedding_model=str(copy),
+        embedding_runtime="onnx",
+        upstream_url=fake_server.url,
     )
     with (
         caplog.at_level(logging.INFO, logger="rag_service"),
@@ -236,7 +248,7 @@ def test_a_model_onnx_cannot_represent_is_served_by_pytorch(case, tmp_path, fake
     runtime = ready["runtimes"][ready["embedding_model"]]
     assert runtime["runtime"] == "torch" and why in runtime["note"], runtime
     assert any(
-        "stays on PyTorch" in r.getMessage() and why in r.getMessage() for r in caplog.records
+        "ONNX Runtime not used" in r.getMessage() and why in r.getMessage() for r in caplog.records
     )
     reference = Embedder(str(copy), device="cpu", runtime="torch").encode(["hello there"])[0]
     np.testing.assert_allclose(got["data"][0]["embedding"], reference, atol=1e-5)
@@ -246,28 +258,33 @@ def test_an_export_that_fails_leaves_the_service_on_pytorch(tmp_path, torch_embe
     not_a_dir = tmp_path / "cache-is-a-file"
     not_a_dir.write_text("")
     with caplog.at_level(logging.INFO, logger="rag_service"):
-        fallback = Embedder(str(BUNDLED), device="cpu", cache_root=not_a_dir)
+        fallback = Embedder(str(BUNDLED), device="cpu", cache_root=not_a_dir, runtime="onnx")
     assert fallback.runtime == "torch" and "ONNX cache could not be used" in fallback.runtime_note
-    assert any("stays on PyTorch" in r.getMessage() for r in caplog.records)
+    assert any("ONNX Runtime not used" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(
         fallback.encode(["a b c"]), torch_embedder.encode(["a b c"]), atol=1e-6
     )
 
 
-def test_int8_is_opt_in_and_close_to_full_precision(embedder, torch_embedder):
+def test_int8_is_opt_in_and_close_to_full_precision(onnx_embedder, torch_embedder):
     int8 = Embedder(str(BUNDLED), device="cpu", quantize="int8")
-    assert embedder.runtime == "onnx" and int8.runtime == "onnx-int8"
+    assert onnx_embedder.runtime == "onnx" and int8.runtime == "onnx-int8"
+    assert int8.runtimes == {"interactive": "onnx-int8", "bulk": "onnx-int8"}
     assert graph_entry(BUNDLED, "embedding", quantize="int8").is_dir()  # cached on its own
     texts = real_texts(30)
     agreement = cosines(int8.encode(texts), torch_embedder.encode(texts))
     assert agreement.min() >= 0.95 and agreement.mean() < 0.9999  # close, but not the same
 
 
-def test_lanes_do_not_oversubscribe_the_cores():
-    for cores in (1, 2, 3, 4, 16):
-        threads = lane_threads(cores)
-        assert min(threads.values()) >= 1
-        assert sum(threads.values()) <= max(cores, 2)
+def test_a_graph_opens_one_session_per_thread_count(onnx_embedder):
+    graph = onnx_embedder._graph
+    cores = onnx_embedder.cores
+    assert graph is not None and graph.threads == sorted({cores, *lane_shares(cores).values()})
+    features = onnx_embedder.tokenize_arrays(["one query"])
+    alone = graph.run(features, onnx_embedder.cores)
+    shared = graph.run(features, 1)
+    np.testing.assert_allclose(alone, shared, atol=1e-5)  # the pool's size changes no result
+    assert graph.session(64) is graph.session(onnx_embedder.cores)  # capped at the largest
 
 
 def test_a_lone_query_does_not_wait_for_company(tmp_path, embedder, fake_server):
@@ -279,8 +296,6 @@ def test_a_lone_query_does_not_wait_for_company(tmp_path, embedder, fake_server)
     )
     with TestClient(create_app(settings, embedder=embedder)) as client:
         wait_ready(client)
-        ready = client.get("/ready").json()
-        assert ready["runtimes"][ready["embedding_model"]]["runtime"] == "onnx"
         took = []
         for i in range(7):
             started = time.perf_counter()

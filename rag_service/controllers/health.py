@@ -62,8 +62,21 @@ def ready(state: State) -> Response[Any]:
     )
 
 
-def _runtime(encoder: Any) -> dict[str, str]:
-    return {"runtime": encoder.runtime, "note": encoder.runtime_note}
+def _runtime(encoder: Any) -> dict[str, Any]:
+    """What runs an encoder and why; for an embedding model also per lane, with the timings
+    the choice was made from."""
+    out: dict[str, Any] = {"runtime": encoder.runtime, "note": encoder.runtime_note}
+    lanes = getattr(encoder, "lanes", None)
+    if lanes:
+        out["lanes"] = {lane: {"runtime": c.runtime, "why": c.why} for lane, c in lanes.items()}
+        out["cores"] = encoder.cores
+    timings = getattr(encoder, "timings", None)
+    if timings:
+        out["timings"] = [
+            {"runtime": m.runtime, "bulk_texts_per_s": m.bulk_texts_per_s, "query_ms": m.query_ms}
+            for m in timings
+        ]
+    return out
 
 
 @get(
