@@ -34,7 +34,8 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ __all__ = [
     "EmbeddingModels",
     "LoadedModel",
     "ModelLoadError",
+    "QueryCache",
     "check_model_dir",
 ]
 
@@ -65,6 +67,37 @@ class ModelLoadError(Exception):
     """A model directory could not be loaded as a sentence-transformers embedding model."""
 
 
+class QueryCache:
+    """The vectors of recent search queries by exact text, least recently used first out,
+    at most ``size`` of them: a repeated query skips the encoder, and a miss costs one dict
+    lookup. One per loaded model, so a vector never serves another model; a model loaded
+    again (another directory under the same identifier after a reindex) starts empty."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = 0
+
+    def get(self, text: str) -> np.ndarray | None:
+        vector = self._vectors.get(text)
+        if vector is not None:
+            self._vectors.move_to_end(text)
+            self.hits += 1
+        return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        vector.setflags(write=False)  # shared by every search that repeats the query
+        self._vectors[text] = vector
+        self._vectors.move_to_end(text)
+        while len(self._vectors) > self.size:
+            self._vectors.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+
 @dataclass(eq=False, slots=True)
 class LoadedModel:
     """One embedding model in service: its identifier, directory, encoder and batcher."""
@@ -73,10 +106,23 @@ class LoadedModel:
     path: Path
     embedder: Embedder
     batcher: MicroBatcher[Text]
+    queries: QueryCache = field(default_factory=lambda: QueryCache(0))
 
     @property
     def dimension(self) -> int:
         return self.embedder.dimension
+
+    async def embed_query(self, text: str) -> np.ndarray:
+        """The (1, dimension) vector of a search query on the interactive lane, from the
+        query cache when the same text was searched recently."""
+        vector = self.queries.get(text)
+        if vector is None:
+            # The token count only steers batching: an estimate saves a tokenizer pass on
+            # the event loop (the encoder tokenises the query anyway).
+            estimate = self.embedder.estimate_tokens(text)
+            vector = await self.batcher.embed([text], [estimate], lane="interactive")
+            self.queries.put(text, vector)
+        return vector
 
     async def embed_bulk(self, texts: list[str]) -> np.ndarray:
         """Vectors of ``texts`` on the bulk lane (as document chunks are embedded)."""
@@ -122,7 +168,14 @@ class EmbeddingModels:
         cls, settings: Settings, embedder: Embedder, batcher: MicroBatcher[Text]
     ) -> EmbeddingModels:
         """The registry of a service whose default model is ``embedder`` on ``batcher``."""
-        return cls(settings, LoadedModel(embedder.name, Path(embedder.path), embedder, batcher))
+        default = LoadedModel(
+            embedder.name,
+            Path(embedder.path),
+            embedder,
+            batcher,
+            QueryCache(settings.query_cache_size),
+        )
+        return cls(settings, default)
 
     @property
     def models_dir(self) -> Path:
@@ -233,7 +286,7 @@ class EmbeddingModels:
                 lanes=self.default.batcher.lanes,  # take turns with the default
             )
             await batcher.start()
-            model = LoadedModel(model_id, path, embedder, batcher)
+            model = LoadedModel(model_id, path, embedder, batcher, QueryCache(s.query_cache_size))
             self._loaded[model_id] = model
             self._failed.pop(model_id, None)
             log.info(

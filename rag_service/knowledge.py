@@ -461,11 +461,7 @@ class KnowledgeBase:
         t0 = time.perf_counter()
         for attempt in range(SEARCH_ATTEMPTS):
             model = await self.model_for(collection.row)
-            # The query's token count only steers batching, so an estimate saves a tokenizer
-            # pass on the event loop; the encoder tokenizes the query anyway.
-            vector = await model.batcher.embed(
-                [query], [model.embedder.estimate_tokens(query)], lane="interactive"
-            )
+            vector = await model.embed_query(query)
             timings = {"embed": _ms(t0)}
             request = replace(
                 request, vector=vector, alone=self._searching == 1, embedding_model=model.id

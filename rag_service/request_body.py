@@ -9,10 +9,11 @@ Every JSON body goes through :func:`decode_body` before any handler sees it:
   there; a larger one would fail deep inside one of them).
 
 :class:`BoundedRequest` is the app's request class: its ``json()`` applies :func:`decode_body`
-and then validates the body against the handler's ``data`` type *strictly* (``"5"`` is not an
-int, ``0`` is not a bool, as in the OpenAI API), so a bad field is a 400 naming it before
-Litestar's own lenient conversion runs. The chat route, which reads raw bytes to forward
-unknown fields, calls :func:`decode_body` and :func:`validate` itself.
+and then converts the body to the handler's ``data`` type *strictly* (``"5"`` is not an int,
+``0`` is not a bool, as in the OpenAI API), so a bad field is a 400 naming it, and hands
+Litestar the converted struct, which its signature model passes through as it is (the body is
+decoded once and converted once). :meth:`BoundedRequest.plain_json` gives the decoded value
+before conversion: the chat route forwards the fields this service does not know upstream.
 """
 
 from __future__ import annotations
@@ -97,16 +98,26 @@ def validate(value: Any, target: type[T]) -> T:
 class BoundedRequest(Request[Any, Any, Any]):
     """The request class of the app: bounded JSON decoding and strict body validation."""
 
+    async def plain_json(self) -> Any:
+        """The body as decoded (bounded), before conversion to the handler's type."""
+        plain = self.scope.get("rag.plain_json", Empty)  # type: ignore[typeddict-item]
+        if plain is Empty:
+            plain = decode_body(await self.body() or b"null")
+            self.scope["rag.plain_json"] = plain  # type: ignore[typeddict-unknown-key]
+        return plain
+
     async def json(self) -> Any:
+        """The body converted strictly to the handler's ``data`` struct (the value itself
+        for a handler without one)."""
         if self._json is Empty:
             cached = self._connection_state.json
             if cached is not Empty:
                 self._json = cached
             else:
-                value = decode_body(await self.body() or b"null")
+                value = await self.plain_json()
                 field = self.route_handler.parsed_data_field
                 target = field.annotation if field is not None else None
                 if isinstance(target, type) and issubclass(target, msgspec.Struct):
-                    validate(value, target)
+                    value = validate(value, target)
                 self._json = self._connection_state.json = value
         return self._json

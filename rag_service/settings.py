@@ -180,6 +180,13 @@ class Settings:
     max_query_chars: int = field(
         default=8192, metadata=_help("Longest search query or embedding input, in characters.")
     )
+    query_cache_size: int = field(
+        default=1024,
+        metadata=_help(
+            "Search queries whose vectors are kept per embedding model, by exact text (a "
+            "repeated query skips the encoder); 0 turns the cache off."
+        ),
+    )
     max_top_k: int = field(
         default=100,
         metadata=_help("Largest top_k a search or a chat's retrieval may ask for (the one bound)."),
@@ -450,6 +457,8 @@ class Settings:
             raise bad("rerank_depth", "must be between 1 and RAG_MAX_RERANK_DEPTH")
         if self.rerank_batch_tokens < 1:
             raise bad("rerank_batch_tokens", "must be at least 1")
+        if self.query_cache_size < 0:
+            raise bad("query_cache_size", "must be >= 0")
         if self.reranker_model:
             from rag_service.reranking import check_reranker_dir
 

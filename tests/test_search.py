@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.support import ENGINES, engine_database_url, error_of
@@ -397,3 +398,36 @@ def test_bad_hybrid_weights(kb, extra, param):
     resp = kb.post("/v1/collections/kb/search", json={"query": "x", "mode": "hybrid", **extra})
     assert resp.status_code == 400
     assert error_of(resp)["param"] == param
+
+
+def _batches(client) -> float:
+    """Embedding batches run so far (the encoder's passes), from /metrics."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("rag_embedding_batch_size_count"):
+            return float(line.split()[-1])
+    raise AssertionError("no rag_embedding_batch_size_count in /metrics")
+
+
+def test_a_repeated_query_skips_the_encoder(kb):
+    first = search(kb, "Which river is the longest?", top_k=3)
+    passes = _batches(kb)
+    again = search(kb, "Which river is the longest?", top_k=3)
+    assert again == first  # the cached vector finds the same chunks with the same scores
+    assert _batches(kb) == passes
+    search(kb, "Which river is the longest ?", top_k=3)  # another text: encoded
+    assert _batches(kb) == passes + 1
+
+
+def test_the_query_cache_is_bounded_and_can_be_turned_off():
+    from rag_service.embedders import QueryCache
+
+    cache = QueryCache(2)
+    for text in ("a", "b", "c"):
+        cache.put(text, np.full((1, 2), ord(text), np.float32))
+    assert len(cache) == 2 and cache.get("a") is None  # the least recently used went first
+    assert cache.get("b") is not None and cache.hits == 1
+    cache.put("d", np.zeros((1, 2), np.float32))
+    assert cache.get("b") is not None and cache.get("c") is None  # "b" was used, "c" not
+    off = QueryCache(0)
+    off.put("a", np.zeros((1, 2), np.float32))
+    assert len(off) == 0 and off.get("a") is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
@@ -14,6 +14,7 @@ from rag_service.chat_schemas import ChatRequest
 from rag_service.dependencies import provide_chat
 from rag_service.keys import Principal
 from rag_service.openapi import ChatCompletionOperation, error_responses
+from rag_service.request_body import BoundedRequest
 from rag_service.streaming import EventStream
 
 __all__ = ["ChatController", "list_models"]
@@ -39,7 +40,7 @@ class ChatController(Controller):
     ) -> Response[Any] | EventStream:
         # ``data`` was validated strictly from the same JSON; the plain dict keeps the fields
         # this service does not know, to forward them upstream untouched.
-        body: dict[str, Any] = await request.json()
+        body: dict[str, Any] = await cast(BoundedRequest, request).plain_json()
         prepared = await chat.prepare(data, body, principal=principal)
         # The header says at once whether any collection was searched (the body's
         # ``retrieval`` says which and why not), for clients that read no extra fields.
