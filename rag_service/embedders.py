@@ -33,8 +33,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
