@@ -139,6 +139,7 @@ class Server:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     ready_seconds: float = 0.0
+    cwd: Path = ROOT  # another checkout serves its own code from its own directory
 
     @property
     def url(self) -> str:
@@ -157,7 +158,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rag_service", "serve"],
             env=env,
-            cwd=ROOT,
+            cwd=self.cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
