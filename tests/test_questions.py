@@ -16,7 +16,14 @@ from rag_service.cli import main
 from rag_service.questions import embed_texts
 from rag_service.schemas import MAX_QUESTIONS_PER_DOCUMENT
 from rag_service.settings import Settings
-from tests.support import ENGINES, engine_database_url, error_of, free_port, running_server
+from tests.support import (
+    ENGINES,
+    LANE_SCORE_TOLERANCE,
+    engine_database_url,
+    error_of,
+    free_port,
+    running_server,
+)
 from tests.test_documents import search, upsert
 from tests.test_reindex import NEW, models_dir, wait_reindexed  # noqa: F401
 
@@ -383,7 +390,9 @@ def test_an_attach_racing_a_reindex_swap_is_embedded_again(
     assert info(client)["embedding_model"] == NEW
     top = debug_search(client, KNOWN)[0]
     assert (top["document_id"], top["matched"]) == ("rust", "question")
-    assert top["scores"]["question"] == pytest.approx(1.0, abs=2e-3)  # a new-model vector
+    assert top["scores"]["question"] == pytest.approx(
+        1.0, abs=LANE_SCORE_TOLERANCE
+    )  # a new-model vector
 
 
 @pytest.mark.parametrize(

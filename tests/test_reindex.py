@@ -50,6 +50,7 @@ from rag_service.reindexing import Reindexing
 from rag_service.settings import Settings, bundled_embedding_model
 from tests.support import (
     ENGINES,
+    LANE_SCORE_TOLERANCE,
     engine_database_url,
     error_of,
     free_port,
@@ -168,7 +169,7 @@ def test_reindex_moves_the_collection_to_the_new_model(
     query = new_embedder.encode(["string instruments"])[0]
     for hit in hits:  # the scores are the new model's
         expected = float(new_embedder.encode([hit["text"]])[0] @ query)
-        assert hit["score"] == pytest.approx(expected, abs=2e-3)
+        assert hit["score"] == pytest.approx(expected, abs=LANE_SCORE_TOLERANCE)
     assert search(client, "I lost my password", top_k=1)[0]["document_id"] == "faq"
     upsert(client, [{"id": "late", "text": "Penguins huddle together on the Antarctic ice."}])
     assert search(client, "birds of the frozen south", top_k=1)[0]["document_id"] == "late"
@@ -300,7 +301,7 @@ def test_searches_and_writes_during_a_reindex_see_one_model(
                 hit = next(h for h in hits if h["document_id"] == doc_id)
                 query = new_embedder.encode([f"the code word zq{i}x"])[0]
                 expected = float(new_embedder.encode([hit["text"]])[0] @ query)
-                assert hit["score"] == pytest.approx(expected, abs=2e-3)
+                assert hit["score"] == pytest.approx(expected, abs=LANE_SCORE_TOLERANCE)
 
 
 def test_kill_9_mid_reindex_keeps_the_old_index_and_resumes(
@@ -587,7 +588,9 @@ def test_writes_go_on_while_the_swap_catches_up(embedder, new_embedder, tmp_path
             for h in hits:
                 if h.hit.document_id != "faq":  # (a known question may lift its score)
                     expected = float(new[h.hit.document_id] @ query[0])
-                    assert h.score == pytest.approx(expected, abs=2e-3), h.hit.document_id
+                    assert h.score == pytest.approx(expected, abs=LANE_SCORE_TOLERANCE), (
+                        h.hit.document_id
+                    )
             with pytest.raises(ModelChanged):
                 await engine.upsert_new(
                     CollectionOptions("kb", OLD, 384),
