@@ -1,11 +1,11 @@
 """ONNX Runtime for the service's encoders on CPU: export, cache, probe and fallback.
 
 A six-layer MiniLM forward on one short query is mostly PyTorch eager overhead; the same
-graph on ONNX Runtime answers in about a third of the time and embeds documents about twice
-as fast. Every encoder the service loads (the default embedding model, models in
-``RAG_MODELS_DIR`` including those ``rag-train embed`` writes, the cross-encoder reranker)
-runs on it when ``RAG_EMBEDDING_RUNTIME`` resolves to ``onnx`` (``auto``: ONNX on CPU,
-PyTorch fp16 on CUDA).
+graph on ONNX Runtime answers in about a third of the time (bulk work is another matter: see
+:mod:`rag_service.runtimes`, which times ONNX Runtime against PyTorch on the host and gives
+each lane the faster). Every encoder the service loads (the default embedding model, models
+in ``RAG_MODELS_DIR`` including those ``rag-train embed`` writes, the cross-encoder reranker)
+can run on it on CPU.
 
 Export. The model's first sentence-transformers module (its ``Transformer``; for a
 cross-encoder the whole scoring forward) is exported with ``torch.onnx.export`` (the
