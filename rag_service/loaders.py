@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import codecs
 import io
-import json
 import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
+
+from rag_service import bounded_json
+from rag_service.ids import id_problem
 
 if TYPE_CHECKING:
     from bs4 import Tag
@@ -211,17 +213,25 @@ def _jsonl(raw: str, filename: str, doc_id: str, content_type: str) -> Iterator[
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise LoadError(f"{filename}:{lineno}", f"not JSON ({exc})") from exc
+            obj = bounded_json.loads(line)
+        except bounded_json.JsonBoundsError as exc:
+            raise LoadError(f"{filename}:{lineno}", str(exc)) from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise LoadError(f"{filename}:{lineno}", "expected an object with a string 'text'")
         metadata = obj.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise LoadError(f"{filename}:{lineno}", "'metadata' must be an object")
+        given = obj.get("id")
+        if given is not None and not isinstance(given, str | int):
+            raise LoadError(f"{filename}:{lineno}", "'id' must be a string")
+        line_id = str(given) if given not in (None, "") else f"{doc_id}#{lineno}"
+        if (problem := id_problem(line_id)) is not None:
+            raise LoadError(
+                f"{filename}:{lineno}", f"{line_id[:80]!r} cannot be a document id: {problem}"
+            )
         if obj["text"].strip():
             yield SourceDocument(
-                str(obj.get("id") or f"{doc_id}#{lineno}"),
+                line_id,
                 obj["text"],
                 {"source": doc_id, "content_type": content_type, **metadata},
             )

@@ -1,12 +1,9 @@
 """JSON request bodies: decoded and bounded in one place, for every route.
 
-Every JSON body goes through :func:`decode_body` before any handler sees it:
-
-* it must be UTF-8 and valid JSON (else 400 naming the byte offset msgspec reports);
-* containers nest at most :data:`MAX_DEPTH` deep (a 1,000-deep array would otherwise overflow
-  the decoder's or a later serializer's recursion and end in a 500);
-* every integer fits in 64 bits (SQLite, FAISS ids, torch seeds and upstream servers all stop
-  there; a larger one would fail deep inside one of them).
+Every JSON body goes through :func:`decode_body` before any handler sees it: UTF-8, valid
+JSON, at most :data:`MAX_DEPTH` levels deep and 64-bit integers, the bounds of
+:mod:`rag_service.bounded_json` that every JSON the service parses is held to (else a 400
+naming the byte offset or the field).
 
 :class:`BoundedRequest` is the app's request class: its ``json()`` applies :func:`decode_body`
 and then validates the body against the handler's ``data`` type *strictly* (``"5"`` is not an
@@ -24,60 +21,24 @@ import msgspec
 from litestar import Request
 from litestar.types import Empty
 
+from rag_service.bounded_json import MAX_DEPTH, JsonBoundsError, loads
 from rag_service.errors import InvalidRequest
 
 __all__ = ["MAX_DEPTH", "BoundedRequest", "decode_body", "validate"]
 
-MAX_DEPTH = 32
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
 T = TypeVar("T")
-_PATH = re.compile(r"at `\$\.?(.*)`$")
+_PATH = re.compile(r"at `\$\.?(.*)`\Z")
 _FIELD = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]*)`")
-
-
-def _path(parts: list[str | int]) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-def _check_bounds(value: Any) -> None:
-    """Iterative walk (no recursion to overflow): depth and 64-bit integers."""
-    stack: list[tuple[Any, int, list[str | int]]] = [(value, 0, [])]
-    while stack:
-        node, depth, where = stack.pop()
-        if isinstance(node, dict):
-            if depth >= MAX_DEPTH:
-                raise InvalidRequest(
-                    f"JSON nests deeper than {MAX_DEPTH} levels", param=_path(where) or None
-                )
-            stack.extend((v, depth + 1, [*where, str(k)]) for k, v in node.items())
-        elif isinstance(node, list):
-            if depth >= MAX_DEPTH:
-                raise InvalidRequest(
-                    f"JSON nests deeper than {MAX_DEPTH} levels", param=_path(where) or None
-                )
-            stack.extend((v, depth + 1, [*where, i]) for i, v in enumerate(node))
-        elif type(node) is int and not INT64_MIN <= node <= INT64_MAX:
-            raise InvalidRequest("integer is outside the 64-bit range", param=_path(where) or None)
 
 
 def decode_body(raw: bytes) -> Any:
     """The decoded JSON body; :class:`InvalidRequest` for anything malformed or unbounded."""
     try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(
-            f"Request body is not valid UTF-8 (byte {exc.start}): {exc.reason}"
-        ) from exc
-    except RecursionError as exc:
-        raise InvalidRequest(f"JSON nests deeper than {MAX_DEPTH} levels") from exc
-    _check_bounds(value)
-    return value
+        return loads(raw)
+    except JsonBoundsError as exc:
+        if exc.syntax:
+            raise InvalidRequest(f"Request body is not valid JSON: {exc.reason}") from exc
+        raise InvalidRequest(exc.reason, param=exc.path) from exc
 
 
 def validate(value: Any, target: type[T]) -> T:

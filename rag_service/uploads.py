@@ -17,7 +17,6 @@ first failure's status, every file named in the message).
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -25,6 +24,7 @@ from typing import Any
 
 from litestar.datastructures import UploadFile
 
+from rag_service import bounded_json
 from rag_service.errors import (
     EmptyFile,
     FileTooLarge,
@@ -37,7 +37,8 @@ from rag_service.errors import (
 from rag_service.knowledge import KnowledgeBase
 from rag_service.loaders import CONTENT_TYPES, LoadError, SourceDocument, load_bytes
 from rag_service.locations import LAYOUT_KEYS
-from rag_service.schemas import DOC_ID_PATTERN, DocumentIn, DocumentStatus, FileError, FileOutcome
+from rag_service.ids import id_problem
+from rag_service.schemas import DocumentIn, DocumentStatus, FileError, FileOutcome
 from rag_service.settings import Settings
 
 __all__ = ["FileUpload", "read_upload", "store_files"]
@@ -118,11 +119,11 @@ async def read_upload(
                     param=f"files[{i}]",
                 )
             )
-        elif not doc_id or len(doc_id) > 512 or re.fullmatch(DOC_ID_PATTERN, doc_id) is None:
+        elif (problem := id_problem(doc_id)) is not None:
             errors.append(
                 InvalidRequest(
-                    f"{name}: {doc_id!r} cannot be a document id (1-512 characters, no control "
-                    "characters, no leading or trailing '/', no '//'); send an 'id' part",
+                    f"{name}: {doc_id[:80]!r} cannot be a document id: {problem}; send an "
+                    "'id' part",
                     param=param,
                 )
             )
@@ -137,9 +138,10 @@ def _metadata(raw: Any) -> dict[str, Any]:
     if isinstance(raw, UploadFile):
         raise InvalidRequest("'metadata' must be a form field, not a file", param="metadata")
     try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"'metadata' is not JSON: {exc}", param="metadata") from exc
+        value = bounded_json.loads(raw)
+    except bounded_json.JsonBoundsError as exc:
+        where = f"metadata.{exc.path}" if exc.path else "metadata"
+        raise InvalidRequest(f"'metadata' is {exc}", param=where) from exc
     if not isinstance(value, dict):
         raise InvalidRequest("'metadata' must be a JSON object", param="metadata")
     if len(value) > MAX_METADATA_KEYS:
