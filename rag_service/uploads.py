@@ -46,6 +46,8 @@ __all__ = ["FileUpload", "read_upload", "store_files"]
 _LOAD_ERRORS: dict[str, type[RagError]] = {
     "unsupported": UnsupportedFileType,
     "empty": EmptyFile,
+    "bad_id": InvalidRequest,
+    "limit": PayloadTooLarge,
 }
 MAX_METADATA_KEYS = 64
 
