@@ -1,5 +1,5 @@
 """The app factory: ``create_app(settings, *, embedder=None, engine=None, backend=None,
-http_client=None)``.
+http_client=None, loaders=None)``.
 
 Nothing heavy happens at import or in the factory. The lifespan starts loading in the
 background (embedding model; the storage engine, which restores its indexes or connects to its
@@ -50,6 +50,7 @@ from rag_service.embedding import Embedder
 from rag_service.errors import exception_handlers
 from rag_service.keys import EngineKeyRows, KeyRows, KeyStore, SqliteKeyRows
 from rag_service.knowledge import KnowledgeBase
+from rag_service.loader_workers import LoaderPool
 from rag_service.metrics import Metrics
 from rag_service.openapi import StrictStructSchemaPlugin, docs_assets_router, openapi_config
 from rag_service.reindexing import FOLLOW_S, Reindexing
@@ -290,8 +291,11 @@ def create_app(
     engine: Engine | None = None,
     backend: ChatBackend | None = None,
     http_client: httpx.AsyncClient | None = None,
+    loaders: LoaderPool | None = None,
 ) -> Litestar:
     settings = settings or Settings.from_env()
+    own_loaders = loaders is None  # the loader processes start on the first upload
+    loader_pool = loaders or LoaderPool.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -318,6 +322,8 @@ def create_app(
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if own_loaders:
+                    await asyncio.to_thread(loader_pool.close)
 
     v1 = Router(
         path="/v1",
@@ -337,7 +343,7 @@ def create_app(
         guards=[require_api_key],
         dependencies={"principal": Provide(provide_principal, sync_to_thread=False)},
     )
-    state: dict[str, Any] = {"settings": settings, "metrics": Metrics()}
+    state: dict[str, Any] = {"settings": settings, "metrics": Metrics(), "loaders": loader_pool}
     return Litestar(
         route_handlers=[health, ready, metrics, v1, docs_assets_router(), playground_router()],
         lifespan=[lifespan],

@@ -16,6 +16,7 @@
     │   ├── CollectionExists
     │   ├── EmbeddingMismatch     collection or index made by another embedding model
     │   └── ReindexInProgress     the collection is being moved to another model already
+    ├── ClientDisconnected        499 the client left before its answer (nobody reads it)
     ├── Overloaded                503 overloaded_error        (Retry-After header)
     ├── NotReady                  503 service_unavailable
     ├── StoreDown                 503 the database is unreachable (Retry-After)
@@ -50,6 +51,7 @@ from indexes.engine import (
 from indexes.reindex import ModelChanged, ReindexRunning
 
 __all__ = [
+    "ClientDisconnected",
     "CollectionExists",
     "CollectionNotFound",
     "Conflict",
@@ -175,6 +177,14 @@ class EmbeddingMismatch(Conflict):
 
 class ReindexInProgress(Conflict):
     code = "reindex_in_progress"
+
+
+class ClientDisconnected(RagError):
+    """The client closed the connection while its request was worked on; the work was
+    cancelled. Logged as 499 (nginx's "client closed request"); no client reads it."""
+
+    status_code = 499
+    error_type = "client_closed_request"
 
 
 class Overloaded(RagError):

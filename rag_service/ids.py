@@ -29,9 +29,7 @@ RULE = (
 
 MAX_ID_CHARS = 512
 _CONTROL = r"\x00-\x1f\x7f-\x9f"
-DOC_ID_PATTERN = (
-    r"\A(?!/)(?!.*//)(?!(?:.*/)?\.\.?(?:/|\Z))(?!.*/\Z)" + f"[^{_CONTROL}]+" + r"\Z"
-)
+DOC_ID_PATTERN = r"\A(?!/)(?!.*//)(?!(?:.*/)?\.\.?(?:/|\Z))(?!.*/\Z)" + f"[^{_CONTROL}]+" + r"\Z"
 _RULE = re.compile(DOC_ID_PATTERN, re.DOTALL)
 _CONTROL_CHAR = re.compile(f"[{_CONTROL}]")
 

@@ -19,7 +19,6 @@ from rag_service.ids import DOC_ID_PATTERN, MAX_ID_CHARS
 
 __all__ = [
     "DOC_ID_PATTERN",
-    "DocId",
     "MAX_QUESTIONS_PER_DOCUMENT",
     "MAX_QUESTION_CHARS",
     "NAME_PATTERN",
@@ -27,6 +26,7 @@ __all__ = [
     "CollectionInfo",
     "CollectionList",
     "CollectionUpdate",
+    "DocId",
     "DocumentIn",
     "DocumentList",
     "DocumentOut",
@@ -56,9 +56,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 # A collection (or adapter) name in a URL path, with the same rule, named in the schema.
 NamePath = Annotated[str, Parameter(pattern=NAME_PATTERN, max_length=64)]
-DocId = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=DOC_ID_PATTERN)
-]
+DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=DOC_ID_PATTERN)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=10_000_000)]
 Query = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, pattern=r"\S")]
 Metadata = Annotated[dict[str, Any], msgspec.Meta(max_length=64)]

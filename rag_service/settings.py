@@ -259,6 +259,44 @@ class Settings:
     max_upload_files: int = field(
         default=100, metadata=_help("Most files in one upload (POST .../files).")
     )
+    loader_workers: int = field(
+        default=2,
+        metadata=_help(
+            "Processes that parse uploaded and ingested files (started on first use; each "
+            "parses one file at a time and is killed when its file runs past a bound)."
+        ),
+    )
+    loader_timeout_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "Longest one file may take to parse (seconds); past it its process is killed and "
+            "the file refused with 413."
+        ),
+    )
+    loader_memory_mb: int = field(
+        default=2048,
+        metadata=_help(
+            "Address space of each file-parsing process (RLIMIT_AS, MiB): a file that needs "
+            "more is refused with 413."
+        ),
+    )
+    max_unzipped_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_help(
+            "Most bytes a Word document's zip may inflate to, from its directory before "
+            "anything is inflated."
+        ),
+    )
+    max_zip_entries: int = field(
+        default=10_000, metadata=_help("Most entries in a Word document's zip.")
+    )
+    max_document_elements: int = field(
+        default=200_000,
+        metadata=_help("Most paragraphs in a Word document, and elements in an HTML page."),
+    )
+    max_html_depth: int = field(
+        default=256, metadata=_help("Deepest nesting of HTML elements in an uploaded page.")
+    )
     sqlite_synchronous: Synchronous = field(
         default="FULL",
         metadata=_help(
@@ -421,6 +459,12 @@ class Settings:
             "max_body_bytes",
             "max_file_bytes",
             "max_upload_files",
+            "loader_workers",
+            "loader_memory_mb",
+            "max_unzipped_bytes",
+            "max_zip_entries",
+            "max_document_elements",
+            "max_html_depth",
             "hnsw_ef_search",
             "ivf_nprobe",
             "max_ivf_nlist",
@@ -454,6 +498,8 @@ class Settings:
             check_reranker_dir(self.reranker_model)
         if self.inline_search_max_vectors < 0:
             raise bad("inline_search_max_vectors", "must be >= 0")
+        if self.loader_timeout_s <= 0:
+            raise bad("loader_timeout_s", "must be positive")
         if self.reindex_pause_ms < 0:
             raise bad("reindex_pause_ms", "must be >= 0")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:

@@ -6,12 +6,13 @@ parts (the document id of each file, in order; by default the file's name) and o
 of itself: title, page count, content type, source).
 
 Each file is read by the same loaders as ``rag-service ingest`` (:mod:`rag_service.loaders`),
-off the event loop, and checked on its own: a file of a type not supported (415), too large
-(413), empty (400) or that does not parse (422: corrupt, encrypted, a PDF without a text
-layer) is reported by name and nothing of it is written, while the other files of the upload
-go on. The files that loaded are stored by one upsert (one transaction, the same statuses as
-``POST .../documents``). When no file could be stored the answer is the error itself (the
-first failure's status, every file named in the message).
+in a loader process (:mod:`rag_service.loader_workers`: killed past its time or memory budget,
+or when the client leaves), and checked on its own: a file of a type not supported (415), too
+large or past a parsing bound (413), empty (400) or that does not parse (422: corrupt,
+encrypted, a PDF without a text layer) is reported by name and nothing of it is written, while
+the other files of the upload go on. The files that loaded are stored by one upsert (one
+transaction, the same statuses as ``POST .../documents``). When no file could be stored the
+answer is the error itself (the first failure's status, every file named in the message).
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from rag_service.errors import (
     UnreadableFile,
     UnsupportedFileType,
 )
-from rag_service.knowledge import KnowledgeBase
-from rag_service.loaders import CONTENT_TYPES, LoadError, SourceDocument, load_bytes
-from rag_service.locations import LAYOUT_KEYS
 from rag_service.ids import id_problem
+from rag_service.knowledge import KnowledgeBase
+from rag_service.loader_workers import LoaderPool
+from rag_service.loaders import CONTENT_TYPES, LoadError
+from rag_service.locations import LAYOUT_KEYS
 from rag_service.schemas import DocumentIn, DocumentStatus, FileError, FileOutcome
 from rag_service.settings import Settings
 
-__all__ = ["FileUpload", "read_upload", "store_files"]
+__all__ = ["FileUpload", "load_files", "read_upload", "store_files"]
 
 _LOAD_ERRORS: dict[str, type[RagError]] = {
     "unsupported": UnsupportedFileType,
@@ -159,10 +161,12 @@ def _metadata(raw: Any) -> dict[str, Any]:
     return value
 
 
-def _load(upload: FileUpload, index: int, extra: dict[str, Any]) -> _Loaded:
+async def _load(
+    loaders: LoaderPool, upload: FileUpload, index: int, extra: dict[str, Any]
+) -> _Loaded:
     out = _Loaded(index, upload)
     try:
-        docs: list[SourceDocument] = load_bytes(upload.data, upload.filename, upload.doc_id)
+        docs = await loaders.load(upload.data, upload.filename, upload.doc_id)
     except LoadError as exc:
         kind = _LOAD_ERRORS.get(exc.kind, UnreadableFile)
         message = str(exc)
@@ -179,6 +183,18 @@ def _load(upload: FileUpload, index: int, extra: dict[str, Any]) -> _Loaded:
         for d in docs
     ]
     return out
+
+
+async def load_files(
+    loaders: LoaderPool,
+    uploads: list[FileUpload],
+    metadata: dict[str, Any],
+    errors: list[RagError | None],
+) -> list[_Loaded]:
+    """Parse the files not already ruled out, in the loader processes (in parallel, as many
+    at once as there are workers); cancelling this kills the processes still parsing."""
+    pending = [(i, u) for i, (u, e) in enumerate(zip(uploads, errors, strict=True)) if e is None]
+    return list(await asyncio.gather(*(_load(loaders, u, i, metadata) for i, u in pending)))
 
 
 def _check(loaded: _Loaded, kb: KnowledgeBase, taken: dict[str, str]) -> None:
@@ -209,13 +225,11 @@ async def store_files(
     kb: KnowledgeBase,
     collection: str,
     uploads: list[FileUpload],
-    metadata: dict[str, Any],
+    loaded: list[_Loaded],
     errors: list[RagError | None],
 ) -> list[FileOutcome]:
-    """Load, check and store the files; one outcome per file, in order. Raises the error
-    (naming every file) when none of them could be stored."""
-    pending = [(i, u) for i, (u, e) in enumerate(zip(uploads, errors, strict=True)) if e is None]
-    loaded = await asyncio.to_thread(lambda: [_load(u, i, metadata) for i, u in pending])
+    """Check and store the files :func:`load_files` parsed; one outcome per file, in order.
+    Raises the error (naming every file) when none of them could be stored."""
     by_index = {item.index: item for item in loaded}
     taken: dict[str, str] = {}
     for item in loaded:

@@ -28,6 +28,8 @@ from typing import Any
 from urllib.parse import quote
 
 from rag_service.cli.client import client, client_flags, error_message
+from rag_service.loader_workers import LoaderPool
+from rag_service.settings import Settings, SettingsError
 
 __all__ = ["BATCH_CHARS", "add_ingest_parser", "ingest_command"]
 
@@ -69,6 +71,7 @@ class Plan:
     """What the files held as they were read: the ids made, and the files that failed."""
 
     files: list[tuple[Path, str]]
+    loaders: LoaderPool
     ids: set[str] = field(default_factory=set)
     failed: list[str] = field(default_factory=list)  # doc ids of files that did not load
     skipped: int = 0
@@ -85,12 +88,13 @@ class Plan:
 
     def documents(self, warn: Any) -> Iterator[tuple[int, dict[str, Any] | None]]:
         """``(file index, document)`` file by file (one file in memory at a time), and
-        ``(file index, None)`` once a file is read through."""
-        from rag_service.loaders import LoadError, load
+        ``(file index, None)`` once a file is read through. Files are parsed in loader
+        processes, as uploads are (:mod:`rag_service.loader_workers`)."""
+        from rag_service.loaders import LoadError, read_file
 
         for index, (path, doc_id) in enumerate(self.files):
             try:
-                docs = load(path, doc_id)
+                docs = self.loaders.load_sync(read_file(path), path.name, doc_id)
             except LoadError as exc:
                 where = f"{path}{exc.filename[len(path.name) :]}"  # the path, and a JSONL line
                 warn(f"rag-service: skipped {where}: {exc.reason}")
@@ -251,8 +255,6 @@ def _upsert(
 
 
 def ingest_command(args: argparse.Namespace) -> int:
-    import httpx
-
     from rag_service.loaders import LoadError, discover
 
     try:
@@ -265,8 +267,24 @@ def ingest_command(args: argparse.Namespace) -> int:
         return 2
     counts = {"created": 0, "updated": 0, "unchanged": 0, "chunks": 0}
     progress = Progress(len(files), enabled=not args.no_progress and not args.dry_run)
+    try:
+        loaders = LoaderPool.from_settings(Settings.from_env())
+    except SettingsError as exc:
+        print(f"rag-service: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _ingest(args, Plan(files, loaders), progress, counts)
+    finally:
+        loaders.close()
+
+
+def _ingest(
+    args: argparse.Namespace, plan: Plan, progress: Progress, counts: dict[str, int]
+) -> int:
+    import httpx
+
+    files = plan.files
     deleted = 0
-    plan = Plan(files)
     try:
         with client(args) as http:
             if args.dry_run:

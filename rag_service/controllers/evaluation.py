@@ -39,7 +39,7 @@ from rag_service.errors import InvalidRequest
 from rag_service.evaluation import MAX_CANDIDATES, documents_in_order, median, score_rankings
 from rag_service.knowledge import KnowledgeBase
 from rag_service.openapi import error_responses
-from rag_service.schemas import DocId, Alpha, NamePath, RerankDepth
+from rag_service.schemas import Alpha, DocId, NamePath, RerankDepth
 
 __all__ = [
     "EvaluationController",
