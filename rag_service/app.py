@@ -57,6 +57,7 @@ from rag_service.reindexing import FOLLOW_S, Reindexing
 from rag_service.request_body import BoundedRequest
 from rag_service.reranking import open_reranker
 from rag_service.settings import Settings
+from rag_service.site_guard import site_guard
 from rag_service.storage import make_engine
 
 __all__ = ["create_app"]
@@ -350,7 +351,7 @@ def create_app(
         state=State(state),
         dependencies={"settings": Provide(provide_settings, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
-        middleware=[_metrics_middleware, _allow_middleware],
+        middleware=[site_guard(settings), _metrics_middleware, _allow_middleware],
         request_max_body_size=settings.max_body_bytes,
         request_class=BoundedRequest,
         openapi_config=openapi_config(),

@@ -5,7 +5,8 @@
     RagError                      500 server_error
     ├── InvalidRequest            400 invalid_request_error   (param names the field)
     │   ├── IndexConfigError      400 bad index option for a collection
-    │   └── PayloadTooLarge       413 a request past a size limit (the limit is named)
+    │   ├── PayloadTooLarge       413 a request past a size limit (the limit is named)
+    │   └── UnsupportedMediaType  415 a JSON route's body sent as another Content-Type
     ├── Unauthorized              401 authentication_error
     ├── Forbidden                 403 permission_error        (a valid key without the scope)
     ├── NotFound                  404 not_found_error
@@ -73,6 +74,7 @@ __all__ = [
     "Unauthorized",
     "UnreadableFile",
     "UnsupportedFileType",
+    "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamIncomplete",
     "UpstreamRejected",
@@ -111,6 +113,13 @@ class IndexConfigError(InvalidRequest):
 class PayloadTooLarge(InvalidRequest):
     status_code = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A JSON route sent a body that does not say it is JSON (Content-Type)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class UnsupportedFileType(InvalidRequest):

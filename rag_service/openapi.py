@@ -53,18 +53,20 @@ DOCS_ASSETS = "/schema/assets"
 _DESCRIPTIONS = {
     400: "Invalid request: the body, a parameter or a field (named in `param`) is wrong",
     401: "Missing or invalid API key",
-    403: "The API key lacks the scope this request needs",
+    403: "The API key lacks the scope this request needs; without RAG_API_KEY, a request "
+    "from another website or to an unknown Host",
     404: "Collection, document, model or adapter not found",
     409: "Conflict: it exists already, or was embedded by another model",
     413: "The request is past a size limit (named in the message)",
-    415: "A file of a type the service cannot read",
+    415: "A body that is not sent as JSON (Content-Type), or a file of a type the service "
+    "cannot read",
     422: "A file that does not parse: corrupt, encrypted, or a PDF without a text layer",
     502: "The generation server failed or answered malformed data",
     503: "Loading, overloaded or the store is busy: retry after the Retry-After header",
     504: "The generation server did not answer in time",
 }
 # What every /v1 route can answer: bad input, keys and scopes, size limits, not ready.
-V1_COMMON = (400, 401, 403, 413, 503)
+V1_COMMON = (400, 401, 403, 413, 415, 503)
 
 
 class ErrorDetail(msgspec.Struct):

@@ -8,8 +8,9 @@ naming the byte offset or the field).
 :class:`BoundedRequest` is the app's request class: its ``json()`` applies :func:`decode_body`
 and then validates the body against the handler's ``data`` type *strictly* (``"5"`` is not an
 int, ``0`` is not a bool, as in the OpenAI API), so a bad field is a 400 naming it before
-Litestar's own lenient conversion runs. The chat route, which reads raw bytes to forward
-unknown fields, calls :func:`decode_body` and :func:`validate` itself.
+Litestar's own lenient conversion runs. A body sent with another ``Content-Type`` than JSON is
+a 415 before it is read as JSON (:func:`require_json`). The chat route, which reads raw bytes
+to forward unknown fields, calls :func:`decode_body` and :func:`validate` itself.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from litestar import Request
 from litestar.types import Empty
 
 from rag_service.bounded_json import MAX_DEPTH, JsonBoundsError, loads
-from rag_service.errors import InvalidRequest
+from rag_service.errors import InvalidRequest, UnsupportedMediaType
 
-__all__ = ["MAX_DEPTH", "BoundedRequest", "decode_body", "validate"]
+__all__ = ["MAX_DEPTH", "BoundedRequest", "decode_body", "require_json", "validate"]
 
 T = TypeVar("T")
 _PATH = re.compile(r"at `\$\.?(.*)`\Z")
@@ -39,6 +40,21 @@ def decode_body(raw: bytes) -> Any:
         if exc.syntax:
             raise InvalidRequest(f"Request body is not valid JSON: {exc.reason}") from exc
         raise InvalidRequest(exc.reason, param=exc.path) from exc
+
+
+def require_json(content_type: str | None) -> None:
+    """:class:`UnsupportedMediaType` (415) unless ``content_type`` is JSON
+    (``application/json`` or ``application/*+json``, any parameters): a cross-site form or
+    "simple" request cannot send one without a CORS preflight."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise UnsupportedMediaType(
+        f"the body must be sent as Content-Type: application/json, not {media or 'none'!r}",
+        param=None,
+    )
 
 
 def validate(value: Any, target: type[T]) -> T:
@@ -64,7 +80,10 @@ class BoundedRequest(Request[Any, Any, Any]):
             if cached is not Empty:
                 self._json = cached
             else:
-                value = decode_body(await self.body() or b"null")
+                raw = await self.body()
+                if raw:
+                    require_json(self.headers.get("content-type"))
+                value = decode_body(raw or b"null")
                 field = self.route_handler.parsed_data_field
                 target = field.annotation if field is not None else None
                 if isinstance(target, type) and issubclass(target, msgspec.Struct):

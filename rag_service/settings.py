@@ -87,6 +87,16 @@ class Settings:
             "key is the admin key, which also issues scoped keys (/v1/keys)."
         ),
     )
+    allowed_hosts: str = field(
+        default="",
+        metadata=_help(
+            "Without RAG_API_KEY: host names, comma-separated, the service may be reached as "
+            "(the Host header) and websites on them that may call it (the Origin header), "
+            "beyond the loopback names and the address it is bound to; '.example.com' also "
+            "allows subdomains, '*' any host. Guards an open service against other websites "
+            "and DNS rebinding."
+        ),
+    )
     metrics_public: bool = field(
         default=False,
         metadata=_help(

@@ -21,7 +21,7 @@ from rag_service.loader_workers import LoaderPool
 from rag_service.settings import Settings
 from tests.fake_upstream import FakeUpstream, serve_fake
 from tests.pg import pg_cluster, pg_url  # noqa: F401  (fixtures)
-from tests.support import AppFactory, free_port, wait_ready
+from tests.support import BASE_URL, AppFactory, free_port, wait_ready
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -104,7 +104,8 @@ def make_client(
         settings = Settings(data_dir=data_dir or tmp_path / "data", **overrides)
         loaders = None if _loader_settings(overrides) else loader_pool
         client = TestClient(
-            create_app(settings, embedder=embedder, backend=backend, loaders=loaders)
+            create_app(settings, embedder=embedder, backend=backend, loaders=loaders),
+            base_url=BASE_URL,
         )
         client.__enter__()
         opened.append(client)

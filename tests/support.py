@@ -37,6 +37,7 @@ from rag_service.settings import Settings
 from tests.pg import PgCluster
 
 __all__ = [
+    "BASE_URL",
     "CRASH_BATCH",
     "ENGINES",
     "ROOT",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
+# Test clients address the app as a loopback client does: Litestar's default base URL
+# (http://testserver.local) is a Host the service refuses without RAG_API_KEY.
+BASE_URL = "http://127.0.0.1"
 ENGINES = ["embedded", "postgres"]
 AppFactory = Callable[..., Any]
 
