@@ -127,3 +127,31 @@ def test_jsonl_lines_follow_the_json_depth_rule(client, line):
     assert resp.status_code == 422, resp.text
     error = error_of(resp)
     assert "rows.jsonl:1" in error["message"] and "32 levels" in error["message"], error
+
+
+# ---- 12. what /ready and /v1/models tell ------------------------------------------------------
+def test_ready_says_only_ready_without_the_admin_key(make_client):
+    client = make_client(api_key="admin-key")
+    plain = client.get("/ready")
+    assert plain.status_code == 200 and plain.json() == {"status": "ready"}
+    scoped = client.post(
+        "/v1/keys",
+        json={"name": "reader", "scopes": [{"collection": "*", "access": "read"}]},
+        headers={"Authorization": "Bearer admin-key"},
+    ).json()["key"]
+    assert client.get("/ready", headers={"Authorization": f"Bearer {scoped}"}).json() == {
+        "status": "ready"
+    }
+    full = client.get("/ready", headers={"Authorization": "Bearer admin-key"}).json()
+    assert full["status"] == "ready" and {"engine", "collections", "embedding_model"} <= set(full)
+
+
+def test_models_show_names_and_content_hashes_not_paths(client):
+    data = client.get("/v1/models").json()["data"]
+    for model in data:
+        for key, value in model.items():
+            assert not str(value).startswith("/"), (key, value)
+    embedding = [m for m in data if m.get("type") == "embedding"]
+    assert embedding and all(m["content_hash"].startswith("sha256:") for m in embedding)
+    again = client.get("/v1/models").json()["data"]
+    assert [m.get("content_hash") for m in again] == [m.get("content_hash") for m in data]
