@@ -262,6 +262,10 @@ class Settings:
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata=_help("Largest request body accepted, in bytes.")
     )
+    max_header_bytes: int = field(
+        default=64 * 1024,
+        metadata=_help("Largest request line and headers accepted, in bytes; beyond it 431."),
+    )
     max_file_bytes: int = field(
         default=32 * 1024 * 1024,
         metadata=_help("Largest file accepted by POST /v1/collections/{name}/files, in bytes."),
@@ -467,6 +471,7 @@ class Settings:
             "max_embedding_tokens",
             "interactive_max_texts",
             "max_body_bytes",
+            "max_header_bytes",
             "max_file_bytes",
             "max_upload_files",
             "loader_workers",

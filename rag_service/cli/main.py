@@ -108,6 +108,8 @@ def _serve(args: argparse.Namespace) -> int:
         "log_config": None,
         "timeout_graceful_shutdown": 10,
         "http": CoalescingHttpToolsProtocol,
+        # The bound on a request line and headers; CoalescingHttpToolsProtocol reads it too.
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
     }
     try:
         if settings.workers == 1:
