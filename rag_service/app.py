@@ -51,6 +51,7 @@ from rag_service.errors import exception_handlers
 from rag_service.keys import EngineKeyRows, KeyRows, KeyStore, SqliteKeyRows
 from rag_service.knowledge import KnowledgeBase
 from rag_service.loader_workers import LoaderPool
+from rag_service.memory import Trimmer
 from rag_service.metrics import Metrics
 from rag_service.openapi import StrictStructSchemaPlugin, docs_assets_router, openapi_config
 from rag_service.reindexing import FOLLOW_S, Reindexing
@@ -90,6 +91,24 @@ def _metrics_middleware(app: ASGIApp) -> ASGIApp:
             route = scope.get("path_template") or "unmatched"  # type: ignore[typeddict-item]
             method = scope["method"]  # type: ignore[typeddict-item]
             m.http_latency.labels(method, route, str(status)).observe(time.perf_counter() - started)
+
+    return middleware
+
+
+def _trim_middleware(app: ASGIApp) -> ASGIApp:
+    """Give memory back to the OS after a large or long request (:mod:`rag_service.memory`)."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            await app(scope, receive, send)
+        finally:
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            size = int(length) if length.isdigit() else 0
+            scope["litestar_app"].state["trimmer"].after(time.perf_counter() - started, size)
 
     return middleware
 
@@ -344,14 +363,19 @@ def create_app(
         guards=[require_api_key],
         dependencies={"principal": Provide(provide_principal, sync_to_thread=False)},
     )
-    state: dict[str, Any] = {"settings": settings, "metrics": Metrics(), "loaders": loader_pool}
+    state: dict[str, Any] = {
+        "settings": settings,
+        "metrics": Metrics(),
+        "loaders": loader_pool,
+        "trimmer": Trimmer(),
+    }
     return Litestar(
         route_handlers=[health, ready, metrics, v1, docs_assets_router(), playground_router()],
         lifespan=[lifespan],
         state=State(state),
         dependencies={"settings": Provide(provide_settings, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
-        middleware=[site_guard(settings), _metrics_middleware, _allow_middleware],
+        middleware=[site_guard(settings), _trim_middleware, _metrics_middleware, _allow_middleware],
         request_max_body_size=settings.max_body_bytes,
         request_class=BoundedRequest,
         openapi_config=openapi_config(),

@@ -155,3 +155,34 @@ def test_models_show_names_and_content_hashes_not_paths(client):
     assert embedding and all(m["content_hash"].startswith("sha256:") for m in embedding)
     again = client.get("/v1/models").json()["data"]
     assert [m.get("content_hash") for m in again] == [m.get("content_hash") for m in data]
+
+
+# ---- 10. large embeddings requests are refused before tokenising ------------------------------
+def test_embeddings_past_the_token_bound_are_refused_by_a_word_count(make_client, embedder):
+    client = make_client(max_embedding_tokens=1000)
+    texts = ["the quick brown fox jumps over the lazy dog " * 12] * 16  # 108 words each
+    resp = client.post("/v1/embeddings", json={"input": texts})
+    assert resp.status_code == 413, resp.text
+    error = error_of(resp)
+    assert error["param"] == "input" and "at least 1728 tokens" in error["message"], error
+    assert "RAG_MAX_EMBEDDING_TOKENS" in error["message"]
+    ok = client.post("/v1/embeddings", json={"input": texts[:2]})
+    assert ok.status_code == 200, ok.text
+
+
+def test_token_floor_is_a_lower_bound_of_the_model_count(embedder):
+    from rag_service.controllers.embeddings import token_floor
+
+    texts = [
+        "plain words here",
+        "e.g. x-ray, 3.14 and naïve café — ok",
+        "a" * 5000,
+        "-- ... !!! ???",
+        "\u200b\u200b word\u200b",
+        "日本語のテキスト mixed with English",
+        "word " * 600,
+    ]
+    window = embedder.max_seq_length
+    for text in texts:
+        assert token_floor([text], window) <= embedder.count_tokens([text])[0], text
+    assert token_floor(texts, window) > 0
