@@ -133,14 +133,16 @@ class SourceDocument:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def discover(paths: list[Path]) -> Iterator[tuple[Path, str]]:
-    """(file, id prefix) for every supported file under ``paths``, in a stable order."""
+def discover(paths: list[Path], prefix: str | None = None) -> Iterator[tuple[Path, str]]:
+    """(file, document id) for every supported file under ``paths``, in a stable order: a
+    folder's files get ``<prefix>/<path inside it>`` (``prefix`` defaults to the folder's
+    name), a file given alone its name."""
     for root in paths:
         if root.is_dir():
             base = root.resolve()
             for path in sorted(base.rglob("*")):
                 if path.is_file() and path.suffix.lower() in SUFFIXES:
-                    yield path, f"{base.name}/{path.relative_to(base).as_posix()}"
+                    yield path, f"{prefix or base.name}/{path.relative_to(base).as_posix()}"
         elif root.is_file():
             yield root, root.name
         else:
