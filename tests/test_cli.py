@@ -371,3 +371,40 @@ def test_sync_is_keyed_by_the_whole_folder(server, tmp_path, capsys):
     assert run("ingest", str(moved), *common, "--sync") == 2  # another folder, same ids
     assert run("ingest", str(moved), *common, "--source", str(a.resolve()), "--sync") == 0
     assert set(stored()) == {"kb/shared.md", "kb/legacy.md", "kb-b/shared.md"}
+
+
+def test_check_ids_lists_stored_ids_that_break_the_rule(tmp_path, embedder, fake_server, capsys):
+    """Documents stored before the id rule keep their ids; check-ids names them and changes
+    nothing, and each can still be read and deleted with its dots percent-encoded."""
+    import httpx
+    from litestar.testing import TestClient
+
+    from rag_service.app import create_app
+    from rag_service.schemas import DocumentIn
+    from tests.support import BASE_URL, wait_ready
+
+    settings = Settings(data_dir=tmp_path / "data", port=free_port(), upstream_url=fake_server.url)
+    legacy = ["dots/../victim", "nl\n", "fine/id"]
+    with TestClient(create_app(settings, embedder=embedder), base_url=BASE_URL) as planting:
+        wait_ready(planting)
+        kb = planting.app.state["kb"]  # as an older version stored them: no id rule
+        docs = [DocumentIn(id=i, text=f"text of {i!r}") for i in legacy]
+        planting.blocking_portal.call(kb.upsert, "old", docs)
+    with running_server(settings, embedder) as url:
+        assert run("check-ids", "--url", url) == 1
+        captured = capsys.readouterr()
+        lines = captured.out.splitlines()
+        assert lines == [
+            "old\t'dots/../victim'\tit holds a '.' or '..' segment (clients resolve those in "
+            "URL paths)",
+            "old\t'nl\\n'\tit holds a control character (U+000A)",
+        ], lines
+        assert "2 document ids break the id rule" in captured.err
+        assert run("check-ids", "--url", url, "--collection", "old") == 1
+        encoded = f"{url}/v1/collections/old/documents/dots/%2E%2E/victim"
+        assert httpx.get(encoded).json()["id"] == "dots/../victim"
+        assert httpx.delete(encoded).status_code == 204
+        httpx.delete(f"{url}/v1/collections/old/documents/nl%0A").raise_for_status()
+        capsys.readouterr()
+        assert run("check-ids", "--url", url) == 0
+        assert "every document id follows the rule" in capsys.readouterr().err
