@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-from litestar import Router
+from litestar import Request, Router
 from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.openapi import ResponseSpec
 from litestar.openapi.config import OpenAPIConfig
@@ -103,7 +103,7 @@ def openapi_config() -> OpenAPIConfig:
         ),
         path="/schema",
         render_plugins=[
-            JsonRenderPlugin(),
+            EcmaPatternJsonRenderPlugin(),
             SwaggerRenderPlugin(
                 js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
                 css_url=f"{DOCS_ASSETS}/swagger-ui.css",
@@ -113,6 +113,31 @@ def openapi_config() -> OpenAPIConfig:
             ),
         ],
     )
+
+
+class EcmaPatternJsonRenderPlugin(JsonRenderPlugin):
+    """The schema as JSON, with its ``pattern`` strings in the dialect OpenAPI documents
+    (ECMA-262). The service anchors its patterns with ``\\A`` and ``\\Z`` (Python's ``$``
+    also matches before a final newline, see :mod:`rag_service.ids`); ECMA-262 has neither,
+    and its ``^`` and ``$`` (without the multiline flag) mean exactly what they do."""
+
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        return super().render(request, _ecma_patterns(openapi_schema))
+
+
+def _ecma_patterns(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: (
+                v.replace("\\A", "^").replace("\\Z", "$")
+                if k == "pattern" and isinstance(v, str)
+                else _ecma_patterns(v)
+            )
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_ecma_patterns(v) for v in value]
+    return value
 
 
 def docs_assets_router() -> Router:

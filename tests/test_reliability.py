@@ -186,3 +186,11 @@ def test_token_floor_is_a_lower_bound_of_the_model_count(embedder):
     for text in texts:
         assert token_floor([text], window) <= embedder.count_tokens([text])[0], text
     assert token_floor(texts, window) > 0
+
+
+def test_the_published_schema_writes_patterns_for_ecma_262(client):
+    """Python anchors (\\A, \\Z) become ^ and $ in /schema/openapi.json, which OpenAPI says
+    are ECMA-262 patterns (where $ without the multiline flag is the end of input)."""
+    text = client.get("/schema/openapi.json").text
+    assert "\\\\Z" not in text and "\\\\A" not in text
+    assert '"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"' in text
