@@ -94,7 +94,16 @@ def serve_app(app: Litestar, port: int, ready_timeout: float = 60.0) -> Iterator
     ``/ready`` answers 200 (AssertionError after ``ready_timeout`` seconds)."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    from rag_service.http_protocol import CoalescingHttpToolsProtocol
+
+    config = uvicorn.Config(  # the protocol rag-service serve runs (header bound included)
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        http=CoalescingHttpToolsProtocol,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
