@@ -108,7 +108,9 @@ def _trim_middleware(app: ASGIApp) -> ASGIApp:
         finally:
             length = dict(scope["headers"]).get(b"content-length", b"0")
             size = int(length) if length.isdigit() else 0
-            scope["litestar_app"].state["trimmer"].after(time.perf_counter() - started, size)
+            trimmer = scope["litestar_app"].state["trimmer"]
+            if trimmer is not None:
+                trimmer.after(time.perf_counter() - started, size)
 
     return middleware
 
@@ -170,6 +172,7 @@ async def _load(
     backend: ChatBackend | None,
     http_client: httpx.AsyncClient | None,
     stack: contextlib.AsyncExitStack,
+    start_loaders: LoaderPool | None,
 ) -> None:
     state = app.state
     try:
@@ -265,6 +268,11 @@ async def _load(
                 "names another)",
                 settings.rag_collection,
             )
+        if start_loaders is not None:  # the first upload should not wait for them
+            try:
+                await asyncio.to_thread(start_loaders.start)
+            except Exception as exc:  # uploads will say what fails; search and chat serve
+                log.warning("file loader processes did not start: %s", exc)
         state["kb"] = kb
         state["chat"] = chat
         state["adapters"] = adapters
@@ -327,7 +335,16 @@ def create_app(
             )
         async with contextlib.AsyncExitStack() as stack:
             loader = asyncio.create_task(
-                _load(app, settings, embedder, engine, backend, http_client, stack)
+                _load(
+                    app,
+                    settings,
+                    embedder,
+                    engine,
+                    backend,
+                    http_client,
+                    stack,
+                    loader_pool if own_loaders else None,
+                )
             )
             watcher = asyncio.create_task(app.state["metrics"].watch_event_loop())
             try:
@@ -367,7 +384,7 @@ def create_app(
         "settings": settings,
         "metrics": Metrics(),
         "loaders": loader_pool,
-        "trimmer": Trimmer(),
+        "trimmer": Trimmer() if settings.trim_memory else None,
     }
     return Litestar(
         route_handlers=[health, ready, metrics, v1, docs_assets_router(), playground_router()],

@@ -121,6 +121,12 @@ class LoaderPool:
                 )
             return self._pool
 
+    def start(self) -> None:
+        """Start the workers now (one trivial file through each), so the first upload does
+        not pay for starting them."""
+        for future in [self.submit(b"warm", "warm.txt", "warm") for _ in range(self.workers)]:
+            future.result()
+
     def submit(self, data: bytes, filename: str, doc_id: str) -> concurrent.futures.Future[Any]:
         """The worker's future for one file (cancel it to kill its worker)."""
         future: concurrent.futures.Future[Any] = self._started().schedule(

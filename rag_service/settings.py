@@ -262,6 +262,13 @@ class Settings:
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata=_help("Largest request body accepted, in bytes.")
     )
+    trim_memory: bool = field(
+        default=True,
+        metadata=_help(
+            "Give freed memory back to the OS after a large or long request (glibc "
+            "malloc_trim, on a thread, at most every 2 s); false keeps what the allocator holds."
+        ),
+    )
     max_header_bytes: int = field(
         default=64 * 1024,
         metadata=_help("Largest request line and headers accepted, in bytes; beyond it 431."),
