@@ -238,6 +238,8 @@ async def _load(
         generator = getattr(backend, "generator", None)  # the local model's batch generator
         if generator is not None:
             generator.on_batch = metrics_.generation_batch_size.observe
+            if state["trimmer"] is not None:
+                generator.after_batch = state["trimmer"].after_generation
         shared = engine if isinstance(engine, AdapterStore) else None
         adapters = None  # a backend without the capability serves no adapters
         if isinstance(backend, AdapterBackend):

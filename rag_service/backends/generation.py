@@ -163,6 +163,8 @@ class BatchGenerator:
         self.batches = 0  # batches started, and rows in them
         self.rows = 0
         self.on_batch: Callable[[int], None] | None = None  # told each batch's size (metrics)
+        # Told each finished batch's longest prompt, in tokens, once its memory is freed.
+        self.after_batch: Callable[[int], None] | None = None
 
     # ---- queue ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -232,6 +234,8 @@ class BatchGenerator:
                 continue
             for row in rows:
                 row.report()  # rows stopped by a stop string or the batch's last step
+            if self.after_batch is not None and rows:
+                self.after_batch(max(row.prompt_len for row in rows))
 
     # ---- one batch -----------------------------------------------------------------------
     def _generate(self, batch: list[GenerationRequest], rows: list[_Row]) -> None:
