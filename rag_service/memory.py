@@ -11,9 +11,9 @@ a no-op elsewhere (musl, macOS), where the allocator behaves differently anyway.
 ``min_interval_s``, and after every local generation batch over a prompt of at least
 :data:`LONG_PROMPT_TOKENS` (the generation thread frees its key-value cache only when the batch
 ends, after the answer went out), on a worker thread. Measured
-(benchmarks/bench_hardening.py): the 1,023-message local chat left RSS 1.2 GB above where it
-started without it, within the 200 MB target with it; one trim of a 2.7 GB heap took 0.24 s
-on a thread, the event loop untouched.
+(benchmarks/bench_hardening.py, 2-core CPU): a 1,023-message chat on the local model left the
+server 723 MB above where it started with ``RAG_TRIM_MEMORY=false``, 11 MB with the trims;
+one trim of a 2.7 GB heap took 0.24 s, on its thread.
 """
 
 from __future__ import annotations
