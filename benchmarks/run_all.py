@@ -21,6 +21,7 @@ BENCHMARKS = [
     "bench_postgres",
     "bench_chat",
     "bench_soak",
+    "bench_hardening",
 ]
 LONG = ["bench_quality", "bench_finetune", "bench_adapters"]
 

@@ -45,7 +45,7 @@ Fusion = Literal["convex", "rrf"]  # how a hybrid search fuses its rankings (see
 Ranking = list[tuple[int, float]]  # (chunk id, score), best first
 
 RRF_K = 60
-_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 MAX_IN_VALUES = 256
 
 

@@ -55,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
@@ -64,7 +64,7 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 # LoRA part and, for most parts, ".weight" or ".bias".
 LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
-    r"|lora_magnitude_vector)(?:\.(?P<part>weight|bias))?$"
+    r"|lora_magnitude_vector)(?:\.(?P<part>weight|bias))?\Z"
 )
 _RANK_A = ("lora_A", "lora_embedding_A")  # (r, in, ...): the rank is dimension 0
 _RANK_B = ("lora_B", "lora_embedding_B")  # (out, r, ...): the rank is dimension 1

@@ -1,5 +1,5 @@
 """The app factory: ``create_app(settings, *, embedder=None, engine=None, backend=None,
-http_client=None)``.
+http_client=None, loaders=None)``.
 
 Nothing heavy happens at import or in the factory. The lifespan starts loading in the
 background (embedding model; the storage engine, which restores its indexes or connects to its
@@ -50,12 +50,15 @@ from rag_service.embedding import Embedder
 from rag_service.errors import exception_handlers
 from rag_service.keys import EngineKeyRows, KeyRows, KeyStore, SqliteKeyRows
 from rag_service.knowledge import KnowledgeBase
+from rag_service.loader_workers import LoaderPool
+from rag_service.memory import Trimmer
 from rag_service.metrics import Metrics
 from rag_service.openapi import StrictStructSchemaPlugin, docs_assets_router, openapi_config
 from rag_service.reindexing import FOLLOW_S, Reindexing
 from rag_service.request_body import BoundedRequest
 from rag_service.reranking import open_reranker
 from rag_service.settings import Settings
+from rag_service.site_guard import site_guard
 from rag_service.storage import make_engine
 
 __all__ = ["create_app"]
@@ -88,6 +91,26 @@ def _metrics_middleware(app: ASGIApp) -> ASGIApp:
             route = scope.get("path_template") or "unmatched"  # type: ignore[typeddict-item]
             method = scope["method"]  # type: ignore[typeddict-item]
             m.http_latency.labels(method, route, str(status)).observe(time.perf_counter() - started)
+
+    return middleware
+
+
+def _trim_middleware(app: ASGIApp) -> ASGIApp:
+    """Give memory back to the OS after a large or long request (:mod:`rag_service.memory`)."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            await app(scope, receive, send)
+        finally:
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            size = int(length) if length.isdigit() else 0
+            trimmer = scope["litestar_app"].state["trimmer"]
+            if trimmer is not None:
+                trimmer.after(time.perf_counter() - started, size)
 
     return middleware
 
@@ -149,6 +172,7 @@ async def _load(
     backend: ChatBackend | None,
     http_client: httpx.AsyncClient | None,
     stack: contextlib.AsyncExitStack,
+    start_loaders: LoaderPool | None,
 ) -> None:
     state = app.state
     try:
@@ -217,6 +241,8 @@ async def _load(
         generator = getattr(backend, "generator", None)  # the local model's batch generator
         if generator is not None:
             generator.on_batch = metrics_.generation_batch_size.observe
+            if state["trimmer"] is not None:
+                generator.after_batch = state["trimmer"].after_generation
         shared = engine if isinstance(engine, AdapterStore) else None
         adapters = None  # a backend without the capability serves no adapters
         if isinstance(backend, AdapterBackend):
@@ -247,6 +273,11 @@ async def _load(
                 "names another)",
                 settings.rag_collection,
             )
+        if start_loaders is not None:  # the first upload should not wait for them
+            try:
+                await asyncio.to_thread(start_loaders.start)
+            except Exception as exc:  # uploads will say what fails; search and chat serve
+                log.warning("file loader processes did not start: %s", exc)
         state["kb"] = kb
         state["chat"] = chat
         state["adapters"] = adapters
@@ -293,8 +324,11 @@ def create_app(
     engine: Engine | None = None,
     backend: ChatBackend | None = None,
     http_client: httpx.AsyncClient | None = None,
+    loaders: LoaderPool | None = None,
 ) -> Litestar:
     settings = settings or Settings.from_env()
+    own_loaders = loaders is None  # the loader processes start on the first upload
+    loader_pool = loaders or LoaderPool.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -306,7 +340,16 @@ def create_app(
             )
         async with contextlib.AsyncExitStack() as stack:
             loader = asyncio.create_task(
-                _load(app, settings, embedder, engine, backend, http_client, stack)
+                _load(
+                    app,
+                    settings,
+                    embedder,
+                    engine,
+                    backend,
+                    http_client,
+                    stack,
+                    loader_pool if own_loaders else None,
+                )
             )
             watcher = asyncio.create_task(app.state["metrics"].watch_event_loop())
             try:
@@ -321,6 +364,8 @@ def create_app(
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if own_loaders:
+                    await asyncio.to_thread(loader_pool.close)
 
     v1 = Router(
         path="/v1",
@@ -340,14 +385,19 @@ def create_app(
         guards=[require_api_key],
         dependencies={"principal": Provide(provide_principal, sync_to_thread=False)},
     )
-    state: dict[str, Any] = {"settings": settings, "metrics": Metrics()}
+    state: dict[str, Any] = {
+        "settings": settings,
+        "metrics": Metrics(),
+        "loaders": loader_pool,
+        "trimmer": Trimmer() if settings.trim_memory else None,
+    }
     return Litestar(
         route_handlers=[health, ready, metrics, v1, docs_assets_router(), playground_router()],
         lifespan=[lifespan],
         state=State(state),
         dependencies={"settings": Provide(provide_settings, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
-        middleware=[_metrics_middleware, _allow_middleware],
+        middleware=[site_guard(settings), _trim_middleware, _metrics_middleware, _allow_middleware],
         request_max_body_size=settings.max_body_bytes,
         request_class=BoundedRequest,
         openapi_config=openapi_config(),

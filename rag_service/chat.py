@@ -43,6 +43,7 @@ from rag_service.errors import (
 from rag_service.keys import Principal
 from rag_service.knowledge import KnowledgeBase
 from rag_service.locations import locate, without_layout
+from rag_service.model_identity import content_hash
 from rag_service.prompting import DEFAULT_TEMPLATE, PromptSource, fit_prompt, retrieval_query
 from rag_service.settings import Settings
 
@@ -91,6 +92,8 @@ class ChatService:
         )
 
     def models(self) -> list[dict[str, Any]]:
+        """The OpenAI model list; models on disk carry the hash of their files
+        (:mod:`rag_service.model_identity`: read once, so call it off the event loop)."""
         created = int(time.time())
         base = self.backend.models()
         out = [
@@ -111,8 +114,9 @@ class ChatService:
                     "object": "model",
                     "created": a.loaded_at,
                     "owned_by": "rag-service",
-                    "root": a.path,
+                    "root": a.name,  # a name and a hash, never a path on this machine
                     "parent": base[0] if base else None,
+                    "content_hash": content_hash(a.path),
                 }
                 for a in self.adapters.registry.list()
             ]
@@ -123,8 +127,9 @@ class ChatService:
                 "object": "model",
                 "created": created,
                 "owned_by": "rag-service",
-                "root": str(m.path),
+                "root": m.id,
                 "parent": None,
+                "content_hash": content_hash(m.path),
                 "type": "embedding",
                 "dimension": m.dimension,
             }

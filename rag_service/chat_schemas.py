@@ -17,6 +17,8 @@ from rag_service.schemas import NAME_PATTERN, Alpha, RerankDepth, TopK
 __all__ = ["ChatMessage", "ChatRequest", "RagOptions", "StreamOptions", "message_text"]
 
 CollectionName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+MAX_STOP_CHARS = 256
+StopText = Annotated[str, msgspec.Meta(max_length=MAX_STOP_CHARS)]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 CitationMode = Annotated[
     Literal["model", "verify"],
@@ -72,7 +74,8 @@ class ChatRequest(msgspec.Struct, forbid_unknown_fields=False):
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    # At most 4 stop sequences (as OpenAI), each at most MAX_STOP_CHARS characters.
+    stop: StopText | Annotated[list[StopText], msgspec.Meta(max_length=4)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
     user: str | None = None

@@ -14,12 +14,14 @@ from rag_service.chat import ChatService
 from rag_service.errors import NotReady, Unauthorized
 from rag_service.keys import ALL, MASTER, OPEN, Access, KeyStore, Principal
 from rag_service.knowledge import KnowledgeBase
+from rag_service.loader_workers import LoaderPool
 from rag_service.reindexing import Reindexing
 from rag_service.settings import Settings
 
 __all__ = [
     "provide_chat",
     "provide_kb",
+    "provide_loaders",
     "provide_principal",
     "provide_reindexing",
     "provide_settings",
@@ -55,6 +57,11 @@ def provide_chat(state: State) -> ChatService:
         provide_kb(state)  # raises the loading / failed-start error
         raise NotReady("chat backend is not ready")
     return chat
+
+
+def provide_loaders(state: State) -> LoaderPool:
+    loaders: LoaderPool = state["loaders"]
+    return loaders
 
 
 def provide_settings(state: State) -> Settings:

@@ -5,7 +5,8 @@
     RagError                      500 server_error
     ├── InvalidRequest            400 invalid_request_error   (param names the field)
     │   ├── IndexConfigError      400 bad index option for a collection
-    │   └── PayloadTooLarge       413 a request past a size limit (the limit is named)
+    │   ├── PayloadTooLarge       413 a request past a size limit (the limit is named)
+    │   └── UnsupportedMediaType  415 a JSON route's body sent as another Content-Type
     ├── Unauthorized              401 authentication_error
     ├── Forbidden                 403 permission_error        (a valid key without the scope)
     ├── NotFound                  404 not_found_error
@@ -16,6 +17,7 @@
     │   ├── CollectionExists
     │   ├── EmbeddingMismatch     collection or index made by another embedding model
     │   └── ReindexInProgress     the collection is being moved to another model already
+    ├── ClientDisconnected        499 the client left before its answer (nobody reads it)
     ├── Overloaded                503 overloaded_error        (Retry-After header)
     ├── NotReady                  503 service_unavailable
     ├── StoreDown                 503 the database is unreachable (Retry-After)
@@ -50,6 +52,7 @@ from indexes.engine import (
 from indexes.reindex import ModelChanged, ReindexRunning
 
 __all__ = [
+    "ClientDisconnected",
     "CollectionExists",
     "CollectionNotFound",
     "Conflict",
@@ -71,6 +74,7 @@ __all__ = [
     "Unauthorized",
     "UnreadableFile",
     "UnsupportedFileType",
+    "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamIncomplete",
     "UpstreamRejected",
@@ -109,6 +113,13 @@ class IndexConfigError(InvalidRequest):
 class PayloadTooLarge(InvalidRequest):
     status_code = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A JSON route sent a body that does not say it is JSON (Content-Type)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class UnsupportedFileType(InvalidRequest):
@@ -175,6 +186,14 @@ class EmbeddingMismatch(Conflict):
 
 class ReindexInProgress(Conflict):
     code = "reindex_in_progress"
+
+
+class ClientDisconnected(RagError):
+    """The client closed the connection while its request was worked on; the work was
+    cancelled. Logged as 499 (nginx's "client closed request"); no client reads it."""
+
+    status_code = 499
+    error_type = "client_closed_request"
 
 
 class Overloaded(RagError):

@@ -1,13 +1,15 @@
 """JSON Lines files read the one way every command does: line numbers for messages, blank
-lines skipped, a line that is not JSON reported (not fatal) so a command can list every bad
-line at once."""
+lines skipped, a line that is not JSON (or nests past the bounds of
+:mod:`rag_service.bounded_json`) reported (not fatal) so a command can list every bad line at
+once."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from rag_service.bounded_json import JsonBoundsError, loads
 
 __all__ = ["json_lines"]
 
@@ -21,6 +23,6 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line), None
-        except json.JSONDecodeError as exc:
-            yield number, None, f"not JSON ({exc.msg})"
+            yield number, loads(line), None
+        except JsonBoundsError as exc:
+            yield number, None, str(exc)

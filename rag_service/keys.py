@@ -74,7 +74,7 @@ MAX_SCOPES = 64
 ScopeCollection = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$",
+        pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})\Z",
         description="a collection name, or * for every collection",
     ),
 ]

@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import codecs
 import io
-import json
 import re
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
+
+from rag_service import bounded_json
+from rag_service.ids import id_problem
 
 if TYPE_CHECKING:
     from bs4 import Tag
@@ -47,10 +50,12 @@ __all__ = [
     "SUFFIXES",
     "LoadError",
     "LoadErrorKind",
+    "LoadLimits",
     "SourceDocument",
     "discover",
     "load",
     "load_bytes",
+    "read_file",
 ]
 
 CONTENT_TYPES: dict[str, str] = {
@@ -66,9 +71,34 @@ CONTENT_TYPES: dict[str, str] = {
 }
 SUFFIXES: tuple[str, ...] = tuple(CONTENT_TYPES)
 
-LoadErrorKind = Literal["unsupported", "empty", "parse", "no_text_layer", "encrypted", "unreadable"]
+LoadErrorKind = Literal[
+    "unsupported", "empty", "parse", "no_text_layer", "encrypted", "unreadable", "bad_id", "limit"
+]
 
 _MAX_REASON = 200  # characters of a library's error message kept in ours
+
+
+@dataclass(frozen=True, slots=True)
+class LoadLimits:
+    """Bounds on the work one file may cause, checked before the parser meets what they
+    bound (each refusal is a :class:`LoadError` of kind ``limit`` naming the setting):
+
+    * ``unzipped_bytes``, ``zip_entries``: a Word document's zip, from its directory before
+      anything is inflated (``zipfile`` then inflates no member past the size its directory
+      gives: a member that holds more fails its CRC check);
+    * ``elements``: paragraphs of a Word document, elements of an HTML page (counted in the
+      raw markup before a parser builds anything);
+    * ``html_depth``: how deep HTML elements nest, as the HTML parser would nest them.
+
+    Markdown needs no bound here: only its block structure is parsed (headings), which
+    markdown-it does in linear time; inline markup, where emphasis matching can go
+    quadratic, is never parsed.
+    """
+
+    unzipped_bytes: int = 256 * 1024 * 1024
+    zip_entries: int = 10_000
+    elements: int = 200_000
+    html_depth: int = 256
 
 
 class LoadError(ValueError):
@@ -76,8 +106,10 @@ class LoadError(ValueError):
 
     ``kind``: ``unsupported`` (file type), ``empty`` (no bytes, no text, no documents),
     ``parse`` (corrupt, truncated or not UTF-8), ``no_text_layer`` (a PDF without text, e.g. a
-    scan), ``encrypted`` (a PDF that needs a password); ``unreadable`` only comes from
-    :func:`discover` and :func:`load` (a path that is missing or cannot be read).
+    scan), ``encrypted`` (a PDF that needs a password), ``bad_id`` (a JSONL line's id breaks
+    the id rule of :mod:`rag_service.ids`), ``limit`` (past a bound of :class:`LoadLimits`:
+    the message names it); ``unreadable`` only comes from :func:`discover` and :func:`load`
+    (a path that is missing or cannot be read).
     """
 
     def __init__(self, filename: str, reason: str, *, kind: LoadErrorKind = "parse") -> None:
@@ -85,6 +117,13 @@ class LoadError(ValueError):
         self.filename = filename
         self.reason = reason
         self.kind: LoadErrorKind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses from a loader process (pickle)
+        return (_load_error, (self.filename, self.reason, self.kind))
+
+
+def _load_error(filename: str, reason: str, kind: LoadErrorKind) -> LoadError:
+    return LoadError(filename, reason, kind=kind)
 
 
 @dataclass(slots=True)
@@ -94,33 +133,44 @@ class SourceDocument:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def discover(paths: list[Path]) -> Iterator[tuple[Path, str]]:
-    """(file, id prefix) for every supported file under ``paths``, in a stable order."""
+def discover(paths: list[Path], prefix: str | None = None) -> Iterator[tuple[Path, str]]:
+    """(file, document id) for every supported file under ``paths``, in a stable order: a
+    folder's files get ``<prefix>/<path inside it>`` (``prefix`` defaults to the folder's
+    name), a file given alone its name."""
     for root in paths:
         if root.is_dir():
             base = root.resolve()
             for path in sorted(base.rglob("*")):
                 if path.is_file() and path.suffix.lower() in SUFFIXES:
-                    yield path, f"{base.name}/{path.relative_to(base).as_posix()}"
+                    yield path, f"{prefix or base.name}/{path.relative_to(base).as_posix()}"
         elif root.is_file():
             yield root, root.name
         else:
             raise LoadError(str(root), "no such file or directory", kind="unreadable")
 
 
-def load(path: Path, doc_id: str) -> list[SourceDocument]:
-    """The documents in the file at ``path`` (see :func:`load_bytes`)."""
+def read_file(path: Path) -> bytes:
+    """The bytes of the file at ``path``; :class:`LoadError` (``unreadable``) if it cannot be
+    read."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         reason = f"cannot read ({exc.strerror or exc})"
         raise LoadError(path.name, reason, kind="unreadable") from exc
-    return load_bytes(data, path.name, doc_id)
 
 
-def load_bytes(data: bytes, filename: str, doc_id: str) -> list[SourceDocument]:
+def load(path: Path, doc_id: str, limits: LoadLimits | None = None) -> list[SourceDocument]:
+    """The documents in the file at ``path`` (see :func:`load_bytes`)."""
+    return load_bytes(read_file(path), path.name, doc_id, limits)
+
+
+def load_bytes(
+    data: bytes, filename: str, doc_id: str, limits: LoadLimits | None = None
+) -> list[SourceDocument]:
     """The documents in ``data``, a file called ``filename`` (its suffix picks the loader):
-    one document with id ``doc_id``, or one per line for JSONL. Raises :class:`LoadError`."""
+    one document with id ``doc_id``, or one per line for JSONL. Raises :class:`LoadError`
+    (kind ``limit`` past one of ``limits``, default :class:`LoadLimits`'s)."""
+    limits = limits or LoadLimits()
     suffix = PurePosixPath(filename).suffix.lower()
     if suffix not in CONTENT_TYPES:
         found = f"'{suffix}'" if suffix else "without a suffix"
@@ -139,8 +189,8 @@ def load_bytes(data: bytes, filename: str, doc_id: str) -> list[SourceDocument]:
         return docs
     parse, label = _PARSERS[suffix]
     try:
-        text, found_meta = parse(data, filename)
-    except LoadError:
+        text, found_meta = parse(data, filename, limits)
+    except (LoadError, MemoryError):
         raise
     except Exception as exc:  # a parser library's error, whatever its type, is a parse error
         raise LoadError(filename, f"not a readable {label} ({_reason(exc)})") from exc
@@ -202,7 +252,7 @@ def _title_from(sections: Sections, levels: list[int], *, any_level: bool = True
 # --- plain text, JSONL ------------------------------------------------------------------------
 
 
-def _plain(data: bytes, filename: str) -> tuple[str, Meta]:
+def _plain(data: bytes, filename: str, limits: LoadLimits) -> tuple[str, Meta]:
     return _decode(data, filename), {}
 
 
@@ -211,17 +261,27 @@ def _jsonl(raw: str, filename: str, doc_id: str, content_type: str) -> Iterator[
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise LoadError(f"{filename}:{lineno}", f"not JSON ({exc})") from exc
+            obj = bounded_json.loads(line)
+        except bounded_json.JsonBoundsError as exc:
+            raise LoadError(f"{filename}:{lineno}", str(exc)) from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise LoadError(f"{filename}:{lineno}", "expected an object with a string 'text'")
         metadata = obj.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise LoadError(f"{filename}:{lineno}", "'metadata' must be an object")
+        given = obj.get("id")
+        if given is not None and not isinstance(given, str | int):
+            raise LoadError(f"{filename}:{lineno}", "'id' must be a string")
+        line_id = str(given) if given not in (None, "") else f"{doc_id}#{lineno}"
+        if (problem := id_problem(line_id)) is not None:
+            raise LoadError(
+                f"{filename}:{lineno}",
+                f"{line_id[:80]!r} cannot be a document id: {problem}",
+                kind="bad_id",
+            )
         if obj["text"].strip():
             yield SourceDocument(
-                str(obj.get("id") or f"{doc_id}#{lineno}"),
+                line_id,
                 obj["text"],
                 {"source": doc_id, "content_type": content_type, **metadata},
             )
@@ -238,7 +298,7 @@ _PDFIUM = threading.Lock()
 _PDF_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
-def _pdf(data: bytes, filename: str) -> tuple[str, Meta]:
+def _pdf(data: bytes, filename: str, limits: LoadLimits) -> tuple[str, Meta]:
     """The text layer page by page, with PDFium (pypdfium2: Chromium's PDF engine), which keeps
     the spaces between words that many PDFs draw as positioning only (pypdf ran the words of
     the Debian FAQ's PDF together: "DebianGNU/Linuxincludescompletesource-code")."""
@@ -336,10 +396,51 @@ def _docx_table_lines(table: Any) -> Iterator[str]:
             yield " | ".join(cells)
 
 
-def _docx(data: bytes, filename: str) -> tuple[str, Meta]:
+_WORD_PARAGRAPH = re.compile(rb"<w:p[\s/>]")
+
+
+def _check_zip(data: bytes, filename: str, limits: LoadLimits) -> None:
+    """The zip's directory within the limits, and its main part's paragraphs too, before
+    anything is parsed (a 1 MB upload can inflate to gigabytes, or hold millions of empty
+    paragraphs)."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise LoadError(filename, f"not a readable Word document ({_reason(exc)})") from exc
+    with archive:
+        entries = archive.infolist()
+        if len(entries) > limits.zip_entries:
+            raise LoadError(
+                filename,
+                f"the zip holds {len(entries)} entries; the limit is {limits.zip_entries} "
+                "(RAG_MAX_ZIP_ENTRIES)",
+                kind="limit",
+            )
+        total = sum(e.file_size for e in entries)
+        if total > limits.unzipped_bytes:
+            raise LoadError(
+                filename,
+                f"the zip inflates to {total} bytes; the limit is {limits.unzipped_bytes} "
+                "(RAG_MAX_UNZIPPED_BYTES)",
+                kind="limit",
+            )
+        names = {e.filename for e in entries}
+        if "word/document.xml" in names:
+            paragraphs = len(_WORD_PARAGRAPH.findall(archive.read("word/document.xml")))
+            if paragraphs > limits.elements:
+                raise LoadError(
+                    filename,
+                    f"{paragraphs} paragraphs; the limit is {limits.elements} "
+                    "(RAG_MAX_DOCUMENT_ELEMENTS)",
+                    kind="limit",
+                )
+
+
+def _docx(data: bytes, filename: str, limits: LoadLimits) -> tuple[str, Meta]:
     from docx import Document
     from docx.text.paragraph import Paragraph
 
+    _check_zip(data, filename, limits)
     doc = Document(io.BytesIO(data))
     lines: list[str] = []
     sections: Sections = []
@@ -383,7 +484,7 @@ _BLOCKS = {
 }  # fmt: skip
 
 
-def _hidden(tag: Tag) -> bool:
+def _hidden(tag: Tag, in_section: bool = False) -> bool:
     return (
         tag.name in _NEVER_TEXT
         or tag.has_attr("hidden")
@@ -391,14 +492,16 @@ def _hidden(tag: Tag) -> bool:
     )
 
 
-def _boilerplate(tag: Tag) -> bool:
-    """Navigation, page header and footer, sidebars, forms around no content."""
+def _boilerplate(tag: Tag, in_section: bool) -> bool:
+    """Navigation, page header and footer, sidebars, forms around no content. ``in_section``:
+    whether a sectioning element holds ``tag`` (the walk keeps count, so nested headers cost
+    no walk up the tree each: that was quadratic in the nesting)."""
     if _hidden(tag) or tag.name in _BOILERPLATE:
         return True
     if str(tag.get("role", "")).lower() in _BOILERPLATE_ROLES:
         return True
     if tag.name == "header":  # the page's banner; an article's own header is content
-        return tag.find_parent(_SECTIONING) is None
+        return not in_section
     if tag.name == "form":  # some sites wrap the whole page in one form
         return tag.find(["main", "article", "h1", "h2"]) is None
     return False
@@ -420,17 +523,18 @@ class _HtmlText:
     def text(self) -> str:
         return "\n".join(self.lines)
 
-    def walk(self, root: Tag, skip: Callable[[Tag], bool]) -> _HtmlText:
+    def walk(self, root: Tag, skip: Callable[[Tag, bool], bool]) -> _HtmlText:
         from bs4 import CData, NavigableString, Tag
 
         stack: list[tuple[Any, bool]] = [(root, True)]
         heading = pre = 0  # depths
+        sectioning = int(root.name in _SECTIONING or root.find_parent(_SECTIONING) is not None)
         while stack:
             node, entering = stack.pop()
             if isinstance(node, Tag):
                 name = node.name
                 if entering:
-                    if node is not root and skip(node):
+                    if node is not root and skip(node, sectioning > 0):
                         continue
                     if name == "br":
                         self._buffer.append("\n")
@@ -441,6 +545,7 @@ class _HtmlText:
                         self._flush(pre=pre > 0)
                     heading += name in _HEADINGS
                     pre += name == "pre"
+                    sectioning += node is not root and name in _SECTIONING
                     stack.append((node, False))
                     stack.extend((child, True) for child in reversed(node.contents))
                 else:
@@ -451,6 +556,7 @@ class _HtmlText:
                     elif not heading and name in _BLOCKS:
                         self._flush(pre=pre > 0)
                     pre -= name == "pre"
+                    sectioning -= node is not root and name in _SECTIONING
             elif type(node) is NavigableString or isinstance(node, CData):
                 self._buffer.append(str(node) if pre else re.sub(r"\s+", " ", str(node)))
         self._flush(pre=False)
@@ -472,10 +578,70 @@ class _HtmlText:
             self._length += len(line) + 1
 
 
-def _html(data: bytes, filename: str) -> tuple[str, Meta]:
+_VOID = {
+    "area", "base", "basefont", "br", "col", "command", "embed", "frame", "hr", "img", "input",
+    "isindex", "keygen", "link", "meta", "param", "source", "spacer", "track", "wbr",
+}  # fmt: skip
+_TAG = re.compile(r"<(/?)([A-Za-z][^\s/>]*)|<!--")
+
+
+def _check_html(markup: str, filename: str, limits: LoadLimits) -> None:
+    """Elements and nesting within the limits, from a scan of the tags that nests them the
+    way the parser does (an end tag closes up to its open element; an unclosed ``<p>``
+    stays open), before the parser builds its tree: bs4 takes seconds per 100,000 elements,
+    and a million nested ones took 46 s and 600 MB. The scan only moves forward (each
+    ``str.find`` starts where the last one ended), so it is linear in the markup."""
+    open_tags: list[str] = []
+    counts: dict[str, int] = {}
+    elements = pos = 0
+    next_gt = -1  # where the next ">" is, once looked for
+    while (match := _TAG.search(markup, pos)) is not None:
+        pos = match.end()
+        closing, name = match.groups()
+        if name is None:  # a comment: skip to its end
+            end = markup.find("-->", pos)
+            if end < 0:
+                return
+            pos = end + 3
+            continue
+        if next_gt < pos:
+            next_gt = markup.find(">", pos)
+            if next_gt < 0:
+                return  # no tag ends after here
+        name = name.lower()
+        if closing:
+            if counts.get(name):
+                while open_tags:
+                    top = open_tags.pop()
+                    counts[top] -= 1
+                    if top == name:
+                        break
+            continue
+        elements += 1
+        if elements > limits.elements:
+            raise LoadError(
+                filename,
+                f"more than {limits.elements} HTML elements (RAG_MAX_DOCUMENT_ELEMENTS)",
+                kind="limit",
+            )
+        if name in _VOID or markup[next_gt - 1] == "/":
+            continue
+        open_tags.append(name)
+        counts[name] = counts.get(name, 0) + 1
+        if len(open_tags) > limits.html_depth:
+            raise LoadError(
+                filename,
+                f"HTML elements nest more than {limits.html_depth} deep (RAG_MAX_HTML_DEPTH)",
+                kind="limit",
+            )
+
+
+def _html(data: bytes, filename: str, limits: LoadLimits) -> tuple[str, Meta]:
     from bs4 import BeautifulSoup
 
-    soup = BeautifulSoup(_decode(data, filename), "html.parser")
+    markup = _decode(data, filename)
+    _check_html(markup, filename, limits)
+    soup = BeautifulSoup(markup, "html.parser")
     body = soup.body or soup
     root = body.find("main") or body.find(role="main")
     if root is None and (articles := body.find_all("article")):
@@ -516,7 +682,7 @@ def _front_matter(lines: list[str]) -> tuple[int, str | None]:
     return 0, None
 
 
-def _markdown(data: bytes, filename: str) -> tuple[str, Meta]:
+def _markdown(data: bytes, filename: str, limits: LoadLimits) -> tuple[str, Meta]:
     from markdown_it import MarkdownIt
 
     text = _decode(data, filename)
@@ -525,7 +691,9 @@ def _markdown(data: bytes, filename: str) -> tuple[str, Meta]:
     skipped, title = _front_matter(lines)
     # The front matter's lines become blank, so markdown-it's line numbers stay the file's.
     source = "\n" * skipped + "\n".join(lines[skipped:])
-    tokens = MarkdownIt("commonmark").parse(source)
+    # Block structure only: the headings' text is the inline token's source, and inline
+    # parsing (emphasis matching went quadratic on "*a **a " * 200000) is never needed.
+    tokens = MarkdownIt("commonmark").disable("inline").parse(source)
     sections: Sections = []
     levels: list[int] = []
     for i, token in enumerate(tokens):
@@ -542,7 +710,7 @@ def _markdown(data: bytes, filename: str) -> tuple[str, Meta]:
 _RST_ADORNMENT = re.compile(r"""([=\-`:'"~^_*+#<>])\1+[ \t]*""")
 
 
-def _rst(data: bytes, filename: str) -> tuple[str, Meta]:
+def _rst(data: bytes, filename: str, limits: LoadLimits) -> tuple[str, Meta]:
     """Section titles: a line underlined (and optionally overlined, with the same line) by
     one repeated punctuation character, at least as long as the title, after a blank line."""
     text = _decode(data, filename)
@@ -575,7 +743,7 @@ def _rst(data: bytes, filename: str) -> tuple[str, Meta]:
     return text, {"title": sections[0][1] if sections else None, "sections": sections}
 
 
-_PARSERS: dict[str, tuple[Callable[[bytes, str], tuple[str, Meta]], str]] = {
+_PARSERS: dict[str, tuple[Callable[[bytes, str, LoadLimits], tuple[str, Meta]], str]] = {
     ".pdf": (_pdf, "PDF"),
     ".docx": (_docx, "Word document"),
     ".html": (_html, "HTML document"),

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-from litestar import Router
+from litestar import Request, Router
 from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.openapi import ResponseSpec
 from litestar.openapi.config import OpenAPIConfig
@@ -53,18 +53,20 @@ DOCS_ASSETS = "/schema/assets"
 _DESCRIPTIONS = {
     400: "Invalid request: the body, a parameter or a field (named in `param`) is wrong",
     401: "Missing or invalid API key",
-    403: "The API key lacks the scope this request needs",
+    403: "The API key lacks the scope this request needs; without RAG_API_KEY, a request "
+    "from another website or to an unknown Host",
     404: "Collection, document, model or adapter not found",
     409: "Conflict: it exists already, or was embedded by another model",
     413: "The request is past a size limit (named in the message)",
-    415: "A file of a type the service cannot read",
+    415: "A body that is not sent as JSON (Content-Type), or a file of a type the service "
+    "cannot read",
     422: "A file that does not parse: corrupt, encrypted, or a PDF without a text layer",
     502: "The generation server failed or answered malformed data",
     503: "Loading, overloaded or the store is busy: retry after the Retry-After header",
     504: "The generation server did not answer in time",
 }
 # What every /v1 route can answer: bad input, keys and scopes, size limits, not ready.
-V1_COMMON = (400, 401, 403, 413, 503)
+V1_COMMON = (400, 401, 403, 413, 415, 503)
 
 
 class ErrorDetail(msgspec.Struct):
@@ -101,7 +103,7 @@ def openapi_config() -> OpenAPIConfig:
         ),
         path="/schema",
         render_plugins=[
-            JsonRenderPlugin(),
+            EcmaPatternJsonRenderPlugin(),
             SwaggerRenderPlugin(
                 js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
                 css_url=f"{DOCS_ASSETS}/swagger-ui.css",
@@ -111,6 +113,31 @@ def openapi_config() -> OpenAPIConfig:
             ),
         ],
     )
+
+
+class EcmaPatternJsonRenderPlugin(JsonRenderPlugin):
+    """The schema as JSON, with its ``pattern`` strings in the dialect OpenAPI documents
+    (ECMA-262). The service anchors its patterns with ``\\A`` and ``\\Z`` (Python's ``$``
+    also matches before a final newline, see :mod:`rag_service.ids`); ECMA-262 has neither,
+    and its ``^`` and ``$`` (without the multiline flag) mean exactly what they do."""
+
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        return super().render(request, _ecma_patterns(openapi_schema))
+
+
+def _ecma_patterns(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: (
+                v.replace("\\A", "^").replace("\\Z", "$")
+                if k == "pattern" and isinstance(v, str)
+                else _ecma_patterns(v)
+            )
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_ecma_patterns(v) for v in value]
+    return value
 
 
 def docs_assets_router() -> Router:

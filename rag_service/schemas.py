@@ -15,6 +15,7 @@ from litestar.params import Parameter
 
 from indexes.types import Fusion, SearchMode
 from rag_service.errors import InvalidRequest
+from rag_service.ids import DOC_ID_PATTERN, MAX_ID_CHARS
 
 __all__ = [
     "DOC_ID_PATTERN",
@@ -25,6 +26,7 @@ __all__ = [
     "CollectionInfo",
     "CollectionList",
     "CollectionUpdate",
+    "DocId",
     "DocumentIn",
     "DocumentList",
     "DocumentOut",
@@ -49,14 +51,12 @@ __all__ = [
     "check_collection_name",
 ]
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-# Any text but control characters, not starting or ending with "/" nor holding "//" (ids are
-# addressed in URL paths, where routing drops those slashes).
-DOC_ID_PATTERN = r"^(?!.*//)[^/\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^/\x00-\x1f\x7f])?$"
+# Anchored with \Z, not $ (which also matches before a final newline): see rag_service.ids.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 # A collection (or adapter) name in a URL path, with the same rule, named in the schema.
 NamePath = Annotated[str, Parameter(pattern=NAME_PATTERN, max_length=64)]
-DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=DOC_ID_PATTERN)]
+DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=DOC_ID_PATTERN)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=10_000_000)]
 Query = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, pattern=r"\S")]
 Metadata = Annotated[dict[str, Any], msgspec.Meta(max_length=64)]

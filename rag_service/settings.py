@@ -87,6 +87,16 @@ class Settings:
             "key is the admin key, which also issues scoped keys (/v1/keys)."
         ),
     )
+    allowed_hosts: str = field(
+        default="",
+        metadata=_help(
+            "Without RAG_API_KEY: host names, comma-separated, the service may be reached as "
+            "(the Host header) and websites on them that may call it (the Origin header), "
+            "beyond the loopback names and the address it is bound to; '.example.com' also "
+            "allows subdomains, '*' any host. Guards an open service against other websites "
+            "and DNS rebinding."
+        ),
+    )
     metrics_public: bool = field(
         default=False,
         metadata=_help(
@@ -261,12 +271,61 @@ class Settings:
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata=_help("Largest request body accepted, in bytes.")
     )
+    trim_memory: bool = field(
+        default=True,
+        metadata=_help(
+            "Give freed memory back to the OS after a large or long request (glibc "
+            "malloc_trim, on a thread, at most every 2 s); false keeps what the allocator holds."
+        ),
+    )
+    max_header_bytes: int = field(
+        default=64 * 1024,
+        metadata=_help("Largest request line and headers accepted, in bytes; beyond it 431."),
+    )
     max_file_bytes: int = field(
         default=32 * 1024 * 1024,
         metadata=_help("Largest file accepted by POST /v1/collections/{name}/files, in bytes."),
     )
     max_upload_files: int = field(
         default=100, metadata=_help("Most files in one upload (POST .../files).")
+    )
+    loader_workers: int = field(
+        default=2,
+        metadata=_help(
+            "Processes that parse uploaded and ingested files (started on first use; each "
+            "parses one file at a time and is killed when its file runs past a bound)."
+        ),
+    )
+    loader_timeout_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "Longest one file may take to parse (seconds); past it its process is killed and "
+            "the file refused with 413."
+        ),
+    )
+    loader_memory_mb: int = field(
+        default=2048,
+        metadata=_help(
+            "Address space of each file-parsing process (RLIMIT_AS, MiB): a file that needs "
+            "more is refused with 413."
+        ),
+    )
+    max_unzipped_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_help(
+            "Most bytes a Word document's zip may inflate to, from its directory before "
+            "anything is inflated."
+        ),
+    )
+    max_zip_entries: int = field(
+        default=10_000, metadata=_help("Most entries in a Word document's zip.")
+    )
+    max_document_elements: int = field(
+        default=200_000,
+        metadata=_help("Most paragraphs in a Word document, and elements in an HTML page."),
+    )
+    max_html_depth: int = field(
+        default=256, metadata=_help("Deepest nesting of HTML elements in an uploaded page.")
     )
     sqlite_synchronous: Synchronous = field(
         default="FULL",
@@ -428,8 +487,15 @@ class Settings:
             "max_embedding_tokens",
             "interactive_max_texts",
             "max_body_bytes",
+            "max_header_bytes",
             "max_file_bytes",
             "max_upload_files",
+            "loader_workers",
+            "loader_memory_mb",
+            "max_unzipped_bytes",
+            "max_zip_entries",
+            "max_document_elements",
+            "max_html_depth",
             "hnsw_ef_search",
             "ivf_nprobe",
             "max_ivf_nlist",
@@ -465,6 +531,8 @@ class Settings:
             check_reranker_dir(self.reranker_model)
         if self.inline_search_max_vectors < 0:
             raise bad("inline_search_max_vectors", "must be >= 0")
+        if self.loader_timeout_s <= 0:
+            raise bad("loader_timeout_s", "must be positive")
         if self.reindex_pause_ms < 0:
             raise bad("reindex_pause_ms", "must be >= 0")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:

@@ -6,18 +6,18 @@ parts (the document id of each file, in order; by default the file's name) and o
 of itself: title, page count, content type, source).
 
 Each file is read by the same loaders as ``rag-service ingest`` (:mod:`rag_service.loaders`),
-off the event loop, and checked on its own: a file of a type not supported (415), too large
-(413), empty (400) or that does not parse (422: corrupt, encrypted, a PDF without a text
-layer) is reported by name and nothing of it is written, while the other files of the upload
-go on. The files that loaded are stored by one upsert (one transaction, the same statuses as
-``POST .../documents``). When no file could be stored the answer is the error itself (the
-first failure's status, every file named in the message).
+in a loader process (:mod:`rag_service.loader_workers`: killed past its time or memory budget,
+or when the client leaves), and checked on its own: a file of a type not supported (415), too
+large or past a parsing bound (413), empty (400) or that does not parse (422: corrupt,
+encrypted, a PDF without a text layer) is reported by name and nothing of it is written, while
+the other files of the upload go on. The files that loaded are stored by one upsert (one
+transaction, the same statuses as ``POST .../documents``). When no file could be stored the
+answer is the error itself (the first failure's status, every file named in the message).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -25,6 +25,7 @@ from typing import Any
 
 from litestar.datastructures import UploadFile
 
+from rag_service import bounded_json
 from rag_service.errors import (
     EmptyFile,
     FileTooLarge,
@@ -34,17 +35,21 @@ from rag_service.errors import (
     UnreadableFile,
     UnsupportedFileType,
 )
+from rag_service.ids import id_problem
 from rag_service.knowledge import KnowledgeBase
-from rag_service.loaders import CONTENT_TYPES, LoadError, SourceDocument, load_bytes
+from rag_service.loader_workers import LoaderPool
+from rag_service.loaders import CONTENT_TYPES, LoadError
 from rag_service.locations import LAYOUT_KEYS
-from rag_service.schemas import DOC_ID_PATTERN, DocumentIn, DocumentStatus, FileError, FileOutcome
+from rag_service.schemas import DocumentIn, DocumentStatus, FileError, FileOutcome
 from rag_service.settings import Settings
 
-__all__ = ["FileUpload", "read_upload", "store_files"]
+__all__ = ["FileUpload", "load_files", "read_upload", "store_files"]
 
 _LOAD_ERRORS: dict[str, type[RagError]] = {
     "unsupported": UnsupportedFileType,
     "empty": EmptyFile,
+    "bad_id": InvalidRequest,
+    "limit": PayloadTooLarge,
 }
 MAX_METADATA_KEYS = 64
 
@@ -118,11 +123,11 @@ async def read_upload(
                     param=f"files[{i}]",
                 )
             )
-        elif not doc_id or len(doc_id) > 512 or re.fullmatch(DOC_ID_PATTERN, doc_id) is None:
+        elif (problem := id_problem(doc_id)) is not None:
             errors.append(
                 InvalidRequest(
-                    f"{name}: {doc_id!r} cannot be a document id (1-512 characters, no control "
-                    "characters, no leading or trailing '/', no '//'); send an 'id' part",
+                    f"{name}: {doc_id[:80]!r} cannot be a document id: {problem}; send an "
+                    "'id' part",
                     param=param,
                 )
             )
@@ -137,9 +142,10 @@ def _metadata(raw: Any) -> dict[str, Any]:
     if isinstance(raw, UploadFile):
         raise InvalidRequest("'metadata' must be a form field, not a file", param="metadata")
     try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"'metadata' is not JSON: {exc}", param="metadata") from exc
+        value = bounded_json.loads(raw)
+    except bounded_json.JsonBoundsError as exc:
+        where = f"metadata.{exc.path}" if exc.path else "metadata"
+        raise InvalidRequest(f"'metadata' is {exc}", param=where) from exc
     if not isinstance(value, dict):
         raise InvalidRequest("'metadata' must be a JSON object", param="metadata")
     if len(value) > MAX_METADATA_KEYS:
@@ -155,10 +161,12 @@ def _metadata(raw: Any) -> dict[str, Any]:
     return value
 
 
-def _load(upload: FileUpload, index: int, extra: dict[str, Any]) -> _Loaded:
+async def _load(
+    loaders: LoaderPool, upload: FileUpload, index: int, extra: dict[str, Any]
+) -> _Loaded:
     out = _Loaded(index, upload)
     try:
-        docs: list[SourceDocument] = load_bytes(upload.data, upload.filename, upload.doc_id)
+        docs = await loaders.load(upload.data, upload.filename, upload.doc_id)
     except LoadError as exc:
         kind = _LOAD_ERRORS.get(exc.kind, UnreadableFile)
         message = str(exc)
@@ -175,6 +183,18 @@ def _load(upload: FileUpload, index: int, extra: dict[str, Any]) -> _Loaded:
         for d in docs
     ]
     return out
+
+
+async def load_files(
+    loaders: LoaderPool,
+    uploads: list[FileUpload],
+    metadata: dict[str, Any],
+    errors: list[RagError | None],
+) -> list[_Loaded]:
+    """Parse the files not already ruled out, in the loader processes (in parallel, as many
+    at once as there are workers); cancelling this kills the processes still parsing."""
+    pending = [(i, u) for i, (u, e) in enumerate(zip(uploads, errors, strict=True)) if e is None]
+    return list(await asyncio.gather(*(_load(loaders, u, i, metadata) for i, u in pending)))
 
 
 def _check(loaded: _Loaded, kb: KnowledgeBase, taken: dict[str, str]) -> None:
@@ -205,13 +225,11 @@ async def store_files(
     kb: KnowledgeBase,
     collection: str,
     uploads: list[FileUpload],
-    metadata: dict[str, Any],
+    loaded: list[_Loaded],
     errors: list[RagError | None],
 ) -> list[FileOutcome]:
-    """Load, check and store the files; one outcome per file, in order. Raises the error
-    (naming every file) when none of them could be stored."""
-    pending = [(i, u) for i, (u, e) in enumerate(zip(uploads, errors, strict=True)) if e is None]
-    loaded = await asyncio.to_thread(lambda: [_load(u, i, metadata) for i, u in pending])
+    """Check and store the files :func:`load_files` parsed; one outcome per file, in order.
+    Raises the error (naming every file) when none of them could be stored."""
     by_index = {item.index: item for item in loaded}
     taken: dict[str, str] = {}
     for item in loaded:

@@ -17,10 +17,11 @@ from litestar.testing import TestClient
 
 from rag_service.app import create_app
 from rag_service.embedding import Embedder
+from rag_service.loader_workers import LoaderPool
 from rag_service.settings import Settings
 from tests.fake_upstream import FakeUpstream, serve_fake
 from tests.pg import pg_cluster, pg_url  # noqa: F401  (fixtures)
-from tests.support import AppFactory, free_port, wait_ready
+from tests.support import BASE_URL, AppFactory, free_port, wait_ready
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -44,6 +45,15 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def embedder(model_cache: Path) -> Embedder:
     """The bundled model on the default runtime (ONNX Runtime on CPU)."""
     return Embedder(Settings().embedding_model_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def loader_pool() -> Iterator[LoaderPool]:
+    """One pool of file-loader processes for every app ``make_client`` builds (they start
+    on the first upload)."""
+    pool = LoaderPool.from_settings(Settings())
+    yield pool
+    pool.close()
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +85,11 @@ def database_url() -> str | None:
 
 @pytest.fixture
 def make_client(
-    tmp_path: Path, embedder: Embedder, fake_server: FakeUpstream, database_url: str | None
+    tmp_path: Path,
+    embedder: Embedder,
+    fake_server: FakeUpstream,
+    database_url: str | None,
+    loader_pool: LoaderPool,
 ) -> Iterator[AppFactory]:
     """``make_client(**settings)`` -> a ready TestClient; closed at teardown. Chat goes to the
     fake upstream unless the settings or ``backend=`` say otherwise; storage is the engine the
@@ -88,7 +102,11 @@ def make_client(
         overrides.setdefault("upstream_url", fake_server.url)
         overrides.setdefault("database_url", database_url)
         settings = Settings(data_dir=data_dir or tmp_path / "data", **overrides)
-        client = TestClient(create_app(settings, embedder=embedder, backend=backend))
+        loaders = None if _loader_settings(overrides) else loader_pool
+        client = TestClient(
+            create_app(settings, embedder=embedder, backend=backend, loaders=loaders),
+            base_url=BASE_URL,
+        )
         client.__enter__()
         opened.append(client)
         wait_ready(client)
@@ -97,6 +115,13 @@ def make_client(
     yield factory
     for client in reversed(opened):
         client.__exit__(None, None, None)
+
+
+def _loader_settings(overrides: dict[str, Any]) -> bool:
+    """Whether a test sets what the shared loader pool was built without."""
+    names = {"loader_workers", "loader_timeout_s", "loader_memory_mb", "max_unzipped_bytes"}
+    names |= {"max_zip_entries", "max_document_elements", "max_html_depth"}
+    return bool(names & set(overrides))
 
 
 @pytest.fixture

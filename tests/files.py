@@ -126,3 +126,39 @@ def make_docx(paragraphs: list[tuple[str, str]], *, title: str | None = None) ->
     out = io.BytesIO()
     doc.save(out)
     return out.getvalue()
+
+
+def make_docx_with_body(body: bytes) -> bytes:
+    """A Word document whose body holds ``body`` (raw WordprocessingML, e.g. ``b"<w:p/>" *
+    n``) ahead of a real paragraph: the shape of a zip bomb made small enough for a test."""
+    import zipfile
+
+    base = zipfile.ZipFile(io.BytesIO(make_docx([("Normal", "a real paragraph")])))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for info in base.infolist():
+            data = base.read(info.filename)
+            if info.filename == "word/document.xml":
+                start = data.index(b"<w:body>") + len(b"<w:body>")
+                data = data[:start] + body + data[start:]
+            zipped.writestr(info.filename, data)
+    return out.getvalue()
+
+
+def declare_size(data: bytes, member: str, size: int) -> bytes:
+    """The zip ``data`` with ``member``'s uncompressed size set to ``size`` in its local header
+    and in the central directory, its bytes unchanged: a zip whose directory lies."""
+    import struct
+    import zipfile
+
+    out = bytearray(data)
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(member)
+    struct.pack_into("<I", out, info.header_offset + 22, size)  # local header
+    name = member.encode()
+    at = out.find(b"PK\x01\x02")
+    while at >= 0:  # central directory entries
+        (length,) = struct.unpack_from("<H", out, at + 28)
+        if out[at + 46 : at + 46 + length] == name:
+            struct.pack_into("<I", out, at + 24, size)
+        at = out.find(b"PK\x01\x02", at + 4)
+    return bytes(out)

@@ -37,6 +37,7 @@ from rag_service.settings import Settings
 from tests.pg import PgCluster
 
 __all__ = [
+    "BASE_URL",
     "CRASH_BATCH",
     "ENGINES",
     "LANE_SCORE_TOLERANCE",
@@ -60,6 +61,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # keeps their vectors at cosine >= 0.9999, and their scores for one query differ by about
 # 0.002 at most on real text (0.014 is the bound the probe implies).
 LANE_SCORE_TOLERANCE = 5e-3
+# Test clients address the app as a loopback client does: Litestar's default base URL
+# (http://testserver.local) is a Host the service refuses without RAG_API_KEY.
+BASE_URL = "http://127.0.0.1"
 ENGINES = ["embedded", "postgres"]
 AppFactory = Callable[..., Any]
 
@@ -96,7 +100,16 @@ def serve_app(app: Litestar, port: int, ready_timeout: float = 60.0) -> Iterator
     ``/ready`` answers 200 (AssertionError after ``ready_timeout`` seconds)."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    from rag_service.http_protocol import CoalescingHttpToolsProtocol
+
+    config = uvicorn.Config(  # the protocol rag-service serve runs (header bound included)
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        http=CoalescingHttpToolsProtocol,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -100,6 +100,26 @@ def test_length_and_stop(client):
     assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
+def test_stop_sequences_are_bounded_and_cost_no_vocabulary_table(client):
+    """Stop strings are checked on each row's new text: transformers' stop_strings, which
+    built (and kept, for the last 8 stop sets) a vocabulary x length table per set, is not
+    used, so a long stop costs its length, not gigabytes. Past 4 stops, or a stop longer
+    than 256 characters, is a 400 naming ``stop`` before any generation."""
+    from transformers.generation import stopping_criteria
+
+    stopping_criteria.STOP_STRING_EMBEDDING_CACHE.clear()
+    long_stop = "q" * 256  # the longest allowed
+    resp = ask(client, "What is the vault access code?", stop=[long_stop, "7421"], max_tokens=24)
+    assert resp.status_code == 200, resp.text
+    assert "7421" not in resp.json()["choices"][0]["message"]["content"]
+    assert not stopping_criteria.STOP_STRING_EMBEDDING_CACHE  # no table was built
+    for stop, limit in (("q" * 257, "256"), (["a", "b", "c", "d", "e"], "4")):
+        resp = ask(client, "hi", stop=stop, max_tokens=4)
+        assert resp.status_code == 400, resp.text
+        error = error_of(resp)
+        assert error["param"].startswith("stop") and limit in error["message"], error
+
+
 def test_local_errors(client):
     resp = ask(client, "hi", max_tokens=10**6)
     assert resp.status_code == 400 and error_of(resp)["param"] == "max_tokens"

@@ -68,7 +68,11 @@ def test_ingest_reingest_update_and_search(server, tree, capsys):
     results = json.loads(capsys.readouterr().out)["results"]
     assert results[0]["document_id"] == "handbook/leave.txt"
     assert "32 days" in results[0]["text"]
-    assert results[0]["metadata"] == {"source": "handbook/leave.txt", "content_type": "text/plain"}
+    assert results[0]["metadata"] == {
+        "source": "handbook/leave.txt",
+        "content_type": "text/plain",
+        "folder": str(tree.resolve()),
+    }
 
     assert run("search", "where can I park", *common) == 0
     assert "faq-parking" in capsys.readouterr().out.splitlines()[0]
@@ -313,3 +317,94 @@ def test_client_commands_find_the_server_from_its_settings(env, url):
     from rag_service.cli.client import default_url
 
     assert default_url(env) == url
+
+
+def test_sync_is_keyed_by_the_whole_folder(server, tmp_path, capsys):
+    """Two folders named kb: the second may not take the first one's ids (it used to
+    overwrite them), and --sync of one never deletes the other's documents (it deleted
+    kb/leave.md, which came from a/kb). Documents that record no folder are kept."""
+    import shutil
+
+    import httpx
+
+    auth = {"Authorization": "Bearer k"}
+    common = ["--url", server, "--api-key", "k", "--collection", "c", "--no-progress"]
+    a, b = tmp_path / "a" / "kb", tmp_path / "b" / "kb"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    (a / "leave.md").write_text("Leave is 30 days a year.")
+    (a / "shared.md").write_text("The shared note of folder a.")
+    (b / "shared.md").write_text("The shared note of folder b.")
+
+    def stored() -> dict[str, dict]:
+        page = httpx.get(f"{server}/v1/collections/c/documents", headers=auth).json()
+        return {d["id"]: d for d in page["data"]}
+
+    assert run("ingest", str(a), *common) == 0
+    assert stored()["kb/leave.md"]["metadata"]["folder"] == str(a.resolve())
+    capsys.readouterr()
+    assert run("ingest", str(b), *common, "--sync") == 2
+    err = capsys.readouterr().err
+    assert "--prefix" in err and str(a.resolve()) in err and "nothing was changed" in err
+    assert set(stored()) == {"kb/leave.md", "kb/shared.md"}
+    doc = httpx.get(f"{server}/v1/collections/c/documents/kb/shared.md", headers=auth).json()
+    assert doc["text"] == "The shared note of folder a."
+
+    assert run("ingest", str(b), *common, "--prefix", "kb-b", "--sync") == 0
+    assert set(stored()) == {"kb/leave.md", "kb/shared.md", "kb-b/shared.md"}
+
+    httpx.post(  # a document from before folders were recorded
+        f"{server}/v1/collections/c/documents",
+        json={"documents": [{"id": "kb/legacy.md", "text": "From an older ingest."}]},
+        headers=auth,
+    ).raise_for_status()
+    (a / "leave.md").unlink()
+    capsys.readouterr()
+    assert run("ingest", str(a), *common, "--sync") == 0
+    captured = capsys.readouterr()
+    assert "1 deleted" in captured.out
+    assert "kept 1 documents under 'kb/' that record no folder" in captured.err
+    assert set(stored()) == {"kb/shared.md", "kb/legacy.md", "kb-b/shared.md"}
+
+    moved = tmp_path / "moved" / "kb"
+    shutil.copytree(a, moved)
+    assert run("ingest", str(moved), *common, "--sync") == 2  # another folder, same ids
+    assert run("ingest", str(moved), *common, "--source", str(a.resolve()), "--sync") == 0
+    assert set(stored()) == {"kb/shared.md", "kb/legacy.md", "kb-b/shared.md"}
+
+
+def test_check_ids_lists_stored_ids_that_break_the_rule(tmp_path, embedder, fake_server, capsys):
+    """Documents stored before the id rule keep their ids; check-ids names them and changes
+    nothing, and each can still be read and deleted with its dots percent-encoded."""
+    import httpx
+    from litestar.testing import TestClient
+
+    from rag_service.app import create_app
+    from rag_service.schemas import DocumentIn
+    from tests.support import BASE_URL, wait_ready
+
+    settings = Settings(data_dir=tmp_path / "data", port=free_port(), upstream_url=fake_server.url)
+    legacy = ["dots/../victim", "nl\n", "fine/id"]
+    with TestClient(create_app(settings, embedder=embedder), base_url=BASE_URL) as planting:
+        wait_ready(planting)
+        kb = planting.app.state["kb"]  # as an older version stored them: no id rule
+        docs = [DocumentIn(id=i, text=f"text of {i!r}") for i in legacy]
+        planting.blocking_portal.call(kb.upsert, "old", docs)
+    with running_server(settings, embedder) as url:
+        assert run("check-ids", "--url", url) == 1
+        captured = capsys.readouterr()
+        lines = captured.out.splitlines()
+        assert lines == [
+            "old\t'dots/../victim'\tit holds a '.' or '..' segment (clients resolve those in "
+            "URL paths)",
+            "old\t'nl\\n'\tit holds a control character (U+000A)",
+        ], lines
+        assert "2 document ids break the id rule" in captured.err
+        assert run("check-ids", "--url", url, "--collection", "old") == 1
+        encoded = f"{url}/v1/collections/old/documents/dots/%2E%2E/victim"
+        assert httpx.get(encoded).json()["id"] == "dots/../victim"
+        assert httpx.delete(encoded).status_code == 204
+        httpx.delete(f"{url}/v1/collections/old/documents/nl%0A").raise_for_status()
+        capsys.readouterr()
+        assert run("check-ids", "--url", url) == 0
+        assert "every document id follows the rule" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.support import (
+    BASE_URL,
     code_word,
     error_of,
     free_port,
@@ -193,7 +194,7 @@ def test_ready_reports_startup_failure(tmp_path):
             upstream_url="http://127.0.0.1:9/v1",
         )
     )
-    with TestClient(app) as client:
+    with TestClient(app, base_url=BASE_URL) as client:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             resp = client.get("/ready")

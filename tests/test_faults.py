@@ -7,11 +7,13 @@ Retry-After that leaves nothing half-written; crashes in a row lose no acknowled
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -436,3 +438,42 @@ def test_kill_9_mid_ingest_three_times_in_a_row(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_sigterm_stops_the_server_while_a_loader_runs(tmp_path):
+    """SIGTERM while an upload's file is being parsed (a file that would take a loader about
+    40 s): the server stops within its 10 s grace period, the loader process with it (a
+    loader thread used to hold the interpreter past the grace period)."""
+    import threading
+
+    import psutil
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_subprocess_server(
+        tmp_path / "data", port, RAG_MAX_DOCUMENT_ELEMENTS="10000000", RAG_LOADER_TIMEOUT_S="600"
+    )
+    try:
+        wait_http_ready(url, proc)
+        slow = b"<html><body>" + b"<b>x</b> " * 1_000_000 + b"</body></html>"
+        files = [("files", ("slow.html", slow, "text/html"))]
+
+        def send() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the server goes away: expected
+                httpx.post(f"{url}/v1/collections/kb/files", files=files, timeout=60)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        server = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while not any(c.cpu_percent(0.2) > 50 for c in server.children(recursive=True)):
+            assert time.monotonic() < deadline, "no loader process started parsing"
+        descendants = server.children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=25)  # the grace period is 10 s
+        sender.join(timeout=30)
+        _, alive = psutil.wait_procs(descendants, timeout=5)
+        assert not alive, f"left running: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

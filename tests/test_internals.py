@@ -113,6 +113,61 @@ def test_uvicorn_writes_through_the_transport_it_was_given():
     assert wire.writes[0].endswith(b"forty-two"), wire.writes
 
 
+def test_uvicorn_httptools_protocol_has_what_the_header_bound_overrides():
+    module = importlib.import_module("uvicorn.protocols.http.httptools_impl")
+    base = module.HttpToolsProtocol
+    for name, params in (
+        ("data_received", ["self", "data"]),
+        ("on_headers_complete", ["self"]),
+        ("on_message_complete", ["self"]),
+    ):
+        method = getattr(base, name, None)
+        assert method is not None, f"HttpToolsProtocol has no {name}. {UVICORN}"
+        assert [n for n, _, _ in _params(method)] == params, (
+            f"HttpToolsProtocol.{name} is now {inspect.signature(method)}. {UVICORN}"
+        )
+    config = inspect.signature(importlib.import_module("uvicorn").Config.__init__).parameters
+    assert "h11_max_incomplete_event_size" in config, (
+        f"uvicorn.Config has no h11_max_incomplete_event_size (the header bound). {UVICORN}"
+    )
+
+
+def test_uvicorn_headers_past_the_bound_are_answered_431():
+    """By effect: headers past ``h11_max_incomplete_event_size`` get a 431 and the connection
+    closes; a request with a body larger than the bound is served."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    async def run(request: bytes) -> _Wire:
+        config = uvicorn.Config(
+            _answer, lifespan="off", log_level="warning", h11_max_incomplete_event_size=1024
+        )
+        config.load()
+        protocol = CoalescingHttpToolsProtocol(
+            config=config, server_state=ServerState(), app_state={}
+        )
+        wire = _Wire()
+        protocol.connection_made(wire)
+        for start in range(0, len(request), 700):  # arrives in pieces
+            protocol.data_received(request[start : start + 700])
+            if wire.closed:
+                break
+        for _ in range(100):
+            await asyncio.sleep(0.005)
+            if wire.writes:
+                break
+        await asyncio.sleep(0.02)
+        protocol.connection_lost(None)
+        return wire
+
+    big = asyncio.run(run(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n"))
+    assert big.writes and big.writes[0].startswith(b"HTTP/1.1 431"), big.writes
+    assert big.closed, f"the connection stays open. {UVICORN}"
+    body = b"x" * 5000
+    ok = asyncio.run(run(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + body))
+    assert ok.writes and ok.writes[0].startswith(b"HTTP/1.1 200"), ok.writes
+
+
 # ---- Litestar -------------------------------------------------------------------------------
 def test_litestar_stream_to_asgi_response_is_what_streaming_copies():
     theirs, ours = Stream.to_asgi_response, EventStream.to_asgi_response

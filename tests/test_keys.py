@@ -10,7 +10,7 @@ from litestar.testing import TestClient
 
 from rag_service.app import create_app
 from rag_service.settings import Settings
-from tests.support import error_of, wait_ready
+from tests.support import BASE_URL, error_of, wait_ready
 
 MASTER = "master-s3cret"
 DOC = {"documents": [{"id": "d1", "text": "Paris is the capital of France."}]}
@@ -224,12 +224,12 @@ def test_secret_is_shown_once_and_stored_hashed(svc, tmp_path):
 
 def test_keys_persist_across_restart(tmp_path, embedder, fake_server):
     settings = Settings(data_dir=tmp_path / "data", api_key=MASTER, upstream_url=fake_server.url)
-    with TestClient(create_app(settings, embedder=embedder)) as first:
+    with TestClient(create_app(settings, embedder=embedder), base_url=BASE_URL) as first:
         wait_ready(first)
         revoked_id, revoked = issue(first, ("a", "read"))
         _, kept = issue(first, ("a", "write"))
         assert status(first, MASTER, "DELETE", f"/v1/keys/{revoked_id}") == 204
-    with TestClient(create_app(settings, embedder=embedder)) as second:
+    with TestClient(create_app(settings, embedder=embedder), base_url=BASE_URL) as second:
         wait_ready(second)
         assert status(second, kept, "POST", "/v1/collections/a/documents", DOC) == 200
         assert refused(second, kept, "DELETE", "/v1/collections/a")

@@ -17,6 +17,7 @@ from rag_service.loaders import (
     CONTENT_TYPES,
     SUFFIXES,
     LoadError,
+    LoadLimits,
     discover,
     load,
     load_bytes,
@@ -538,3 +539,42 @@ def test_missing_paths_are_unreadable(tmp_path: Path):
         load(tmp_path / "gone.pdf", "gone.pdf")
     assert info.value.kind == "unreadable"
     assert str(info.value).startswith("gone.pdf: cannot read")
+
+
+def test_bomb_shapes_only_ever_raise_load_error_or_load():
+    """Random files of the shapes that pinned cores or held gigabytes (nesting, width,
+    emphasis runs, empty paragraphs, deep JSON, bad ids), against small bounds: each loads or
+    is refused with a LoadError, never anything else."""
+    from tests.files import make_docx_with_body
+
+    rng = random.Random(23)
+    limits = LoadLimits(unzipped_bytes=2_000_000, zip_entries=64, elements=2000, html_depth=40)
+    tags = ["div", "b", "p", "li", "section", "header", "form", "table", "td", "pre", "h1"]
+    for _ in range(40):
+        n = rng.randint(1, 3000)
+        tag = rng.choice(tags)
+        close = rng.random() < 0.5
+        samples = [
+            (f"<{tag}>" * n + "x" + (f"</{tag}>" * n if close else ""), ".html"),
+            ("".join(f"<{rng.choice(tags)}>w" for _ in range(n)), ".html"),
+            ("# T\n\n" + rng.choice(["*a **a ", "_a __a ", "[a](", "`a``", "> ", "- "]) * n, ".md"),
+            ("\n".join(["[" * rng.randint(1, 80) + "]" * rng.randint(0, 80)] * 3), ".jsonl"),
+            (
+                json.dumps(
+                    {"id": rng.choice(["a/../b", "/x", "ok", "a\x01", "x" * 600]), "text": "t"}
+                ),
+                ".jsonl",
+            ),
+        ]
+        for text, suffix in samples:
+            try:
+                docs = load_bytes(text.encode(), f"bomb{suffix}", "doc", limits)
+            except LoadError as error:
+                assert error.kind in ("parse", "empty", "limit", "bad_id"), (error, text[:60])
+            else:
+                assert all(doc.text.strip() for doc in docs)
+        body = b"<w:p/>" * rng.randint(1, 4000)
+        try:
+            load_bytes(make_docx_with_body(body), "bomb.docx", "doc", limits)
+        except LoadError as error:
+            assert error.kind == "limit" and "RAG_MAX_DOCUMENT_ELEMENTS" in str(error)

@@ -25,7 +25,7 @@ from rag_service.model_cache import cache_dir
 from rag_service.onnx_encoder import GRAPH_FILE, META_FILE, graph_entry
 from rag_service.reranking import Reranker
 from rag_service.settings import Settings, bundled_embedding_model
-from tests.support import ROOT, wait_ready
+from tests.support import BASE_URL, ROOT, wait_ready
 
 BUNDLED = Path(bundled_embedding_model())
 
@@ -240,7 +240,7 @@ def test_a_model_onnx_cannot_represent_is_served_by_pytorch(case, tmp_path, fake
     )
     with (
         caplog.at_level(logging.INFO, logger="rag_service"),
-        TestClient(create_app(settings)) as client,
+        TestClient(create_app(settings), base_url=BASE_URL) as client,
     ):
         wait_ready(client)
         ready = client.get("/ready").json()
@@ -294,7 +294,7 @@ def test_a_lone_query_does_not_wait_for_company(tmp_path, embedder, fake_server)
         batch_max_wait_ms=500,
         upstream_url=fake_server.url,
     )
-    with TestClient(create_app(settings, embedder=embedder)) as client:
+    with TestClient(create_app(settings, embedder=embedder), base_url=BASE_URL) as client:
         wait_ready(client)
         took = []
         for i in range(7):

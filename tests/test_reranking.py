@@ -15,7 +15,7 @@ import pytest
 
 from rag_service.cli import main
 from rag_service.settings import Settings, SettingsError, bundled_embedding_model
-from tests.support import error_of, free_port, running_server
+from tests.support import BASE_URL, error_of, free_port, running_server
 from tests.test_documents import search, upsert
 
 DOCS = [
@@ -305,7 +305,7 @@ def test_directory_gone_before_start_is_a_startup_error(tmp_path, cross_encoder_
         upstream_url="http://127.0.0.1:9/v1",
     )
     shutil.rmtree(copy)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=BASE_URL) as client:
         for _ in range(600):
             resp = client.get("/ready")
             if "startup failed" in resp.text:

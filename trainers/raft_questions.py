@@ -178,8 +178,8 @@ _CLAUSE = re.compile(
     r"by|from|not|can|do|does|you|we|there)\b",
     re.IGNORECASE,
 )
-_UNDERLINE = re.compile(r"^([=\-~^*#\"'`+]{3,})\s*$")
-_MD_HEADING = re.compile(r"^#{1,6}\s+(\S.*)$")
+_UNDERLINE = re.compile(r"^([=\-~^*#\"'`+]{3,})\s*\Z")
+_MD_HEADING = re.compile(r"^#{1,6}\s+(\S.*)\Z")
 
 
 def _definition(text: str, s: int, e: int) -> tuple[str, str] | None:
@@ -291,7 +291,7 @@ WRITER_PROMPT = (
     "text answers, and the answer copied word for word from the text (one sentence or "
     'phrase). Reply with JSON only: {"question": "...", "answer": "..."}'
 )
-_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```\Z")
 
 
 def parse_reply(reply: str) -> tuple[str, str] | None:

@@ -291,8 +291,8 @@ def chat_pairs(path: Path) -> tuple[list[Pair], list[Document]]:
 
 # --- headings ----------------------------------------------------------------------------
 
-_ATX = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
-_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+:._])\1{2,}[ \t]*$")
+_ATX = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*\Z")
+_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+:._])\1{2,}[ \t]*\Z")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 _NUMBERING = re.compile(r"^(?:\d+(?:\.\d+)*\.?|[IVXLC]+\.)\s+")
 _MARKUP = re.compile(r"[*_`]+")

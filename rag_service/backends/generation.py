@@ -82,6 +82,7 @@ class _Row:
         self.generated = 0
         self.finish: str | None = None  # "stop" | "length" | "cancelled"
         self.reported = False
+        self._scanned = 0  # characters of the text already searched for stop strings
 
     def report(self, error: BaseException | None = None) -> None:
         """Hand the row's outcome to its request, once: as soon as the row is finished, not
@@ -98,6 +99,17 @@ class _Row:
             GenerationResult(self.streamer.text, finish, self.prompt_len, self.generated)
         )
 
+    def _at_stop(self) -> bool:
+        """Whether the row's text now holds a stop string: only the text new since the last
+        look is searched (plus a stop's length of overlap), so the cost is the stop strings'
+        length, not the vocabulary times it (transformers' ``stop_strings`` builds and caches
+        a vocabulary x length table per stop set: gigabytes for long stops)."""
+        text = self.streamer.sent
+        longest = max(map(len, self.request.stop))
+        start = max(0, self._scanned - longest + 1)
+        self._scanned = len(text)
+        return any(stop in text[start:] for stop in self.request.stop if stop)
+
     def take(self, token: int, eos: frozenset[int]) -> None:
         if self.finish is not None:
             return
@@ -106,7 +118,9 @@ class _Row:
             self.finish = "stop"
             return
         self.streamer.put_token(token)
-        if self.generated >= self.request.max_new_tokens:
+        if self.request.stop and self._at_stop():
+            self.finish = "stop"
+        elif self.generated >= self.request.max_new_tokens:
             self.finish = "length"
         elif self.request.cancel.is_set():
             self.finish = "cancelled"
@@ -149,6 +163,8 @@ class BatchGenerator:
         self.batches = 0  # batches started, and rows in them
         self.rows = 0
         self.on_batch: Callable[[int], None] | None = None  # told each batch's size (metrics)
+        # Told each finished batch's longest prompt, in tokens, once its memory is freed.
+        self.after_batch: Callable[[int], None] | None = None
 
     # ---- queue ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -218,6 +234,8 @@ class BatchGenerator:
                 continue
             for row in rows:
                 row.report()  # rows stopped by a stop string or the batch's last step
+            if self.after_batch is not None and rows:
+                self.after_batch(max(row.prompt_len for row in rows))
 
     # ---- one batch -----------------------------------------------------------------------
     def _generate(self, batch: list[GenerationRequest], rows: list[_Row]) -> None:
@@ -277,8 +295,6 @@ class BatchGenerator:
                 kwargs["top_p"] = float(first.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if first.stop:
-            kwargs.update(stop_strings=list(first.stop), tokenizer=tokenizer)
         if first.seed is not None:
             torch.manual_seed(first.seed)
         scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -314,6 +330,11 @@ class _RowText:
 
     def flush(self) -> None:
         self._send(self.text, final=True)
+
+    @property
+    def sent(self) -> str:
+        """The text emitted so far."""
+        return self._sent
 
     @property
     def text(self) -> str:

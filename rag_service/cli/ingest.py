@@ -6,11 +6,21 @@ documents (text plus metadata, the page and section layout included) in batches 
 ``--batch-size`` documents or :data:`BATCH_CHARS` characters, so progress moves every few
 seconds of embedding. A file that cannot be read is reported and skipped; the others go on.
 
-Ids come from paths: ``<folder name>/<path inside it>`` for the files of a folder, the file's
-name for a file given alone. ``--sync`` then deletes the documents under each folder's id
-prefix whose files are gone (a file that is still there but failed to load keeps its
-document). ``--dry-run`` changes nothing and lists what a run would create, update and
-delete, comparing content hashes and metadata with what the service holds.
+Ids come from paths: ``<prefix>/<path inside it>`` for the files of a folder (the prefix is
+the folder's name unless ``--prefix`` gives one), the file's name for a file given alone; an
+id that breaks the id rule (:mod:`rag_service.ids`) skips its file. Each document of a folder
+records the folder it came from in its metadata, ``folder``: the folder's absolute path, or
+the name ``--source`` gives (say, to move the folder and keep syncing it).
+
+Two folders never share ids unless asked to: when documents under a folder's prefix record
+another folder, the run stops before writing anything and says to give ``--prefix`` (other
+ids) or ``--source`` (the same source). ``--sync`` then deletes the documents of *this*
+folder whose files are gone: under its prefix and recording its source (a file that is still
+there but failed to load keeps its document). Documents that record no folder (ingested by
+an older version) are never deleted, as nothing says which folder they came from: they are
+counted and named in a note, and the next ingest of their folder records it. ``--dry-run``
+changes nothing and lists what a run would create, update and delete, comparing content
+hashes and metadata with what the service holds.
 
 The progress bar counts files the service has acknowledged, with the chunks made so far; when
 standard error is not a terminal it prints plain lines instead. A failure stops the run, says
@@ -28,6 +38,9 @@ from typing import Any
 from urllib.parse import quote
 
 from rag_service.cli.client import client, client_flags, error_message
+from rag_service.ids import id_problem
+from rag_service.loader_workers import LoaderPool
+from rag_service.settings import Settings, SettingsError
 
 __all__ = ["BATCH_CHARS", "add_ingest_parser", "ingest_command"]
 
@@ -53,6 +66,16 @@ def add_ingest_parser(sub: Any) -> None:
         help="also delete the documents of each folder whose files are gone",
     )
     ingest.add_argument(
+        "--prefix",
+        help="id prefix of a folder's documents (default: the folder's name); gives a folder "
+        "its own ids when another folder of the same name is in the collection",
+    )
+    ingest.add_argument(
+        "--source",
+        help="the name a folder's documents record as their folder (default: its absolute "
+        "path); --sync deletes only documents that record it",
+    )
+    ingest.add_argument(
         "--dry-run",
         action="store_true",
         help="change nothing: list what would be created, updated and deleted",
@@ -64,17 +87,29 @@ class ServiceError(Exception):
     """The service answered with an error, or could not be reached; the message says which."""
 
 
+FOLDER_KEY = "folder"  # the metadata key that records where a document was ingested from
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder given to ingest: its id prefix (with the final ``/``) and its source."""
+
+    path: Path
+    prefix: str
+    source: str
+
+
 @dataclass
 class Plan:
-    """What the files held as they were read: the ids made, and the files that failed."""
+    """What the files held as they were read: the ids made, and the files that failed.
+    ``files`` are (path, document id, the source of its folder or None)."""
 
-    files: list[tuple[Path, str]]
+    files: list[tuple[Path, str, str | None]]
+    loaders: LoaderPool
+    folders: list[Folder] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
     failed: list[str] = field(default_factory=list)  # doc ids of files that did not load
     skipped: int = 0
-
-    def prefixes(self, paths: list[Path]) -> list[str]:
-        return [f"{p.resolve().name}/" for p in paths if p.is_dir()]
 
     def keeps(self, doc_id: str) -> bool:
         """Whether ``--sync`` keeps a stored document: made from a file now, or belonging to
@@ -85,12 +120,18 @@ class Plan:
 
     def documents(self, warn: Any) -> Iterator[tuple[int, dict[str, Any] | None]]:
         """``(file index, document)`` file by file (one file in memory at a time), and
-        ``(file index, None)`` once a file is read through."""
-        from rag_service.loaders import LoadError, load
+        ``(file index, None)`` once a file is read through. Files are parsed in loader
+        processes, as uploads are (:mod:`rag_service.loader_workers`)."""
+        from rag_service.loaders import LoadError, read_file
 
-        for index, (path, doc_id) in enumerate(self.files):
+        for index, (path, doc_id, source) in enumerate(self.files):
+            problem = id_problem(doc_id)
             try:
-                docs = load(path, doc_id)
+                if problem is not None:
+                    raise LoadError(
+                        path.name, f"{doc_id[:80]!r} cannot be a document id: {problem}"
+                    )
+                docs = self.loaders.load_sync(read_file(path), path.name, doc_id)
             except LoadError as exc:
                 where = f"{path}{exc.filename[len(path.name) :]}"  # the path, and a JSONL line
                 warn(f"rag-service: skipped {where}: {exc.reason}")
@@ -99,7 +140,8 @@ class Plan:
                 docs = []
             for doc in docs:
                 self.ids.add(doc.id)
-                yield index, {"id": doc.id, "text": doc.text, "metadata": doc.metadata}
+                metadata = doc.metadata if source is None else {**doc.metadata, FOLDER_KEY: source}
+                yield index, {"id": doc.id, "text": doc.text, "metadata": metadata}
             yield index, None
 
 
@@ -123,13 +165,42 @@ def _stored(http: Any, collection: str, prefix: str) -> Iterator[dict[str, Any]]
         after = page["last_id"]
 
 
-def _vanished(http: Any, args: argparse.Namespace, plan: Plan) -> list[str]:
-    return [
-        doc["id"]
-        for prefix in plan.prefixes(args.paths)
-        for doc in _stored(http, args.collection, prefix)
-        if not plan.keeps(doc["id"])
-    ]
+def _claimed_elsewhere(http: Any, args: argparse.Namespace, plan: Plan) -> str | None:
+    """Why this run would write over another folder's documents, or None."""
+    for folder in plan.folders:
+        for doc in _stored(http, args.collection, folder.prefix):
+            other = doc["metadata"].get(FOLDER_KEY)
+            if other is not None and other != folder.source:
+                return (
+                    f"documents under {folder.prefix!r} come from the folder {other!r}, not "
+                    f"{folder.source!r}: give --prefix NAME to store this folder under other "
+                    f"ids, or --source {other!r} if it is that folder, moved"
+                )
+    return None
+
+
+def _vanished(http: Any, args: argparse.Namespace, plan: Plan, warn: Any) -> list[str]:
+    """The documents of this run's folders whose files are gone. Documents that record no
+    folder are never among them (nothing says which folder they came from): ``warn`` is
+    told how many were kept."""
+    gone: list[str] = []
+    for folder in plan.folders:
+        unattributed = []
+        for doc in _stored(http, args.collection, folder.prefix):
+            if plan.keeps(doc["id"]):
+                continue
+            recorded = doc["metadata"].get(FOLDER_KEY)
+            if recorded == folder.source:
+                gone.append(doc["id"])
+            elif recorded is None:
+                unattributed.append(doc["id"])
+        if unattributed:
+            warn(
+                f"rag-service: kept {len(unattributed)} documents under {folder.prefix!r} that "
+                f"record no folder (e.g. {unattributed[0]!r}): --sync deletes only documents "
+                "it can tell came from this folder; delete them by hand if they did"
+            )
+    return gone
 
 
 def _doc_path(collection: str, doc_id: str) -> str:
@@ -140,8 +211,8 @@ def _dry_run(http: Any, args: argparse.Namespace, plan: Plan) -> int:
     from indexes.types import content_hash
 
     held: dict[str, dict[str, Any]] = {}
-    for prefix in plan.prefixes(args.paths):
-        held.update({d["id"]: d for d in _stored(http, args.collection, prefix)})
+    for folder in plan.folders:
+        held.update({d["id"]: d for d in _stored(http, args.collection, folder.prefix)})
     counts = {"create": 0, "update": 0, "unchanged": 0, "delete": 0}
     for _, doc in plan.documents(lambda line: print(line, file=sys.stderr)):
         if doc is None:
@@ -168,7 +239,7 @@ def _dry_run(http: Any, args: argparse.Namespace, plan: Plan) -> int:
         if action != "unchanged":
             print(f"{action:<7} {doc['id']}")
     if args.sync:
-        for doc_id in _vanished(http, args, plan):
+        for doc_id in _vanished(http, args, plan, lambda line: print(line, file=sys.stderr)):
             counts["delete"] += 1
             print(f"delete  {doc_id}")
     print(
@@ -250,31 +321,79 @@ def _upsert(
     flush()
 
 
+def _plan_files(
+    args: argparse.Namespace,
+) -> tuple[list[tuple[Path, str, str | None]], list[Folder]]:
+    """Every file to read (with its id and its folder's source) and the folders given."""
+    from rag_service.loaders import discover
+
+    files: list[tuple[Path, str, str | None]] = []
+    folders: list[Folder] = []
+    for root in args.paths:
+        if root.is_dir():
+            base = root.resolve()
+            folder = Folder(base, f"{args.prefix or base.name}/", args.source or str(base))
+            folders.append(folder)
+            files += [(p, i, folder.source) for p, i in discover([root], args.prefix)]
+        else:
+            files += [(p, i, None) for p, i in discover([root])]
+    return files, folders
+
+
 def ingest_command(args: argparse.Namespace) -> int:
-    import httpx
+    from rag_service.loaders import LoadError
 
-    from rag_service.loaders import LoadError, discover
-
+    folders_given = sum(p.is_dir() for p in args.paths)
+    if (args.prefix is not None or args.source is not None) and folders_given != 1:
+        print(
+            "rag-service: --prefix and --source name one folder: give exactly one folder",
+            file=sys.stderr,
+        )
+        return 2
+    if args.prefix is not None and (not args.prefix or id_problem(f"{args.prefix}/x") is not None):
+        print(f"rag-service: --prefix {args.prefix!r} cannot start document ids", file=sys.stderr)
+        return 2
     try:
-        files = list(discover(args.paths))
+        files, folders = _plan_files(args)
     except LoadError as exc:
         print(f"rag-service: {exc}", file=sys.stderr)
         return 2
-    if args.sync and not any(p.is_dir() for p in args.paths):
+    if args.sync and not folders:
         print("rag-service: --sync applies to folders; none was given", file=sys.stderr)
         return 2
     counts = {"created": 0, "updated": 0, "unchanged": 0, "chunks": 0}
     progress = Progress(len(files), enabled=not args.no_progress and not args.dry_run)
+    try:
+        loaders = LoaderPool.from_settings(Settings.from_env())
+    except SettingsError as exc:
+        print(f"rag-service: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _ingest(args, Plan(files, loaders, folders), progress, counts)
+    finally:
+        loaders.close()
+
+
+def _ingest(
+    args: argparse.Namespace, plan: Plan, progress: Progress, counts: dict[str, int]
+) -> int:
+    import httpx
+
+    files = plan.files
     deleted = 0
-    plan = Plan(files)
     try:
         with client(args) as http:
+            claimed = _claimed_elsewhere(http, args, plan)
+            if claimed is not None:
+                progress.close()
+                print(f"rag-service: {claimed}; nothing was changed", file=sys.stderr)
+                return 2
             if args.dry_run:
                 progress.close()
                 return _dry_run(http, args, plan)
             _upsert(http, args, plan, progress, counts)
             if args.sync:
-                for doc_id in _vanished(http, args, plan):
+                for doc_id in _vanished(http, args, plan, progress.write):
                     resp = http.delete(_doc_path(args.collection, doc_id))
                     if resp.status_code not in (204, 404):
                         raise ServiceError(

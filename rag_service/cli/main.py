@@ -1,9 +1,10 @@
-"""Command line: ``rag-service serve | ingest | search | eval | questions | reindex``.
+"""Command line: ``rag-service serve | ingest | search | eval | questions | reindex |
+check-ids``.
 
 ``serve`` takes every setting as a flag (and from its ``RAG_*`` variable); ``--workers N``
 runs N processes on one port (postgres engine only). ``search`` (here) and ``ingest``,
-``eval``, ``questions`` and ``reindex`` (their own modules) talk to a running service over
-HTTP.
+``eval``, ``questions``, ``reindex`` and ``check-ids`` (their own modules) talk to a running
+service over HTTP.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from rag_service.cli.check_ids import add_check_ids_parser, check_ids_command
 from rag_service.cli.client import client_flags, post
 from rag_service.cli.evaluate import add_eval_parser, eval_command
 from rag_service.cli.ingest import add_ingest_parser, ingest_command
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rag-service",
         description="Run the RAG service (serve), or talk to a running one (ingest, search, "
-        "eval, questions, reindex).",
+        "eval, questions, reindex, check-ids).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP service")
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_questions_parser(sub)
     add_reindex_parser(sub)
+    add_check_ids_parser(sub)
     return parser
 
 
@@ -108,6 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
         "log_config": None,
         "timeout_graceful_shutdown": 10,
         "http": CoalescingHttpToolsProtocol,
+        # The bound on a request line and headers; CoalescingHttpToolsProtocol reads it too.
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
     }
     try:
         if settings.workers == 1:
@@ -187,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": eval_command,
         "questions": questions_command,
         "reindex": reindex_command,
+        "check-ids": check_ids_command,
     }[args.command]
     return handler(args)
 

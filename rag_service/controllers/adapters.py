@@ -20,7 +20,7 @@ __all__ = ["AdapterController", "AdapterLoad"]
 
 
 class AdapterLoad(msgspec.Struct, forbid_unknown_fields=True):
-    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")]
     path: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 
 

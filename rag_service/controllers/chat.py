@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 from litestar import Controller, Request, Response, get, post
@@ -66,9 +67,9 @@ def _retrieval_header(retrieval: dict[str, Any] | None) -> str:
 @get(
     "/models",
     dependencies={"chat": Provide(provide_chat, sync_to_thread=False)},
-    sync_to_thread=False,
     opt={"access": "key"},
     responses=error_responses(),
 )
-def list_models(chat: ChatService) -> dict[str, Any]:
-    return {"object": "list", "data": chat.models()}
+async def list_models(chat: ChatService) -> dict[str, Any]:
+    """Models by name and content hash (hashing the files the first time: off the loop)."""
+    return {"object": "list", "data": await asyncio.to_thread(chat.models)}

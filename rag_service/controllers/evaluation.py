@@ -39,7 +39,7 @@ from rag_service.errors import InvalidRequest
 from rag_service.evaluation import MAX_CANDIDATES, documents_in_order, median, score_rankings
 from rag_service.knowledge import KnowledgeBase
 from rag_service.openapi import error_responses
-from rag_service.schemas import DOC_ID_PATTERN, Alpha, NamePath, RerankDepth
+from rag_service.schemas import Alpha, DocId, NamePath, RerankDepth
 
 __all__ = [
     "EvaluationController",
@@ -56,7 +56,6 @@ SEARCH_DEPTH = 50
 
 Mode = Literal["dense", "hybrid", "rerank"]
 Question = Annotated[str, msgspec.Meta(min_length=1, max_length=10_000, pattern=r"\S")]
-DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=DOC_ID_PATTERN)]
 Answer = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, pattern=r"\S")]
 
 

@@ -1,15 +1,19 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics.
+
+``/ready`` answers everyone whether the service is ready (200) or not (503); what it is made
+of (models, runtimes, the storage engine and its restore report with collection names, the
+database) only to the admin key, or to anyone on a service without RAG_API_KEY."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.datastructures import State
 
-from rag_service.dependencies import require_metrics_key
-from rag_service.errors import error_body
+from rag_service.dependencies import require_metrics_key, resolve_principal
+from rag_service.errors import RagError, error_body
 from rag_service.openapi import error_responses
 
 __all__ = ["health", "metrics", "ready"]
@@ -20,13 +24,30 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _shows_details(request: Request[Any, Any, Any]) -> bool:
+    """Whether ``/ready`` may say more than ready or not: to the admin key, or on a service
+    without RAG_API_KEY (where everything it would name is open anyway). Collection names,
+    the database's host and name, paths in startup errors are nobody else's business."""
+    try:
+        return resolve_principal(request).unrestricted
+    except RagError:  # no key, a wrong one, or keys not loaded yet
+        return False
+
+
 @get("/ready", sync_to_thread=False, responses=error_responses(503, v1=False))
-def ready(state: State) -> Response[Any]:
+def ready(state: State, request: Request[Any, Any, Any]) -> Response[Any]:
+    details = _shows_details(request)
     kb = state.get("kb")
     if kb is None:
         error = state.get("startup_error")
         waiting = state.get("waiting_for")
         message = f"startup failed: {error}" if error else (waiting or "loading models and indexes")
+        if not details:
+            message = (
+                "startup failed; see the service log"
+                if error
+                else ("waiting for the database" if waiting else "loading models and indexes")
+            )
         return Response(
             error_body(message, "service_unavailable", None, "not_ready"),
             status_code=503,
@@ -44,6 +65,8 @@ def ready(state: State) -> Response[Any]:
             status_code=503,
             headers={"Retry-After": "2"},
         )
+    if not details:
+        return Response({"status": "ready"})
     return Response(
         {
             "status": "ready",

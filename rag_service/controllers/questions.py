@@ -18,7 +18,7 @@ from rag_service.dependencies import provide_kb
 from rag_service.knowledge import KnowledgeBase
 from rag_service.openapi import error_responses
 from rag_service.questions import AttachRow, attach_questions
-from rag_service.schemas import DOC_ID_PATTERN, NamePath, QuestionText
+from rag_service.schemas import DocId, NamePath, QuestionText
 
 __all__ = [
     "AttachedDocument",
@@ -31,7 +31,6 @@ __all__ = [
 
 MAX_ROWS = 10_000
 
-DocId = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=DOC_ID_PATTERN)]
 Answer = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, pattern=r"\S")]
 
 

@@ -322,7 +322,7 @@ async function refreshStatus() {
     const info = await readJson(ready);
     if (ready.ok && info) {
       const model = String(info.embedding_model || "").split("/").pop();
-      setStatus("ready", `Ready · ${model} on ${info.device || "?"}`,
+      setStatus("ready", model ? `Ready · ${model} on ${info.device || "?"}` : "Ready",
         `GET /ready: ${JSON.stringify(info)}`);
       if (!state.ready) {
         state.ready = true;
