@@ -185,8 +185,9 @@ def test_load_chat_unload_local(local, expected):
     info = resp.json()
     assert (info["name"], info["rank"], info["version"]) == ("alpha", 4, 1)
     assert info["target_modules"] == ["q_proj", "v_proj"] and info["loaded_at"] > 0
+    assert info["path"] == "alpha"  # as a load names it, not where it lies on this machine
     listed = client.get("/v1/adapters").json()["data"]
-    assert [a["name"] for a in listed] == ["alpha"]
+    assert [(a["name"], a["path"]) for a in listed] == [("alpha", "alpha")]
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert models["alpha"]["parent"] == base and models[base]["parent"] is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -10,7 +11,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
-from rag_service.adapters import AdapterManager
+from rag_service.adapters import AdapterInfo, AdapterManager
 from rag_service.dependencies import provide_chat
 from rag_service.errors import NotReady
 from rag_service.openapi import error_responses
@@ -41,7 +42,7 @@ class AdapterController(Controller):
     def list_adapters(self, adapters: AdapterManager) -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{**a.to_dict(), "object": "adapter"} for a in adapters.registry.list()],
+            "data": [_public(a, adapters) for a in adapters.registry.list()],
         }
 
     @post(
@@ -52,7 +53,7 @@ class AdapterController(Controller):
     )
     async def load(self, data: AdapterLoad, adapters: AdapterManager) -> dict[str, Any]:
         info = await adapters.load(data.name, data.path)
-        return {**info.to_dict(), "object": "adapter"}
+        return _public(info, adapters)
 
     @delete(
         "/{name:str}",
@@ -62,3 +63,12 @@ class AdapterController(Controller):
     )
     async def unload(self, name: NamePath, adapters: AdapterManager) -> None:
         await adapters.unload(name)
+
+
+def _public(info: AdapterInfo, adapters: AdapterManager) -> dict[str, Any]:
+    """An adapter as the API shows it: its path relative to the adapters directory (what a
+    load names), never where that directory is on this machine."""
+    path = Path(info.path)
+    root = adapters.adapters_dir.resolve()
+    shown = path.relative_to(root).as_posix() if root in path.parents else path.name
+    return {**info.to_dict(), "path": shown, "object": "adapter"}
