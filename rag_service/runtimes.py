@@ -155,16 +155,28 @@ class OnnxForward:
         return self._pooling(self.graph.run(features, threads), features["attention_mask"])
 
 
-def sub_batches(lengths: Sequence[int], budget: int = BULK_SUB_BATCH_TOKENS) -> list[list[int]]:
-    """Indices sorted by length and cut into runs whose padded size (rows x longest) stays
-    within ``budget`` tokens (at least one text each)."""
+def sub_batches(
+    lengths: Sequence[int],
+    budget: int = BULK_SUB_BATCH_TOKENS,
+    *,
+    slack: float = 1.3,
+    min_span: int = 4,
+) -> list[list[int]]:
+    """Indices sorted by length and cut into runs of similar length (the longest at most
+    ``slack`` times the shortest, or ``min_span`` tokens more) whose padded size (rows x
+    longest) stays within ``budget`` tokens (at least one text each): little padding, and
+    passes short enough to give cores back between them."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     out: list[list[int]] = []
     for i in order:
-        if out and (len(out[-1]) + 1) * lengths[i] <= budget:
-            out[-1].append(i)
-        else:
-            out.append([i])
+        if out:
+            group = out[-1]
+            first = lengths[group[0]]
+            similar = lengths[i] <= max(first * slack, first + min_span)
+            if similar and (len(group) + 1) * lengths[i] <= budget:
+                group.append(i)
+                continue
+        out.append([i])
     return out
 
 

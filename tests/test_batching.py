@@ -131,8 +131,10 @@ def test_sub_batches_sort_by_length_and_bound_the_padded_size():
     flat = [tokens[i] for g in groups for i in g]
     assert flat == sorted(tokens)  # length-sorted, so a group pads little
     for g in groups:
-        # rows x longest within the budget; a text alone may exceed it
-        assert len(g) * max(tokens[i] for i in g) <= 1024 or len(g) == 1
+        lengths = [tokens[i] for i in g]
+        # rows x longest within the budget (a text alone may exceed it), similar lengths
+        assert len(g) * max(lengths) <= 1024 or len(g) == 1
+        assert max(lengths) <= max(min(lengths) * 1.3, min(lengths) + 4)
     assert [len(g) for g in sub_batches([128] * 20, 1024)] == [8, 8, 4]
 
 
